@@ -1,0 +1,9 @@
+"""SpeContext: fast long-context decoding of Hugging Face LLMs under a GPU memory budget.
+
+``specontext.compile(model, budget="24GB")`` returns a model with ``generate`` and ``__call__``.
+This package only re-exports the public API of :mod:`specontext_compiler`.
+"""
+
+from specontext_compiler import SUPPORTED_FAMILIES, SpeContextModel, __version__, compile, parse_budget
+
+__all__ = ["SUPPORTED_FAMILIES", "SpeContextModel", "__version__", "compile", "parse_budget"]

@@ -1,0 +1,12 @@
+"""SpeContext compiler: speculative context sparsity for long-context decoding of HF causal LMs.
+
+The implementation package. Users import :mod:`specontext`, which re-exports the public API.
+"""
+
+from .api import SpeContextModel, compile
+from .capture import SUPPORTED_FAMILIES
+from .config import parse_budget
+
+__version__ = "0.1.0"
+
+__all__ = ["SUPPORTED_FAMILIES", "SpeContextModel", "__version__", "compile", "parse_budget"]

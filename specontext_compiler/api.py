@@ -1,0 +1,174 @@
+"""The public verb, :func:`compile`, and what it returns, :class:`SpeContextModel`."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .capture import CapturedStep, check_supported, export_step, shadow_model
+from .config import CompileConfig, format_bytes
+from .passes import attention_infos, run_passes
+from .planning import kv_bytes_per_token, weight_bytes
+from .runtime.attention_runtime import AttentionRuntime
+from .runtime.engine import GenerationEngine
+from .runtime.kv_store import KVStore
+from .runtime.sampling import EXTRA_GENERATE_KWARGS, resolve_generation_config
+
+logger = logging.getLogger(__name__)
+
+
+def compile(model: PreTrainedModel, budget: int | str, *, token_budget: int | float | None = None, **options) -> "SpeContextModel":
+    """Compile a Hugging Face causal LM for long-context decoding under a GPU memory ``budget``.
+
+    Args:
+        model: a transformers causal LM of a supported family (Llama, Qwen2, Qwen3, Mistral, Phi-3,
+            Gemma 2, Gemma 3 text). It is not modified: the compiled model shares its weights.
+        budget: GPU memory budget, as bytes (int) or a string such as ``"24GB"``, ``"24GiB"``, ``"512MB"``.
+        token_budget: tokens each decode step attends to; ``None`` is dense attention.
+        **options: ``prefill_chunk`` (new tokens per prefill step, default 2048), ``progress``
+            (prefill progress bar, default True).
+
+    Returns:
+        A :class:`SpeContextModel` with ``generate`` and ``__call__`` like the HF model.
+    """
+    config = CompileConfig.from_arguments(budget, token_budget, **options)
+    check_supported(model)
+    if config.token_budget is not None:
+        raise NotImplementedError(
+            f"token_budget={config.token_budget!r}: sparse selection is not built yet; use token_budget=None (dense)"
+        )
+    weights = weight_bytes(model)
+    if weights > config.budget_bytes:
+        raise ValueError(
+            f"budget is too small: the model needs at least {format_bytes(weights)} for its weights alone, "
+            f"plus its KV cache; budget is {format_bytes(config.budget_bytes)}"
+        )
+    return SpeContextModel(model, config)
+
+
+class SpeContextModel:
+    """A compiled model: an exported step graph with attention as ops, and the runtime that runs it."""
+
+    def __init__(self, model: PreTrainedModel, config: CompileConfig):
+        started = time.perf_counter()
+        self.config = config
+        self.model = shadow_model(model)
+        self.hf_config = self.model.config
+        embeddings = self.model.get_input_embeddings().weight
+        self.device = embeddings.device
+        self.dtype = embeddings.dtype
+        self.vocab_size = int(embeddings.shape[0])
+        self.max_positions = getattr(self.hf_config, "max_position_embeddings", None)
+        self.weight_bytes = weight_bytes(self.model)
+        self.kv_bytes_per_token = kv_bytes_per_token(self.hf_config, self.dtype)
+
+        self.step = self._capture(last_only=True)
+        self._step_all: CapturedStep | None = None
+        self.layers = attention_infos(self.step.graph_module)
+        store = KVStore(len(self.layers), [self.device] * len(self.layers), self.dtype)
+        self.runtime = AttentionRuntime(store)
+        self.engine = GenerationEngine(
+            self.step.program.module(), self.runtime, self.device, config.prefill_chunk, config.progress
+        )
+        logger.info(
+            "compiled %s: %d attention layers, weights %s, KV %s/token, in %.1f s",
+            type(model).__name__, len(self.layers), format_bytes(self.weight_bytes),
+            format_bytes(self.kv_bytes_per_token), time.perf_counter() - started,
+        )
+
+    def _capture(self, last_only: bool) -> CapturedStep:
+        step = export_step(self.model, last_only=last_only)
+        run_passes(step.graph_module)
+        return step
+
+    @property
+    def graph(self) -> torch.fx.GraphModule:
+        """The transformed step graph (last-position logits), for inspection."""
+        return self.step.graph_module
+
+    @property
+    def stats(self) -> dict:
+        """Counters of the last ``generate``: steps, prefill/decode seconds, tokens/s, KV bytes."""
+        return dict(self.engine.stats)
+
+    # -- input checks (before any work) ---------------------------------------------------------------
+    def _check_inputs(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.LongTensor of shape [batch, tokens]; got {type(input_ids).__name__}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids; got dtype {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, tokens]; got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}; give at least one token per row")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the vocabulary; accepted ids are 0..{self.vocab_size - 1}")
+        if self.max_positions is not None and input_ids.shape[1] > self.max_positions:
+            raise ValueError(
+                f"prompt of {input_ids.shape[1]} tokens is longer than the model's max_position_embeddings "
+                f"({self.max_positions})"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        else:
+            if not isinstance(attention_mask, torch.Tensor):
+                raise TypeError(f"attention_mask must be a tensor of 0/1; got {type(attention_mask).__name__}")
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape "
+                    f"{tuple(input_ids.shape)}"
+                )
+            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+            if not bool(attention_mask.any(dim=-1).all()):
+                raise ValueError("empty prompt: a row of attention_mask has no token (all padding)")
+        return input_ids.to(self.device), attention_mask.to(self.device, torch.long)
+
+    def _check_budget(self, batch: int, tokens: int) -> None:
+        kv = self.kv_bytes_per_token * batch * tokens
+        needed = self.weight_bytes + kv
+        if needed > self.config.budget_bytes:
+            raise ValueError(
+                f"budget is too small for batch {batch} x {tokens} tokens with dense resident KV: needs at least "
+                f"{format_bytes(needed)} (weights {format_bytes(self.weight_bytes)}, KV cache {format_bytes(kv)}); "
+                f"budget is {format_bytes(self.config.budget_bytes)}"
+            )
+
+    # -- the HF-like surface --------------------------------------------------------------------------
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Like ``model.generate`` for decoder LMs; returns the LongTensor [B, T + N] (or a
+        ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate=True``)."""
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
+        extras = {name: kwargs.pop(name) for name in EXTRA_GENERATE_KWARGS if name in kwargs}
+        settings = resolve_generation_config(
+            self.model.generation_config, extras.get("generation_config"), input_ids.shape[1], kwargs, self.max_positions
+        )
+        total = input_ids.shape[1] + settings.max_new_tokens
+        if self.max_positions is not None and total > self.max_positions:
+            logger.warning("prompt + max_new_tokens = %d exceeds max_position_embeddings (%d)", total, self.max_positions)
+        self._check_budget(input_ids.shape[0], total)
+        return self.engine.generate(input_ids, attention_mask, settings, streamer=extras.get("streamer"))
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> CausalLMOutputWithPast:
+        """A forward over a fresh sequence; ``.logits`` is [B, T, V] like an HF forward."""
+        if kwargs:
+            raise TypeError(f"SpeContextModel.__call__ takes input_ids and attention_mask; got {sorted(kwargs)}")
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
+        self._check_budget(input_ids.shape[0], input_ids.shape[1])
+        if self._step_all is None:
+            self._step_all = self._capture(last_only=False)
+            self._step_all_fn = self._step_all.program.module()
+        logits = self.engine.forward(self._step_all_fn, input_ids, attention_mask)
+        return CausalLMOutputWithPast(logits=logits)
+
+    def __repr__(self) -> str:
+        return (
+            f"SpeContextModel({type(self.model).__name__}, layers={len(self.layers)}, "
+            f"budget={format_bytes(self.config.budget_bytes)}, token_budget={self.config.token_budget})"
+        )

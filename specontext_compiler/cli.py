@@ -1,0 +1,121 @@
+"""The ``specontext`` command.
+
+``specontext generate --model PATH_OR_GGUF --prompt-file F --budget 24GB`` streams a completion;
+``specontext info`` prints versions and the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    import specontext_compiler
+
+    lines = {
+        "specontext": specontext_compiler.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    try:
+        import triton
+
+        lines["triton"] = triton.__version__
+    except ImportError:
+        lines["triton"] = "not installed"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        lines["device"] = f"{props.name}, {props.total_memory / 2**30:.1f} GiB"
+    else:
+        lines["device"] = "cpu (no CUDA device)"
+    width = max(map(len, lines))
+    for key, value in lines.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    import specontext
+    from specontext_compiler.models import load_model
+
+    prompt_path = Path(args.prompt_file)
+    if not prompt_path.is_file():
+        raise SystemExit(f"error: prompt file {str(prompt_path)!r} does not exist")
+    prompt = prompt_path.read_text()
+    if not prompt.strip():
+        raise SystemExit(f"error: prompt file {str(prompt_path)!r} is empty")
+    model, tokenizer = load_model(args.model)
+    fast = specontext.compile(model, args.budget, token_budget=args.token_budget)
+    if args.chat and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.no_grad():
+        fast.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+    stats = fast.stats
+    print(
+        f"\n[{ids.shape[1]} prompt tokens, {stats['new_tokens']} new; prefill {stats['prefill_seconds']:.2f} s, "
+        f"decode {stats['tokens_per_s']:.1f} tok/s; KV {stats['kv_bytes'] / 1e6:.1f} MB]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _token_budget(text: str) -> int | float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specontext", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="versions and device")
+    info.set_defaults(func=_info)
+
+    gen = sub.add_parser("generate", help="stream a completion of a prompt file")
+    gen.add_argument("--model", required=True, help='model directory, .gguf file, or "smollm2" (the packaged GGUF)')
+    gen.add_argument("--prompt-file", required=True)
+    gen.add_argument("--budget", default="24GB", help="GPU memory budget, e.g. 24GB (default)")
+    gen.add_argument("--token-budget", type=_token_budget, default=None, help="tokens attended per step (default: dense)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--no-chat", dest="chat", action="store_false", help="do not apply the chat template")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        # Bad input: one clear line, not a traceback.
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Options of :func:`specontext.compile`, validated before any work starts."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_ACCEPTED_BUDGET = 'a positive number of bytes (int) or a string such as "24GB", "24 GB", "24GiB", "512MB", "1.5GB"'
+
+# More than any machine has: catches typos such as "24000GB" meant as MB.
+MAX_BUDGET_BYTES = 2**50
+
+
+def parse_budget(budget: int | str) -> int:
+    """GPU memory budget -> bytes. Decimal units (GB = 1e9) and binary units (GiB = 2**30)."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+        raise TypeError(f"budget must be {_ACCEPTED_BUDGET}; got {budget!r} of type {type(budget).__name__}")
+    if isinstance(budget, int):
+        value = budget
+    else:
+        match = _BUDGET_RE.match(budget)
+        if not match:
+            raise ValueError(f"budget {budget!r} is not understood; expected {_ACCEPTED_BUDGET}")
+        number, unit = match.groups()
+        unit = unit.upper() or "B"
+        if unit not in _UNITS:
+            raise ValueError(
+                f"budget {budget!r} has unknown unit {match.group(2)!r}; accepted units: "
+                f"{', '.join(u if 'I' not in u else u[:-2] + 'iB' for u in _UNITS)}"
+            )
+        value = float(number) * _UNITS[unit]
+        if not math.isfinite(value):
+            raise ValueError(f"budget {budget!r} is not a finite size; expected {_ACCEPTED_BUDGET}")
+        value = int(value)
+    if value <= 0:
+        raise ValueError(f"budget must be positive; got {budget!r}. Expected {_ACCEPTED_BUDGET}")
+    if value > MAX_BUDGET_BYTES:
+        raise ValueError(f"budget {budget!r} = {value / 1e12:.0f} TB is larger than any GPU; expected {_ACCEPTED_BUDGET}")
+    return value
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def validate_token_budget(token_budget: int | float | None) -> int | float | None:
+    """None (dense), a positive int of tokens, or a float fraction of the context in (0, 1]."""
+    accepted = "None (dense attention), a positive int of tokens, or a float fraction of the context in (0, 1]"
+    if token_budget is None:
+        return None
+    if isinstance(token_budget, bool) or not isinstance(token_budget, (int, float)):
+        raise TypeError(f"token_budget must be {accepted}; got {token_budget!r} of type {type(token_budget).__name__}")
+    if isinstance(token_budget, int):
+        if token_budget <= 0:
+            raise ValueError(f"token_budget must be {accepted}; got {token_budget}")
+        return token_budget
+    if not (0.0 < token_budget <= 1.0) or math.isnan(token_budget):
+        raise ValueError(f"token_budget must be {accepted}; got the float {token_budget}")
+    return token_budget
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Everything :func:`specontext.compile` was asked for, validated.
+
+    Attributes:
+        budget_bytes: GPU memory budget in bytes.
+        token_budget: tokens each decode step attends to (None: dense attention).
+        prefill_chunk: new tokens per prefill step; bounds activation memory on long prompts.
+        progress: show a progress bar on prefills longer than one chunk.
+    """
+
+    budget_bytes: int
+    token_budget: int | float | None = None
+    prefill_chunk: int = 2048
+    progress: bool = True
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_arguments(cls, budget: int | str, token_budget: int | float | None = None, **options) -> "CompileConfig":
+        budget_bytes = parse_budget(budget)
+        token_budget = validate_token_budget(token_budget)
+        prefill_chunk = options.pop("prefill_chunk", 2048)
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk <= 0:
+            raise ValueError(f"prefill_chunk must be a positive int of tokens; got {prefill_chunk!r}")
+        progress = options.pop("progress", True)
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be True or False; got {progress!r}")
+        if options:
+            raise TypeError(
+                f"unknown option(s) {sorted(options)} for specontext.compile; accepted: token_budget, prefill_chunk, progress"
+            )
+        return cls(budget_bytes=budget_bytes, token_budget=token_budget, prefill_chunk=prefill_chunk, progress=progress)

@@ -1,0 +1,54 @@
+"""The opaque custom ops that captured graphs are made of.
+
+Every attention call of a captured model is one ``specontext::attention`` node. The op is opaque to
+``torch.export`` and to the passes: its fake implementation only gives the output shape, and its real
+implementation hands the call to the *active runtime* (see :mod:`specontext_compiler.runtime.context`),
+which owns the KV cache. That is why the cache never appears in the graph: a node receives the new
+tokens' q/k/v, the runtime appends k/v to its store and attends over everything stored so far.
+
+Layouts (the same as ``F.scaled_dot_product_attention``):
+
+* ``q``: [B, Hq, Tq, D] (after RoPE and any q-norm)
+* ``k``, ``v``: [B, Hkv, Tq, D], the keys/values of the *new* tokens only
+* ``mask``: boolean [B, 1, Tq, Tpast + Tq] (True = attend) built by transformers' mask interface, or None
+  for a plain causal mask
+* ``scale``: softmax scale; ``softcap``: logit soft-capping (0 = none); ``sliding_window``: the layer's
+  attention window in tokens (0 = full attention), already applied in ``mask``
+* output: [B, Hq, Tq, Dv]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .runtime.context import active_runtime
+
+LIBRARY = "specontext"
+
+
+@torch.library.custom_op(f"{LIBRARY}::attention", mutates_args=())
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: int,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float,
+    sliding_window: int,
+) -> torch.Tensor:
+    """Dense attention of ``q`` over the layer's stored KV plus the new ``k``/``v``."""
+    return active_runtime().attention(layer, q, k, v, mask, scale, softcap, sliding_window)
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, layer, mask, scale, softcap, sliding_window):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+
+
+ATTENTION_OPS = (torch.ops.specontext.attention.default,)
+
+
+def is_attention_node(node: torch.fx.Node) -> bool:
+    """True for a ``call_function`` node of ``specontext::attention``."""
+    return node.op == "call_function" and node.target in ATTENTION_OPS

