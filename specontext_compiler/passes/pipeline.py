@@ -32,9 +32,16 @@ def ordering_constraints(passes: list[GraphPass]) -> list[Callable]:
     return [this_before_that_pass_constraint(annotate_attention, p) for p in passes if p is not annotate_attention]
 
 
+def _lint(gm: torch.fx.GraphModule) -> None:
+    gm.graph.lint()
+
+
 def run_passes(gm: torch.fx.GraphModule, passes: list[GraphPass] | None = None) -> PassResult:
     passes = default_passes() if passes is None else passes
     manager = PassManager(passes=passes, constraints=ordering_constraints(passes), run_checks_after_each_pass=True)
+    # The order given is the order run: a list that breaks a constraint is a bug to report, not to re-sort.
+    manager.validate_constraints()
+    manager.add_checks(_lint)
     result = manager(gm)
     logger.info("passes %s: graph modified=%s", [p.__name__ for p in passes], result.modified)
     return result

@@ -1,0 +1,46 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from specontext_compiler.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2):
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a normal model directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = smollm2
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         eos_token_id=tokenizer.eos_token_id)
+    folder = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_console_script_info():
+    result = subprocess.run([sys.executable, "-m", "specontext_compiler.cli", "info"], capture_output=True, text=True, check=True)
+    assert "torch" in result.stdout and "transformers" in result.stdout and "device" in result.stdout
+
+
+def test_generate_streams_and_reports(tiny_model_dir, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Tell me about the river valley and its orchards.")
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt-file", str(prompt), "--max-new-tokens", "6"]) == 0
+    captured = capsys.readouterr()
+    assert "tok/s" in captured.err and "KV" in captured.err
+    assert "6 new" in captured.err or "new" in captured.err
+
+
+def test_generate_bad_input_is_one_line_error(tiny_model_dir, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("hello")
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt-file", str(prompt), "--budget", "24XB"]) == 2
+    assert "error: budget '24XB' has unknown unit" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["generate", "--model", str(tiny_model_dir), "--prompt-file", str(tmp_path / "missing.txt")])

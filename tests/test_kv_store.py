@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from specontext_compiler.runtime.kv_store import KVStore
+
+
+def poisoned_store(layers=2, grow_chunk=4):
+    store = KVStore(layers, ["cpu"] * layers, torch.float32, grow_chunk=grow_chunk)
+    return store
+
+
+def test_append_returns_everything_stored_in_order():
+    store = poisoned_store()
+    chunks = [torch.randn(2, 3, n, 5) for n in (3, 1, 6, 1)]
+    for chunk in chunks:
+        keys, values = store.append(0, chunk, -chunk)
+    expected = torch.cat(chunks, dim=2)
+    torch.testing.assert_close(keys, expected, rtol=0, atol=0)
+    torch.testing.assert_close(values, -expected, rtol=0, atol=0)
+    assert store.length(0) == 11 and store.length(1) == 0
+    assert store.nbytes() == 2 * expected.nbytes
+
+
+def test_reservation_avoids_growth_and_growth_keeps_data():
+    store = poisoned_store(grow_chunk=8)
+    store.reset(reserve_tokens=20)
+    keys, _ = store.append(1, torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    buffer = store.layers[1].key
+    assert store.layers[1].capacity == 24
+    store.append(1, torch.randn(1, 2, 19, 4), torch.randn(1, 2, 19, 4))
+    assert store.layers[1].key is buffer  # still within the reservation
+    before = store.layers[1].key[:, :, :24].clone()
+    keys, _ = store.append(1, torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    assert store.layers[1].capacity == 32
+    torch.testing.assert_close(keys[:, :, :24], before, rtol=0, atol=0)
+
+
+def test_unwritten_slots_never_leak():
+    store = poisoned_store(grow_chunk=16)
+    store.reset(reserve_tokens=16)
+    store.append(0, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+    store.layers[0].key[:, :, 2:].fill_(float("nan"))  # poison the unwritten capacity
+    keys, _ = store.append(0, torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
+    assert keys.shape[2] == 5 and not torch.isnan(keys).any()
+
+
+def test_reset_then_new_batch_shape():
+    store = poisoned_store()
+    store.append(0, torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5))
+    with pytest.raises(RuntimeError, match="reset the store"):
+        store.append(0, torch.randn(1, 3, 1, 5), torch.randn(1, 3, 1, 5))
+    store.reset()
+    keys, _ = store.append(0, torch.randn(1, 3, 2, 5), torch.randn(1, 3, 2, 5))
+    assert keys.shape == (1, 3, 2, 5)
+
+
+def test_devices_must_match_layers():
+    with pytest.raises(ValueError, match="one per layer"):
+        KVStore(3, ["cpu"], torch.float32)
