@@ -4,6 +4,24 @@
 This package only re-exports the public API of :mod:`specontext_compiler`.
 """
 
-from specontext_compiler import SUPPORTED_FAMILIES, SpeContextModel, __version__, compile, parse_budget
+from specontext_compiler import (
+    SUPPORTED_FAMILIES,
+    CalibratedHead,
+    CalibrationReport,
+    SpeContextModel,
+    __version__,
+    calibrate,
+    compile,
+    parse_budget,
+)
 
-__all__ = ["SUPPORTED_FAMILIES", "SpeContextModel", "__version__", "compile", "parse_budget"]
+__all__ = [
+    "SUPPORTED_FAMILIES",
+    "CalibratedHead",
+    "CalibrationReport",
+    "SpeContextModel",
+    "__version__",
+    "calibrate",
+    "compile",
+    "parse_budget",
+]

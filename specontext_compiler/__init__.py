@@ -4,9 +4,19 @@ The implementation package. Users import :mod:`specontext`, which re-exports the
 """
 
 from .api import SpeContextModel, compile
+from .retrieval.calibrate import CalibratedHead, CalibrationReport, calibrate
 from .capture import SUPPORTED_FAMILIES
 from .config import parse_budget
 
 __version__ = "0.1.0"
 
-__all__ = ["SUPPORTED_FAMILIES", "SpeContextModel", "__version__", "compile", "parse_budget"]
+__all__ = [
+    "SUPPORTED_FAMILIES",
+    "CalibratedHead",
+    "CalibrationReport",
+    "SpeContextModel",
+    "__version__",
+    "calibrate",
+    "compile",
+    "parse_budget",
+]

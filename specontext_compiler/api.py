@@ -11,9 +11,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .capture import CapturedStep, check_supported, export_step, shadow_model
 from .config import CompileConfig, format_bytes
-from .passes import attention_infos, run_passes
+from .passes import attention_infos, default_passes, run_passes
 from .planning import kv_bytes_per_token, weight_bytes
-from .runtime.attention_runtime import AttentionRuntime
+from .retrieval import build_head
+from .runtime.attention_runtime import AttentionRuntime, SparseSettings
 from .runtime.engine import GenerationEngine
 from .runtime.kv_store import KVStore
 from .runtime.sampling import EXTRA_GENERATE_KWARGS, resolve_generation_config
@@ -37,10 +38,6 @@ def compile(model: PreTrainedModel, budget: int | str, *, token_budget: int | fl
     """
     config = CompileConfig.from_arguments(budget, token_budget, **options)
     check_supported(model)
-    if config.token_budget is not None:
-        raise NotImplementedError(
-            f"token_budget={config.token_budget!r}: sparse selection is not built yet; use token_budget=None (dense)"
-        )
     weights = weight_bytes(model)
     if weights > config.budget_bytes:
         raise ValueError(
@@ -66,11 +63,16 @@ class SpeContextModel:
         self.weight_bytes = weight_bytes(self.model)
         self.kv_bytes_per_token = kv_bytes_per_token(self.hf_config, self.dtype)
 
+        self.head = None
+        sparse = None
+        if config.token_budget is not None:
+            sparse = SparseSettings(config.token_budget, config.sink_tokens, config.local_window)
+            self.head = build_head(config, self.model)
         self.step = self._capture(last_only=True)
         self._step_all: CapturedStep | None = None
         self.layers = attention_infos(self.step.graph_module)
         store = KVStore(len(self.layers), [self.device] * len(self.layers), self.dtype)
-        self.runtime = AttentionRuntime(store)
+        self.runtime = AttentionRuntime(store, sparse, self.head)
         self.engine = GenerationEngine(
             self.step.program.module(), self.runtime, self.device, config.prefill_chunk, config.progress
         )
@@ -81,8 +83,9 @@ class SpeContextModel:
         )
 
     def _capture(self, last_only: bool) -> CapturedStep:
-        step = export_step(self.model, last_only=last_only)
-        run_passes(step.graph_module)
+        aux_layers = self.head.aux_layers if self.head is not None else ()
+        step = export_step(self.model, last_only=last_only, aux_layers=aux_layers)
+        run_passes(step.graph_module, default_passes(sparse=self.config.token_budget is not None))
         return step
 
     @property

@@ -155,12 +155,13 @@ class StepModule(torch.nn.Module):
     at 128K tokens the full logits would dwarf the KV of a step).
     """
 
-    def __init__(self, model: PreTrainedModel, last_only: bool):
+    def __init__(self, model: PreTrainedModel, last_only: bool, aux_layers: tuple[int, ...] = ()):
         super().__init__()
         self.model = model
         self.last_only = last_only
+        self.aux_layers = aux_layers
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
         past = attention_mask.shape[1] - input_ids.shape[1]
         out = self.model(
             input_ids=input_ids,
@@ -169,8 +170,12 @@ class StepModule(torch.nn.Module):
             past_key_values=RuntimeCacheView(past),
             use_cache=True,
             logits_to_keep=1 if self.last_only else 0,
+            output_hidden_states=bool(self.aux_layers),
         )
-        return out.logits
+        if not self.aux_layers:
+            return out.logits
+        # hidden_states[i] is the input of decoder layer i (0: the embeddings), over every new token.
+        return (out.logits, *(out.hidden_states[i] for i in self.aux_layers))
 
 
 @dataclass
@@ -179,13 +184,14 @@ class CapturedStep:
 
     program: torch.export.ExportedProgram
     last_only: bool
+    aux_layers: tuple[int, ...] = ()
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
         return self.program.graph_module
 
 
-def export_step(model: PreTrainedModel, last_only: bool) -> CapturedStep:
+def export_step(model: PreTrainedModel, last_only: bool, aux_layers: tuple[int, ...] = ()) -> CapturedStep:
     """Export the step of a shadow model with dynamic batch, new-token and total-token sizes.
 
     The example inputs are small (batch 2, 3 new tokens after 2 past ones) so every size stays symbolic.
@@ -204,7 +210,7 @@ def export_step(model: PreTrainedModel, last_only: bool) -> CapturedStep:
         "attention_mask": {0: batch_dim, 1: total_dim},
         "position_ids": {0: batch_dim, 1: new_dim},
     }
-    module = StepModule(model, last_only)
+    module = StepModule(model, last_only, aux_layers)
     with torch.no_grad():
         program = torch.export.export(
             module,
@@ -214,4 +220,4 @@ def export_step(model: PreTrainedModel, last_only: bool) -> CapturedStep:
             strict=False,
         )
     logger.info("exported %s step: %d graph nodes", "last-logits" if last_only else "all-logits", len(program.graph.nodes))
-    return CapturedStep(program, last_only)
+    return CapturedStep(program, last_only, aux_layers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 _UNITS = {
     "B": 1,
@@ -75,6 +75,16 @@ def validate_token_budget(token_budget: int | float | None) -> int | float | Non
     return token_budget
 
 
+# How sparse steps pick tokens: the retrieval head (the method) or a baseline measured against it.
+SELECTIONS = ("retrieval_head", "streaming", "quest", "oracle")
+
+
+def _non_negative_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int; got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class CompileConfig:
     """Everything :func:`specontext.compile` was asked for, validated.
@@ -82,20 +92,39 @@ class CompileConfig:
     Attributes:
         budget_bytes: GPU memory budget in bytes.
         token_budget: tokens each decode step attends to (None: dense attention).
+        sink_tokens: first tokens always attended (attention sinks).
+        local_window: most recent tokens always attended.
+        selection: "retrieval_head" (the method) or a baseline: "streaming", "quest", "oracle".
+        retrieval_layer: scoring layer of the draft-free head (or of a draft model); None: 5/6 of the depth.
+        draft: None (a head from the target itself), a homologous transformers model or its directory,
+            an EAGLE-3 checkpoint directory, or a calibrated head directory (``specontext.calibrate``).
         prefill_chunk: new tokens per prefill step; bounds activation memory on long prompts.
         progress: show a progress bar on prefills longer than one chunk.
     """
 
     budget_bytes: int
     token_budget: int | float | None = None
+    sink_tokens: int = 4
+    local_window: int = 64
+    selection: str = "retrieval_head"
+    retrieval_layer: int | None = None
+    draft: object = None
     prefill_chunk: int = 2048
     progress: bool = True
-    options: dict = field(default_factory=dict)
 
     @classmethod
     def from_arguments(cls, budget: int | str, token_budget: int | float | None = None, **options) -> "CompileConfig":
         budget_bytes = parse_budget(budget)
         token_budget = validate_token_budget(token_budget)
+        sink_tokens = _non_negative_int("sink_tokens", options.pop("sink_tokens", 4))
+        local_window = _non_negative_int("local_window", options.pop("local_window", 64))
+        selection = options.pop("selection", "retrieval_head")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection={selection!r} is not one of {', '.join(map(repr, SELECTIONS))}")
+        draft = options.pop("draft", None)
+        retrieval_layer = options.pop("retrieval_layer", None)
+        if retrieval_layer is not None:
+            retrieval_layer = _non_negative_int("retrieval_layer", retrieval_layer)
         prefill_chunk = options.pop("prefill_chunk", 2048)
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be a positive int of tokens; got {prefill_chunk!r}")
@@ -104,6 +133,17 @@ class CompileConfig:
             raise TypeError(f"progress must be True or False; got {progress!r}")
         if options:
             raise TypeError(
-                f"unknown option(s) {sorted(options)} for specontext.compile; accepted: token_budget, prefill_chunk, progress"
+                f"unknown option(s) {sorted(options)} for specontext.compile; accepted: token_budget, sink_tokens, "
+                "local_window, selection, draft, retrieval_layer, prefill_chunk, progress"
             )
-        return cls(budget_bytes=budget_bytes, token_budget=token_budget, prefill_chunk=prefill_chunk, progress=progress)
+        return cls(
+            budget_bytes=budget_bytes,
+            token_budget=token_budget,
+            sink_tokens=sink_tokens,
+            local_window=local_window,
+            selection=selection,
+            retrieval_layer=retrieval_layer,
+            draft=draft,
+            prefill_chunk=prefill_chunk,
+            progress=progress,
+        )

@@ -46,9 +46,50 @@ def _attention_fake(q, k, v, layer, mask, scale, softcap, sliding_window):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
 
 
-ATTENTION_OPS = (torch.ops.specontext.attention.default,)
+@torch.library.custom_op(f"{LIBRARY}::retrieve", mutates_args=())
+def retrieve(input_ids: torch.Tensor, attention_mask: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """The step's token selection, once for all layers: int64 [B, Hkv, K] positions of past tokens.
+
+    The retrieval head scores every stored token before layer 0 runs. K = 0 means "attend to
+    everything" (prefill chunks, and contexts within the token budget).
+    """
+    return active_runtime().retrieve(input_ids, attention_mask, num_kv_heads)
+
+
+@retrieve.register_fake
+def _retrieve_fake(input_ids, attention_mask, num_kv_heads):
+    selected = torch.library.get_ctx().new_dynamic_size()
+    return input_ids.new_empty(input_ids.shape[0], num_kv_heads, selected, dtype=torch.long)
+
+
+@torch.library.custom_op(f"{LIBRARY}::sparse_attention", mutates_args=())
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: int,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float,
+    sliding_window: int,
+    indices: torch.Tensor,
+) -> torch.Tensor:
+    """Attention of ``q`` over the past tokens at ``indices`` (per KV head) plus the new tokens."""
+    return active_runtime().attention(layer, q, k, v, mask, scale, softcap, sliding_window, indices)
+
+
+@sparse_attention.register_fake
+def _sparse_attention_fake(q, k, v, layer, mask, scale, softcap, sliding_window, indices):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+
+
+ATTENTION_OPS = (torch.ops.specontext.attention.default, torch.ops.specontext.sparse_attention.default)
 
 
 def is_attention_node(node: torch.fx.Node) -> bool:
-    """True for a ``call_function`` node of ``specontext::attention``."""
+    """True for a ``call_function`` node of ``specontext::attention`` or ``specontext::sparse_attention``."""
     return node.op == "call_function" and node.target in ATTENTION_OPS
+
+
+def is_retrieve_node(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target == torch.ops.specontext.retrieve.default

@@ -16,20 +16,37 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager, this_before_that_pass_constraint
 
 from .annotate_attention import annotate_attention
+from .insert_retrieval_head import insert_retrieval_head
+from .sparsify_attention import sparsify_attention
 
 logger = logging.getLogger(__name__)
 
 GraphPass = Callable[[torch.fx.GraphModule], PassResult]
 
 
-def default_passes() -> list[GraphPass]:
-    """The passes :func:`specontext.compile` runs, in order."""
-    return [annotate_attention]
+def default_passes(sparse: bool = False) -> list[GraphPass]:
+    """The passes :func:`specontext.compile` runs, in order (dense: annotation only)."""
+    if not sparse:
+        return [annotate_attention]
+    return [annotate_attention, insert_retrieval_head, sparsify_attention]
+
+
+# (earlier, later): every pass reads annotate_attention's annotations; sparsify needs the retrieve node.
+ORDER = [
+    (annotate_attention, insert_retrieval_head),
+    (annotate_attention, sparsify_attention),
+    (insert_retrieval_head, sparsify_attention),
+]
 
 
 def ordering_constraints(passes: list[GraphPass]) -> list[Callable]:
-    """Every pass after ``annotate_attention`` reads its annotations."""
-    return [this_before_that_pass_constraint(annotate_attention, p) for p in passes if p is not annotate_attention]
+    constraints = [this_before_that_pass_constraint(a, b) for a, b in ORDER if a in passes and b in passes]
+    constraints += [
+        this_before_that_pass_constraint(annotate_attention, p)
+        for p in passes
+        if p is not annotate_attention and all(p is not b for _, b in ORDER)
+    ]
+    return constraints
 
 
 def _lint(gm: torch.fx.GraphModule) -> None:

@@ -1,10 +1,19 @@
-"""What a ``specontext::attention`` node does when it runs: store the new KV, attend over all of it."""
+"""What the attention nodes of a captured graph do when they run: store the new KV, then attend.
+
+Dense (``specontext::attention``, prefill chunks, contexts within the token budget) attends over every
+stored token; sparse (``specontext::sparse_attention`` in a decode step past the budget) attends over
+the positions the step's one retrieval picked, per KV head, plus the new token.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..retrieval.base import RetrievalHead, group_probabilities
+from ..retrieval.selection import resolve_token_budget, select_tokens
 from .kv_store import KVStore
 
 
@@ -21,6 +30,19 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
     offset = kv_len - q_len
     rows = torch.arange(q_len, device=device)[:, None] + offset
     return (torch.arange(kv_len, device=device)[None, :] <= rows)[None, None]
+
+
+def _softcapped_attention(q, keys, values, mask, scale, softcap):
+    """Eager attention with logit soft-capping (Gemma 2), as transformers computes it."""
+    scores = torch.matmul(q, keys.transpose(2, 3)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, values)
 
 
 def dense_attention(
@@ -44,16 +66,7 @@ def dense_attention(
     if mask is None and q_len > 1:
         mask = causal_mask(q_len, kv_len, q.device)
     if softcap:
-        # Logit soft-capping (Gemma 2) has no SDPA form: eager math, as transformers does.
-        scores = torch.matmul(q, expand_kv_heads(keys, groups).transpose(2, 3)) * scale
-        scores = torch.tanh(scores / softcap) * softcap
-        if mask is not None:
-            if mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            else:
-                scores = scores + mask
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(probs, expand_kv_heads(values, groups))
+        return _softcapped_attention(q, expand_kv_heads(keys, groups), expand_kv_heads(values, groups), mask, scale, softcap)
     if mask is None:
         # One query over all keys: transformers' SDPA path uses grouped-query SDPA here.
         return F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=groups > 1)
@@ -62,24 +75,108 @@ def dense_attention(
     )
 
 
+def sparse_decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    valid: torch.Tensor | None,
+    scale: float,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """Reference sparse-gather decode attention.
+
+    q [B, Hq, 1, D]; keys/values [B, Hkv, T, D]; indices int64 [B, Hkv, K] positions on the token axis,
+    shared by each KV head's query group; valid bool [B, Hkv, K] (False = padding) or None.
+    Returns [B, Hq, 1, Dv].
+    """
+    batch, q_heads, _, dim = q.shape
+    kv_heads, selected = keys.shape[1], indices.shape[-1]
+    groups = q_heads // kv_heads
+    k_sel = keys.gather(2, indices[..., None].expand(batch, kv_heads, selected, dim))
+    v_sel = values.gather(2, indices[..., None].expand(batch, kv_heads, selected, values.shape[-1]))
+    # The group's queries act as a query block against the group's selected keys.
+    grouped = q.view(batch, kv_heads, groups, dim)
+    mask = None if valid is None else valid[:, :, None, :]
+    if softcap:
+        out = _softcapped_attention(grouped, k_sel, v_sel, mask, scale, softcap)
+    else:
+        out = F.scaled_dot_product_attention(grouped, k_sel, v_sel, attn_mask=mask, scale=scale)
+    return out.reshape(batch, q_heads, 1, values.shape[-1])
+
+
+@dataclass(frozen=True)
+class SparseSettings:
+    """How a sparse step selects: ``token_budget`` tokens = sinks + window + top-k (+ the new token)."""
+
+    token_budget: int | float
+    sink_tokens: int = 4
+    local_window: int = 64
+
+
 class AttentionRuntime:
-    """Owns the KV store and executes the attention ops of a captured graph.
+    """Owns the KV store (and the retrieval head) and executes the attention ops of a captured graph.
 
     One instance per compiled model; ``specontext_compiler.runtime.context.activate`` makes it the one
     the ops talk to during a step.
     """
 
-    def __init__(self, store: KVStore):
+    def __init__(self, store: KVStore, sparse: SparseSettings | None = None, head: RetrievalHead | None = None):
+        if (sparse is None) != (head is None):
+            raise ValueError("sparse settings and a retrieval head go together")
         self.store = store
+        self.sparse = sparse
+        self.head = head
         # Set per sequence by the engine: with no padding token, the mask transformers built is plain
         # causal (bar sliding windows shorter than the context), and SDPA's mask-free paths compute it faster.
         self.padding_free = False
+        self._sparse_step = False
+        # Calibration switches selection off for a step to compute the dense reference in place.
+        self.selection_enabled = True
+        self._key_valid: torch.Tensor | None = None
+        self._budget = 0
+        self.attended_tokens: list[int] = []
+        # Diagnostics for benchmarks: per sparse step and layer, the share of the layer's true attention
+        # mass (over all stored tokens) that the selection covers. Costs a dense read; off by default.
+        self.measure_recall = False
+        self.recall: list[tuple[int, float]] = []
+        # Calibration hooks: called as observer(layer, q, keys, scale) after each layer stores its KV.
+        self.observers: list = []
 
     def reset(self, reserve_tokens: int, padding_free: bool) -> None:
         """Start a new batch of sequences."""
         self.store.reset(reserve_tokens)
         self.padding_free = padding_free
+        self._sparse_step = False
+        self.attended_tokens = []
+        self.recall = []
+        if self.head is not None:
+            self.head.reset(batch=0, reserve_tokens=reserve_tokens)
 
+    # -- one retrieval per step ------------------------------------------------------------------------
+    def retrieve(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+        batch, new = input_ids.shape
+        total = attention_mask.shape[1]
+        past = total - new
+        budget = resolve_token_budget(self.sparse.token_budget, total) if self.sparse else total
+        self._sparse_step = self.sparse is not None and self.selection_enabled and new == 1 and total > budget
+        self.attended_tokens.append(min(budget, total) if new == 1 else total)
+        empty = torch.empty(batch, num_kv_heads, 0, dtype=torch.long, device=input_ids.device)
+        if not self._sparse_step:
+            return empty
+        self._key_valid = attention_mask[:, :past].bool()
+        self._budget = budget - 1  # the new token is always attended
+        if self.head.per_layer:
+            return empty
+        scores = self.head.score(input_ids, attention_mask, past)
+        return select_tokens(scores, self._key_valid, self._budget, self.sparse.sink_tokens, self.sparse.local_window)
+
+    def observe_step(self, input_ids, attention_mask, position_ids, aux_hidden: list[torch.Tensor]) -> None:
+        """After a step: the retrieval head sees the step's tokens (and hidden states, if it asked)."""
+        if self.head is not None:
+            self.head.observe_step(input_ids, attention_mask, position_ids, aux_hidden)
+
+    # -- attention -----------------------------------------------------------------------------------
     def attention(
         self,
         layer: int,
@@ -90,6 +187,7 @@ class AttentionRuntime:
         scale: float,
         softcap: float,
         sliding_window: int = 0,
+        indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
         keys, values = self.store.append(layer, k, v)
         if keys.device != q.device:
@@ -99,6 +197,39 @@ class AttentionRuntime:
                 f"layer {layer}: mask covers {mask.shape[-1]} keys but the store holds {keys.shape[2]}: "
                 "the step's attention_mask must span every stored token plus the new ones"
             )
-        if self.padding_free and (not sliding_window or keys.shape[2] <= sliding_window):
+        if self.head is not None:
+            self.head.observe(layer, q, k, keys, scale)
+        for observer in self.observers:
+            observer(layer, q, keys, scale)
+        total = keys.shape[2]
+        windowed = sliding_window and total > sliding_window  # a sliding layer reads only its window
+        if indices is not None and self._sparse_step and not windowed:
+            return self._sparse(layer, q, keys, values, indices, scale, softcap)
+        if self.padding_free and (not sliding_window or total <= sliding_window):
             mask = None
         return dense_attention(q, keys, values, mask, scale, softcap)
+
+    def _sparse(self, layer, q, keys, values, indices, scale, softcap):
+        past = keys.shape[2] - 1
+        if self.head.per_layer:
+            scores = self.head.score_layer(layer, q, keys[:, :, :past], scale)
+            indices = select_tokens(scores, self._key_valid, self._budget, self.sparse.sink_tokens, self.sparse.local_window)
+        batch, kv_heads = indices.shape[:2]
+        newest = torch.full((batch, kv_heads, 1), past, dtype=indices.dtype, device=indices.device)
+        positions = torch.cat([indices, newest], dim=-1)
+        valid = None
+        if not self.padding_free:
+            valid = torch.cat([self._key_valid, self._key_valid.new_ones(batch, 1)], dim=-1)
+            valid = valid[:, None, :].expand(batch, kv_heads, -1).gather(2, positions)
+        if self.measure_recall:
+            self._record_recall(layer, q, keys, positions, scale)
+        return sparse_decode_attention(q, keys, values, positions, valid, scale, softcap)
+
+    def _record_recall(self, layer, q, keys, positions, scale):
+        groups = q.shape[1] // keys.shape[1]
+        valid = None
+        if not self.padding_free:
+            valid = torch.cat([self._key_valid, self._key_valid.new_ones(keys.shape[0], 1)], dim=-1)
+        mass = group_probabilities(q[:, :, -1], keys, scale, valid)  # [B, Hkv, T], summed over each group
+        covered = mass.gather(2, positions).sum(-1) / groups
+        self.recall.append((layer, float(covered.mean())))

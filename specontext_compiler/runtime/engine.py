@@ -72,15 +72,18 @@ class GenerationEngine:
         with bar:
             for start in starts:
                 end = min(start + self.prefill_chunk, total)
-                logits = step(
-                    input_ids=input_ids[:, start:end],
-                    attention_mask=attention_mask[:, :end],
-                    position_ids=position_ids[:, start:end],
-                )
+                logits = self.run_step(step, input_ids[:, start:end], attention_mask[:, :end], position_ids[:, start:end])
                 if keep_all:
                     outputs.append(logits)
                 bar.update(end - start)
         return torch.cat(outputs, dim=1) if keep_all else logits
+
+    def run_step(self, step: StepFn, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        """One step; auxiliary outputs (hidden states for an EAGLE-3 head) go to the runtime."""
+        out = step(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        logits, *aux = out if isinstance(out, tuple) else (out,)
+        self.runtime.observe_step(input_ids, attention_mask, position_ids, aux)
+        return logits
 
     def forward(self, step_all: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits of every position of a fresh sequence (what an HF forward without cache returns)."""
@@ -139,7 +142,7 @@ class GenerationEngine:
                     break
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
                 position = position + 1
-                logits = self.step(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=position)
+                logits = self.run_step(self.step, next_tokens[:, None], attention_mask, position)
                 decode_steps += 1
             _synchronize(self.device)
             t2 = time.perf_counter()

@@ -63,6 +63,14 @@ class KVStore:
             if layer is not None:
                 layer.length = 0
 
+    def truncate(self, length: int) -> None:
+        """Keep only the first ``length`` tokens of every layer (buffers are kept; later appends overwrite)."""
+        for layer in self.layers:
+            if layer is not None:
+                if layer.length < length:
+                    raise ValueError(f"cannot truncate to {length} tokens: a layer holds {layer.length}")
+                layer.length = length
+
     def length(self, layer: int) -> int:
         entry = self.layers[layer]
         return 0 if entry is None else entry.length

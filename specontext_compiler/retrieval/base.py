@@ -1,0 +1,62 @@
+"""What a retrieval head is to the runtime.
+
+The runtime calls ``observe`` from every attention op (prefill chunks and decode steps) so a head can
+keep its own key cache current, and ``score`` once per decode step, before layer 0, to rank the past
+tokens for every layer. Per-layer baselines (Quest, oracle top-k) set ``per_layer`` and rank inside
+each layer instead: they exist to be measured against, not to be fast.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RetrievalHead:
+    """Base class: scores past tokens per target KV head."""
+
+    #: True for policies that select inside each layer from that layer's own query.
+    per_layer: bool = False
+    name: str = "retrieval_head"
+    #: Target decoder layers whose input hidden states the head is fed after every step (EAGLE-3).
+    aux_layers: tuple[int, ...] = ()
+
+    def reset(self, batch: int, reserve_tokens: int) -> None:
+        """A new batch of sequences starts; drop all state."""
+
+    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor, scale: float) -> None:
+        """Layer ``layer`` just ran on new tokens: q [B, Hq, T, D], their k [B, Hkv, T, D], all stored keys."""
+
+    def observe_step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, aux_hidden: list[torch.Tensor]
+    ) -> None:
+        """A target step finished: its new tokens, the mask over all tokens, their positions, and the
+        target's hidden states at ``aux_layers`` (empty unless the head asks for them)."""
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: int) -> torch.Tensor:
+        """float [B, Hkv, past]: how much each past token is wanted by the step feeding ``input_ids``."""
+        raise NotImplementedError(f"{type(self).__name__} scores per layer (per_layer=True)")
+
+    def score_layer(self, layer: int, q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+        """Per-layer policies: float [B, Hkv, P] from the layer's query q [B, Hq, 1, D] and past keys."""
+        raise NotImplementedError(f"{type(self).__name__} scores once per step (per_layer=False)")
+
+    def parameter_count(self) -> int:
+        """Parameters the head keeps for scoring (0 when it only reads the target's own tensors)."""
+        return 0
+
+
+def group_probabilities(
+    q: torch.Tensor, keys: torch.Tensor, scale: float, key_valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Attention probabilities of one query per head, summed over each KV head's query group.
+
+    q [B, Hq, D], keys [B, Hkv, P, D] -> [B, Hkv, P]; ``key_valid`` bool [B, P] masks padding out. Heads of one group share the selection, so a
+    token's worth to the group is the attention mass its heads give it.
+    """
+    batch, q_heads, dim = q.shape
+    kv_heads = keys.shape[1]
+    grouped = q.view(batch, kv_heads, q_heads // kv_heads, dim).to(keys.dtype)
+    logits = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scale
+    if key_valid is not None:
+        logits = logits.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(dim=2)

@@ -1,0 +1,51 @@
+"""From scores to the tokens a step attends to: sinks + the recent window + the top-k of the rest.
+
+Shared by every retrieval head and baseline, so they differ only in how they score.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def resolve_token_budget(token_budget: int | float, context: int) -> int:
+    """Tokens attended at a context of ``context`` tokens (a float budget is a fraction of it)."""
+    if isinstance(token_budget, float):
+        return max(1, math.ceil(token_budget * context))
+    return token_budget
+
+
+def sink_positions(key_valid: torch.Tensor, sink_tokens: int) -> torch.Tensor:
+    """Bool [B, P]: the first ``sink_tokens`` real (non-padding) positions of each row."""
+    rank = key_valid.long().cumsum(-1) - 1
+    return key_valid & (rank < sink_tokens)
+
+
+def select_tokens(
+    scores: torch.Tensor, key_valid: torch.Tensor, budget: int, sink_tokens: int, local_window: int
+) -> torch.Tensor:
+    """Pick ``budget`` past positions per (row, KV head): sinks and window first, then the best scores.
+
+    When the budget is smaller than sinks + window, sinks win, then the newest tokens.
+
+    Args:
+        scores: float [B, Hkv, P] over the P past tokens (higher = more wanted).
+        key_valid: bool [B, P], False at padding.
+        budget: past tokens to keep (the new token comes on top).
+    Returns:
+        int64 [B, Hkv, budget] positions, sorted ascending (gathers read memory in order).
+    """
+    batch, heads, past = scores.shape
+    budget = min(budget, past)
+    # float64 ranks: scores stay below 1e12, the window ranks above them by recency, sinks above all.
+    ranked = scores.double()
+    if local_window:
+        window = torch.arange(past, device=scores.device) >= past - local_window
+        recency = torch.arange(past, device=scores.device, dtype=torch.float64)
+        ranked = torch.where(window, 1e12 + recency, ranked)
+    ranked = ranked.masked_fill(sink_positions(key_valid, sink_tokens)[:, None, :], 1e13)
+    ranked = ranked.masked_fill(~key_valid[:, None, :], float("-inf"))
+    indices = ranked.topk(budget, dim=-1, sorted=False).indices
+    return indices.sort(dim=-1).values

@@ -1,0 +1,169 @@
+"""Retrieval heads from every source: draft-free, a homologous draft model, an EAGLE-3 checkpoint;
+calibration (head-level pruning) and saving/loading the pruned head."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import specontext
+from specontext_compiler.retrieval import DraftModelHead, Eagle3Head, TargetLayerHead
+from specontext_compiler.retrieval.eagle3 import is_eagle3_checkpoint, rms_norm, rotate_half
+from tiny_models import padded_batch, tiny_model
+
+SPARSE = dict(token_budget=20, sink_tokens=2, local_window=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_model("llama", num_hidden_layers=4)
+
+
+@pytest.fixture(scope="module")
+def draft():
+    return tiny_model("qwen3", seed=1, num_hidden_layers=6)
+
+
+@pytest.fixture(scope="module")
+def prompts(target):
+    return padded_batch(target.config.vocab_size, [40, 27], seed=11)
+
+
+@pytest.fixture(scope="module")
+def eagle_dir(tmp_path_factory):
+    """A random checkpoint in the EAGLE-3 draft-head format (fc, one midlayer, norms, lm_head, d2t/t2d)."""
+    folder = tmp_path_factory.mktemp("eagle3")
+    hidden, heads, kv_heads, head_dim, target_hidden = 64, 4, 2, 16, 64
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    tensors = {
+        "fc.weight": rand(hidden, 3 * target_hidden),
+        "midlayer.input_layernorm.weight": 1 + rand(hidden),
+        "midlayer.hidden_norm.weight": 1 + rand(hidden),
+        "midlayer.self_attn.q_proj.weight": rand(heads * head_dim, 2 * hidden),
+        "midlayer.self_attn.k_proj.weight": rand(kv_heads * head_dim, 2 * hidden),
+        "midlayer.self_attn.v_proj.weight": rand(kv_heads * head_dim, 2 * hidden),
+        "midlayer.self_attn.o_proj.weight": rand(hidden, heads * head_dim),
+        "midlayer.post_attention_layernorm.weight": torch.ones(hidden),
+        "midlayer.mlp.gate_proj.weight": rand(96, hidden),
+        "midlayer.mlp.up_proj.weight": rand(96, hidden),
+        "midlayer.mlp.down_proj.weight": rand(hidden, 96),
+        "norm.weight": torch.ones(hidden),
+        "lm_head.weight": rand(32, hidden),
+        "d2t": torch.zeros(32, dtype=torch.long),
+        "t2d": torch.ones(96, dtype=torch.bool),
+    }
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLMEagle3"], "hidden_size": hidden, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "intermediate_size": 96, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "vocab_size": 96, "draft_vocab_size": 32, "max_position_embeddings": 512,
+    }))
+    return folder
+
+
+def dense_reference(model, ids, mask, new=10):
+    return specontext.compile(model, "1GB", progress=False).generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+
+
+@pytest.mark.parametrize("source", ["none", "draft_model", "eagle3"])
+def test_every_head_source_runs_and_equals_dense_when_budget_covers_context(source, target, draft, eagle_dir, prompts):
+    ids, mask = prompts
+    kwargs = {"none": {}, "draft_model": {"draft": draft}, "eagle3": {"draft": str(eagle_dir)}}[source]
+    expected_type = {"none": TargetLayerHead, "draft_model": DraftModelHead, "eagle3": Eagle3Head}[source]
+    reference = dense_reference(target, ids, mask)
+    covering = specontext.compile(target, "1GB", token_budget=ids.shape[1] + 10, progress=False, **kwargs)
+    assert isinstance(covering.head, expected_type)
+    assert torch.equal(covering.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False), reference)
+    sparse = specontext.compile(target, "1GB", **SPARSE, **kwargs)
+    out = sparse.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert out.shape == reference.shape
+    assert sparse.runtime.attended_tokens[1:] == [20] * 9
+
+
+def test_eagle3_scores_match_a_float64_reference(target, eagle_dir):
+    """The head's scores at one step, recomputed by hand from the checkpoint's tensors."""
+    from safetensors.torch import load_file
+
+    head = Eagle3Head(eagle_dir, target.get_input_embeddings(), 4, 2)
+    head.reset(1, 16)
+    ids = torch.randint(3, 96, (1, 9))
+    aux = [torch.randn(1, 9, 64) for _ in range(3)]
+    positions = torch.arange(9)[None]
+    head.observe_step(ids, torch.ones(1, 9), positions, aux)
+    new = torch.randint(3, 96, (1, 1))
+    scores = head.score(new, torch.ones(1, 10, dtype=torch.long), past=9)
+
+    w = {k: v.double() for k, v in load_file(str(eagle_dir / "model.safetensors")).items() if v.is_floating_point()}
+    emb = target.get_input_embeddings().weight.double()
+    hidden = torch.cat(aux, -1).double()[0]
+    previous = torch.cat([torch.zeros(1, 192, dtype=torch.float64), hidden[:-1]])
+
+    def project(tokens, feats, name, heads, pos):
+        x = torch.cat([rms_norm(emb[tokens], w["midlayer.input_layernorm.weight"], 1e-6),
+                       rms_norm(feats @ w["fc.weight"].T, w["midlayer.hidden_norm.weight"], 1e-6)], -1)
+        p = (x @ w[f"midlayer.self_attn.{name}_proj.weight"].T).view(len(tokens), heads, 16).transpose(0, 1)
+        inv = 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16))
+        angles = torch.cat([pos[:, None] * inv, pos[:, None] * inv], -1)
+        return p * angles.cos() + rotate_half(p) * angles.sin()
+
+    keys = project(ids[0], previous, "k", 2, torch.arange(9, dtype=torch.float64))
+    query = project(new[0], hidden[-1:], "q", 4, torch.tensor([9.0]))
+    probs = torch.softmax(torch.einsum("hqd,hkd->hqk", query, keys.repeat_interleave(2, 0)) / 4.0, -1)[:, 0]
+    expected = probs.sum(0)
+    torch.testing.assert_close(scores[0, 0].double(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(scores[0, 1].double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_eagle3_loads_only_what_scoring_needs(target, eagle_dir):
+    head = Eagle3Head(eagle_dir, target.get_input_embeddings(), 4, 2)
+    assert set(head.tensors) == {
+        "fc.weight", "midlayer.input_layernorm.weight", "midlayer.hidden_norm.weight",
+        "midlayer.self_attn.q_proj.weight", "midlayer.self_attn.k_proj.weight",
+    }
+    assert head.parameter_count() < head.checkpoint_parameters
+    assert is_eagle3_checkpoint(eagle_dir) and not is_eagle3_checkpoint(eagle_dir.parent)
+
+
+@pytest.mark.parametrize("source", ["none", "draft_model", "eagle3"])
+def test_calibrate_prunes_saves_and_loads(source, target, draft, eagle_dir, tmp_path):
+    texts = [torch.randint(3, 96, (1, 90), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    draft_arg = {"none": None, "draft_model": draft, "eagle3": str(eagle_dir)}[source]
+    calibrated = specontext.calibrate(target, draft=draft_arg, texts=texts, token_budget=24, decode_steps=3,
+                                      sink_tokens=2, local_window=4, progress=False)
+    report = calibrated.report
+    assert 0.0 <= report.coverage <= 1.0 and len(report.layer_coverage) >= 1
+    if source != "none":
+        assert len(report.head_map) == 2 and all(len(group) == 2 for group in report.head_map)
+        assert report.parameters_after < report.parameters_before
+    path = calibrated.save(tmp_path / "head")
+    manifest = json.loads((path / "specontext_head.json").read_text())
+    assert manifest["kind"] == report.kind and manifest["head_map"] == report.head_map
+    from_memory = specontext.compile(target, "1GB", draft=calibrated, **SPARSE)
+    from_disk = specontext.compile(target, "1GB", draft=str(path), **SPARSE)
+    ids = texts[0]
+    assert torch.equal(from_memory.generate(ids, max_new_tokens=8, do_sample=False),
+                       from_disk.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def test_pruning_a_draft_of_four_or_more_layers_removes_over_90_percent(target, draft):
+    texts = [torch.randint(3, 96, (1, 80), generator=torch.Generator().manual_seed(7))]
+    calibrated = specontext.calibrate(target, draft=draft, texts=texts, token_budget=24, decode_steps=2,
+                                      sink_tokens=2, local_window=4, max_layer=0, progress=False)
+    assert draft.config.num_hidden_layers >= 4
+    assert calibrated.report.reduction >= 0.90, calibrated.report.summary()
+
+
+def test_bad_drafts_are_refused(target, tmp_path):
+    with pytest.raises(ValueError, match="vocabulary"):
+        specontext.compile(target, "1GB", draft=tiny_model("llama", vocab_size=50), **SPARSE)
+    with pytest.raises(ValueError, match="is not a model"):
+        specontext.compile(target, "1GB", draft=str(tmp_path), **SPARSE)
+    with pytest.raises(ValueError, match="retrieval_layer=9"):
+        specontext.compile(target, "1GB", retrieval_layer=9, **SPARSE)
+    with pytest.raises(ValueError, match="tokenizer"):
+        specontext.calibrate(target, texts=["some words"], token_budget=24, sink_tokens=2, local_window=4)
