@@ -4,8 +4,9 @@
 
 For each context length and prompt (a code-word document, tests' generator), dense generation is the
 reference; every method x token budget then generates the same number of tokens. Reported per cell:
-code-word accuracy, greedy agreement with dense (share of the new tokens equal position by position),
-and attention-mass recall (share of each layer's true attention mass that the selection covers,
+code-word accuracy, greedy agreement with dense, free-running (share of the new tokens equal position
+by position: one early difference shifts everything after it) and teacher-forced (fed the dense tokens,
+the share of steps whose greedy choice is the dense one), and attention-mass recall (share of each layer's true attention mass that the selection covers,
 averaged over layers, heads and decode steps). Methods: the retrieval head (``draft=None``), and the
 baselines StreamingLLM (sinks + window), Quest (per-layer page top-k) and oracle top-k.
 
@@ -32,11 +33,15 @@ RESULTS = Path(__file__).parent / "results"
 METHODS = ("retrieval_head", "streaming", "quest", "oracle")
 
 
-def run(compiled, ids, new_tokens):
+def run(compiled, ids, new_tokens, reference):
+    """Free-running tokens, attention-mass recall (measured while free-running), teacher-forced agreement."""
     compiled.runtime.measure_recall = True
     out = compiled.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     recall = [value for _, value in compiled.runtime.recall]
-    return out[0, ids.shape[1]:], (statistics.fmean(recall) if recall else 1.0)
+    compiled.runtime.measure_recall = False
+    forced = compiled.replay(ids, reference[None]).argmax(-1)[0]
+    teacher_forced = float((forced == reference).float().mean())
+    return out[0, ids.shape[1]:], (statistics.fmean(recall) if recall else 1.0), teacher_forced
 
 
 def main() -> None:
@@ -64,19 +69,20 @@ def main() -> None:
             ids, word = code_word_document(tokenizer, length, word, depth=(index % 8 + 1) / 9, seed=index)
             reference = dense.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)[0, ids.shape[1]:]
             bar.update()
-            entries = [("dense", None, reference, 1.0)]
+            entries = [("dense", None, reference, 1.0, 1.0)]
             for (method, budget), model_c in compiled.items():
-                tokens, recall = run(model_c, ids, args.new_tokens)
-                entries.append((method, budget, tokens, recall))
+                tokens, recall, forced = run(model_c, ids, args.new_tokens, reference)
+                entries.append((method, budget, tokens, recall, forced))
                 bar.update()
-            for method, budget, tokens, recall in entries:
+            for method, budget, tokens, recall, forced in entries:
                 key = f"{length}/{method}/{budget}"
                 cell = cells.setdefault(key, {"length": length, "context_tokens": [], "method": method, "budget": budget,
-                                              "correct": 0, "agreement": [], "recall": [], "prompts": 0})
+                                              "correct": 0, "agreement": [], "forced": [], "recall": [], "prompts": 0})
                 cell["prompts"] += 1
                 cell["context_tokens"].append(int(ids.shape[1]))
                 cell["correct"] += int(word in tokenizer.decode(tokens).upper())
                 cell["agreement"].append(float((tokens == reference).float().mean()))
+                cell["forced"].append(forced)
                 cell["recall"].append(recall)
     bar.close()
     rows = []
@@ -92,12 +98,13 @@ def main() -> None:
             "correct": cell["correct"],
             "prompts": cell["prompts"],
             "agreement": statistics.fmean(cell["agreement"]),
+            "teacher_forced_agreement": statistics.fmean(cell["forced"]),
             "recall": statistics.fmean(cell["recall"]),
         })
-    print(f"{'length':>6} {'method':>15} {'budget':>6} {'correct':>8} {'agreement':>9} {'recall':>7}")
+    print(f"{'length':>6} {'method':>15} {'budget':>6} {'correct':>8} {'free agr':>8} {'forced agr':>10} {'recall':>7}")
     for r in rows:
         print(f"{r['length']:>6} {r['method']:>15} {str(r['token_budget']):>6} {r['correct']:>3}/{r['prompts']:<4} "
-              f"{r['agreement']:>9.3f} {r['recall']:>7.3f}")
+              f"{r['agreement']:>8.3f} {r['teacher_forced_agreement']:>10.3f} {r['recall']:>7.3f}")
     RESULTS.mkdir(exist_ok=True)
     command = (f"benchmarks/accuracy.py --lengths {' '.join(map(str, args.lengths))} --budgets "
                f"{' '.join(map(str, args.budgets))} --methods {' '.join(args.methods)} --prompts {args.prompts} "

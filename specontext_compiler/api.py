@@ -74,7 +74,8 @@ class SpeContextModel:
         store = KVStore(len(self.layers), [self.device] * len(self.layers), self.dtype)
         self.runtime = AttentionRuntime(store, sparse, self.head)
         self.engine = GenerationEngine(
-            self.step.program.module(), self.runtime, self.device, config.prefill_chunk, config.progress
+            self.step.program.module(), self.runtime, self.device, config.prefill_chunk, config.progress,
+            self.kv_bytes_per_token,
         )
         logger.info(
             "compiled %s: %d attention layers, weights %s, KV %s/token, in %.1f s",
@@ -95,7 +96,8 @@ class SpeContextModel:
 
     @property
     def stats(self) -> dict:
-        """Counters of the last ``generate``: steps, prefill/decode seconds, tokens/s, KV bytes."""
+        """Counters of the last ``generate``: steps, prefill/decode seconds, tokens/s, KV bytes stored,
+        tokens attended and KV bytes read per decode step."""
         return dict(self.engine.stats)
 
     # -- input checks (before any work) ---------------------------------------------------------------
@@ -157,6 +159,17 @@ class SpeContextModel:
             logger.warning("prompt + max_new_tokens = %d exceeds max_position_embeddings (%d)", total, self.max_positions)
         self._check_budget(input_ids.shape[0], total)
         return self.engine.generate(input_ids, attention_mask, settings, streamer=extras.get("streamer"))
+
+    def replay(self, input_ids: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced decoding: the logits [B, N, V] that predicted each token of ``continuation``
+        after the prompt ``input_ids`` (no padding), each step with this model's sparse selection.
+        Measures agreement with a reference continuation without the cascade of free-running decoding."""
+        input_ids, _ = self._check_inputs(input_ids, None)
+        continuation, _ = self._check_inputs(continuation, None)
+        if continuation.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"continuation batch {continuation.shape[0]} differs from input_ids batch {input_ids.shape[0]}")
+        self._check_budget(input_ids.shape[0], input_ids.shape[1] + continuation.shape[1])
+        return self.engine.replay(input_ids, continuation)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> CausalLMOutputWithPast:
         """A forward over a fresh sequence; ``.logits`` is [B, T, V] like an HF forward."""

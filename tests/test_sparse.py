@@ -138,3 +138,17 @@ def test_sparse_budget_limits_attended_tokens():
     out = sparse.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert out.shape == (2, 66)
     assert sparse.runtime.attended_tokens[1:] == [20] * 5  # every decode step read 20 tokens per head
+
+
+def test_replay_teacher_forcing_reproduces_dense_generation():
+    model = tiny_model("llama")
+    dense = specontext.compile(model, "1GB", progress=False)
+    ids = torch.randint(3, 96, (2, 30), generator=torch.Generator().manual_seed(3))
+    out = dense.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, eos_token_id=None)
+    forced = dense.replay(ids, out[:, 30:])
+    assert forced.shape == (2, 8, 96)
+    assert torch.equal(forced.argmax(-1), out[:, 30:])
+    # a sparse model replays with its selection: attended tokens per decode step are the budget
+    sparse = specontext.compile(model, "1GB", token_budget=16, sink_tokens=2, local_window=4, progress=False)
+    sparse.replay(ids, out[:, 30:])
+    assert sparse.runtime.attended_tokens[-7:] == [16] * 7

@@ -44,12 +44,20 @@ class GenerationEngine:
         device: where inputs go.
         prefill_chunk: new tokens per prefill step.
         progress: show a progress bar when the prompt takes more than one chunk.
+        kv_bytes_per_token: K+V bytes of one token over all layers (for the bytes-read counter).
     """
 
     def __init__(
-        self, step: StepFn, runtime: AttentionRuntime, device: torch.device, prefill_chunk: int, progress: bool
+        self,
+        step: StepFn,
+        runtime: AttentionRuntime,
+        device: torch.device,
+        prefill_chunk: int,
+        progress: bool,
+        kv_bytes_per_token: int = 0,
     ):
         self.step = step
+        self.kv_bytes_per_token = kv_bytes_per_token
         self.runtime = runtime
         self.device = device
         self.prefill_chunk = prefill_chunk
@@ -90,6 +98,27 @@ class GenerationEngine:
         self.runtime.reset(input_ids.shape[1], padding_free=bool(attention_mask.all()))
         with torch.no_grad(), activate(self.runtime):
             return self.run_chunks(step_all, input_ids, attention_mask, keep_all=True)
+
+    def replay(self, input_ids: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: prefill ``input_ids`` [B, T], then feed ``continuation`` [B, N] one token per
+        decode step (sparse selection applies as in generation). Returns the logits that predicted each
+        continuation token, [B, N, V]."""
+        batch, prompt_length = input_ids.shape
+        steps = continuation.shape[1]
+        attention_mask = torch.ones(batch, prompt_length + steps, dtype=torch.long, device=self.device)
+        self.runtime.reset(prompt_length + steps, padding_free=True)
+        outputs = []
+        with torch.no_grad(), activate(self.runtime):
+            logits = self.run_chunks(self.step, input_ids, attention_mask[:, :prompt_length], keep_all=False)
+            for index in range(steps):
+                outputs.append(logits[:, -1].float())
+                if index + 1 == steps:
+                    break
+                position = torch.full((batch, 1), prompt_length + index, device=self.device)
+                logits = self.run_step(
+                    self.step, continuation[:, index:index + 1], attention_mask[:, :prompt_length + index + 1], position
+                )
+        return torch.stack(outputs, dim=1)
 
     # -- generate -------------------------------------------------------------------------------------
     def generate(
@@ -151,6 +180,11 @@ class GenerationEngine:
 
         new_tokens = sequences.shape[1] - prompt_length
         decode_seconds = t2 - t1
+        # Tokens each decode step attended to (per sequence and KV head): the selection when sparse.
+        decode_attended = self.runtime.attended_tokens[-decode_steps:] if decode_steps and self.runtime.attended_tokens else [
+            prompt_length + 1 + i for i in range(decode_steps)
+        ]
+        attended = sum(decode_attended) / len(decode_attended) if decode_attended else 0.0
         self.stats = {
             "batch": batch,
             "prompt_tokens": prompt_length,
@@ -162,6 +196,8 @@ class GenerationEngine:
             "tokens_per_s": batch * decode_steps / decode_seconds if decode_steps else 0.0,
             "ms_per_step": 1e3 * decode_seconds / decode_steps if decode_steps else 0.0,
             "kv_bytes": self.runtime.store.nbytes(),
+            "attended_tokens_per_step": attended,
+            "kv_bytes_read_per_step": attended * batch * self.kv_bytes_per_token,
             "kv_bytes_allocated": self.runtime.store.allocated_bytes(),
         }
         logger.info(
