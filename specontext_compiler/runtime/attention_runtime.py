@@ -160,7 +160,7 @@ class AttentionRuntime:
         past = total - new
         budget = resolve_token_budget(self.sparse.token_budget, total) if self.sparse else total
         self._sparse_step = self.sparse is not None and self.selection_enabled and new == 1 and total > budget
-        self.attended_tokens.append(min(budget, total) if new == 1 else total)
+        self.attended_tokens.append(budget if self._sparse_step else total)
         empty = torch.empty(batch, num_kv_heads, 0, dtype=torch.long, device=input_ids.device)
         if not self._sparse_step:
             return empty
