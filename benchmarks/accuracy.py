@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--retrieval-layers", type=int, nargs="*", default=[],
+                        help="also run the draft-free head at these scoring layers (method retrieval_head@L)")
     parser.add_argument("--out", default="accuracy")
     args = parser.parse_args()
 
@@ -61,6 +63,11 @@ def main() -> None:
         for method in args.methods
         for budget in args.budgets
     }
+    for layer in args.retrieval_layers:
+        for budget in args.budgets:
+            compiled[(f"retrieval_head@{layer}", budget)] = specontext.compile(
+                model, "24GB", token_budget=budget, retrieval_layer=layer, progress=False
+            )
     cells: dict[str, dict] = {}
     bar = tqdm(total=len(args.lengths) * args.prompts * (1 + len(compiled)), desc="generations")
     for length in args.lengths:
@@ -101,14 +108,15 @@ def main() -> None:
             "teacher_forced_agreement": statistics.fmean(cell["forced"]),
             "recall": statistics.fmean(cell["recall"]),
         })
-    print(f"{'length':>6} {'method':>15} {'budget':>6} {'correct':>8} {'free agr':>8} {'forced agr':>10} {'recall':>7}")
+    print(f"{'length':>6} {'method':>18} {'budget':>6} {'correct':>8} {'free agr':>8} {'forced agr':>10} {'recall':>7}")
     for r in rows:
-        print(f"{r['length']:>6} {r['method']:>15} {str(r['token_budget']):>6} {r['correct']:>3}/{r['prompts']:<4} "
+        print(f"{r['length']:>6} {r['method']:>18} {str(r['token_budget']):>6} {r['correct']:>3}/{r['prompts']:<4} "
               f"{r['agreement']:>8.3f} {r['teacher_forced_agreement']:>10.3f} {r['recall']:>7.3f}")
     RESULTS.mkdir(exist_ok=True)
     command = (f"benchmarks/accuracy.py --lengths {' '.join(map(str, args.lengths))} --budgets "
                f"{' '.join(map(str, args.budgets))} --methods {' '.join(args.methods)} --prompts {args.prompts} "
-               f"--new-tokens {args.new_tokens}")
+               f"--new-tokens {args.new_tokens}"
+               + (f" --retrieval-layers {' '.join(map(str, args.retrieval_layers))}" if args.retrieval_layers else ""))
     payload = {
         "command": command,
         "date": datetime.date.today().isoformat(),
@@ -130,7 +138,7 @@ def plot(rows, path):
     lengths = sorted({r["length"] for r in rows})
     fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
     for ax, length in zip(axes[0], lengths):
-        for method in METHODS:
+        for method in sorted({r["method"] for r in rows} - {"dense"}):
             points = sorted((r["kv_fraction"], r["accuracy"]) for r in rows if r["length"] == length and r["method"] == method)
             if points:
                 ax.plot(*zip(*points), marker="o", label=method)

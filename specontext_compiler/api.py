@@ -29,9 +29,13 @@ def compile(model: PreTrainedModel, budget: int | str, *, token_budget: int | fl
         model: a transformers causal LM of a supported family (Llama, Qwen2, Qwen3, Mistral, Phi-3,
             Gemma 2, Gemma 3 text). It is not modified: the compiled model shares its weights.
         budget: GPU memory budget, as bytes (int) or a string such as ``"24GB"``, ``"24GiB"``, ``"512MB"``.
-        token_budget: tokens each decode step attends to; ``None`` is dense attention.
-        **options: ``prefill_chunk`` (new tokens per prefill step, default 2048), ``progress``
-            (prefill progress bar, default True).
+        token_budget: tokens each decode step attends to (an int, or a float fraction of the context in
+            (0, 1]); ``None`` is dense attention.
+        **options: ``sink_tokens`` (default 4) and ``local_window`` (default 64), always attended;
+            ``draft`` (the retrieval head: None for one derived from the target, a homologous model or
+            its directory, an EAGLE-3 checkpoint directory, or a calibrated head); ``retrieval_layer``;
+            ``selection`` ("retrieval_head", or a baseline: "streaming", "quest", "oracle");
+            ``prefill_chunk`` (new tokens per prefill step, default 2048); ``progress`` (prefill bar).
 
     Returns:
         A :class:`SpeContextModel` with ``generate`` and ``__call__`` like the HF model.

@@ -6,23 +6,22 @@ layer ``layer`` is known (the runtime recorded it), so one small product ranks t
 layer without waiting on any of them. The head keeps its own copy of that layer's keys (1/num_layers
 of the K cache, 1/(2 num_layers) of the KV), filled by prefill and appended each step.
 
-Which layer, measured on SmolLM2-135M-Instruct (30 layers), 2K-token code-word documents, token budget
-256 (4 sinks, 64-token window), 24 greedy tokens (docs/accuracy.md has the full benchmark):
+Which layer, measured on SmolLM2-135M-Instruct (30 layers), 8 code-word documents of ~2K tokens, token
+budget 256 (4 sinks, 64-token window), 24 greedy tokens (docs/accuracy.md names the command):
 
-| scoring layer | code word found (8 prompts; dense: 6) | greedy agreement with dense |
+| scoring layer | code word found (dense: 6/8) | attention-mass recall |
 |---|---|---|
-| 3-10 (any) | 0 | - |
-| 12 | 0 | - |
-| 21 | 5 | 0.733 |
-| 24 | 6 | 0.778 |
-| 26 / 28 | 1 / 1 | 0.659 / 0.646 |
-| oracle per-layer top-k | 6 | 0.821 |
-| sinks + window only | 0 | 0.541 |
+| 5 | 0/8 | 0.915 |
+| 12 | 3/8 | 0.719 |
+| 21 | 5/8 | 0.705 |
+| 24 | 6/8 | 0.703 |
+| 28 | 1/8 | 0.718 |
+| oracle per-layer top-k / sinks + window only | 6/8 / 0/8 | 0.952 / 0.729 |
 
-Early layers cover the most attention mass *on average* (0.878 of it, against 0.75 for layer 24) but
-that mass is local and spread; the answer depends on the deep heads that look up the fact, and layer 24
-(5/6 of the depth) ranks the context the way they do. The default is therefore 5/6 of the depth;
-``retrieval_layer=`` overrides it and :func:`specontext.calibrate` measures it for a given model.
+Early layers cover the most attention mass *on average*, but that mass is local and spread; the answer
+depends on the deep heads that look the fact up, and layer 24 (5/6 of the depth) ranks the context the
+way they do. The default is therefore 5/6 of the depth; ``retrieval_layer=`` overrides it and
+:func:`specontext.calibrate` measures it for a given model (it picked layer 23 on SmolLM2).
 """
 
 from __future__ import annotations
