@@ -57,3 +57,19 @@ def test_reset_then_new_batch_shape():
 def test_devices_must_match_layers():
     with pytest.raises(ValueError, match="one per layer"):
         KVStore(3, ["cpu"], torch.float32)
+
+
+def test_retrieval_key_cache_appends_grows_and_refuses_short_reads():
+    from specontext_compiler.retrieval.base import KeyCache
+
+    cache = KeyCache(grow_chunk=4)
+    cache.reset(reserve_tokens=6)
+    chunks = [torch.randn(1, 2, n, 3) for n in (5, 1, 4)]
+    for chunk in chunks:
+        cache.append(chunk)
+    cache.keys[:, :, cache.length:] = float("nan")  # poison what was never written
+    expected = torch.cat(chunks, dim=2)
+    torch.testing.assert_close(cache.view(10), expected, rtol=0, atol=0)
+    torch.testing.assert_close(cache.view(7, [1]), expected[:, [1], :7], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="holds 10 keys, needs 11"):
+        cache.view(11)

@@ -45,6 +45,42 @@ class RetrievalHead:
         return 0
 
 
+class KeyCache:
+    """A retrieval head's own keys over the context, [B, H, capacity, D]: reserved once per sequence,
+    appended each step, grown in chunks past the reservation (the heads' twin of the runtime's KV store)."""
+
+    def __init__(self, grow_chunk: int = 1024):
+        self.grow_chunk = grow_chunk
+        self.keys: torch.Tensor | None = None
+        self.length = 0
+        self.reserve = 0
+
+    def reset(self, reserve_tokens: int) -> None:
+        self.length = 0
+        self.reserve = reserve_tokens
+
+    def append(self, keys: torch.Tensor) -> None:
+        """Store ``keys`` [B, H, T, D] after the ones held."""
+        batch, heads, new, dim = keys.shape
+        needed = self.length + new
+        buffer = self.keys
+        if buffer is None or buffer.shape[:2] != (batch, heads) or buffer.shape[3] != dim or buffer.shape[2] < needed:
+            capacity = self.grow_chunk * -(-max(needed, self.reserve) // self.grow_chunk)
+            grown = keys.new_empty(batch, heads, capacity, dim)
+            if buffer is not None and self.length and buffer.shape[:2] == (batch, heads):
+                grown[:, :, : self.length] = buffer[:, :, : self.length]
+            self.keys = grown
+        self.keys[:, :, self.length:needed] = keys
+        self.length = needed
+
+    def view(self, length: int, heads: list[int] | None = None) -> torch.Tensor:
+        """The first ``length`` keys (of ``heads``, default all): [B, H, length, D]."""
+        if self.length < length:
+            raise RuntimeError(f"retrieval head holds {self.length} keys, needs {length}: prefill must run first")
+        keys = self.keys if heads is None else self.keys[:, heads]
+        return keys[:, :, :length]
+
+
 def group_probabilities(
     q: torch.Tensor, keys: torch.Tensor, scale: float, key_valid: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -23,7 +23,7 @@ import logging
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from .base import RetrievalHead
+from .base import KeyCache, RetrievalHead
 from .eagle3 import rotate_half
 
 logger = logging.getLogger(__name__)
@@ -62,10 +62,8 @@ class DraftModelHead(RetrievalHead):
         if head_map is not None and len(head_map) != num_target_kv_heads:
             raise ValueError(f"head_map has {len(head_map)} groups, the target has {num_target_kv_heads} KV heads")
         self.body, self.scorer = self._prune(draft)
-        self.cache: DynamicCache | None = None
-        self.keys: torch.Tensor | None = None
-        self.length = 0
-        self._reserve = 0
+        self.cache: DynamicCache | None = None  # the body's own KV (transformers)
+        self.keys = KeyCache()  # the scoring layer's keys of the kept KV heads
 
     # -- pruning ---------------------------------------------------------------------------------------
     def _prune(self, draft: PreTrainedModel):
@@ -150,9 +148,7 @@ class DraftModelHead(RetrievalHead):
     # -- running -------------------------------------------------------------------------------------
     def reset(self, batch: int, reserve_tokens: int) -> None:
         self.cache = DynamicCache(config=self.body.config) if self.layer else None
-        self.keys = None
-        self.length = 0
-        self._reserve = reserve_tokens
+        self.keys.reset(reserve_tokens)
 
     def _advance(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the body on tokens the head has not seen; returns their queries [B, Hkept, T, D]."""
@@ -178,29 +174,21 @@ class DraftModelHead(RetrievalHead):
             cos, sin = cos[:, None], sin[:, None]
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-        needed = self.length + new
-        if self.keys is None or self.keys.shape[2] < needed:
-            capacity = max(needed, self._reserve)
-            grown = k.new_empty(batch, len(self.kv_heads), capacity, self.head_dim)
-            if self.keys is not None and self.length:
-                grown[:, :, : self.length] = self.keys[:, :, : self.length]
-            self.keys = grown
-        self.keys[:, :, self.length:needed] = k
-        self.length = needed
+        self.keys.append(k)
         return q
 
     def observe_step(self, input_ids, attention_mask, position_ids, aux_hidden) -> None:
         total = attention_mask.shape[1]
-        if self.length < total:  # tokens the scoring did not already consume (prefill, dense steps)
-            unseen = total - self.length
+        if self.keys.length < total:  # tokens the scoring did not already consume (prefill, dense steps)
+            unseen = total - self.keys.length
             self._advance(input_ids[:, -unseen:], attention_mask)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: int) -> torch.Tensor:
-        if self.length != past:
-            raise RuntimeError(f"draft head holds {self.length} tokens, the target {past}: prefill must run first")
+        if self.keys.length != past:
+            raise RuntimeError(f"draft head holds {self.keys.length} tokens, the target {past}: prefill must run first")
         query = self._advance(input_ids, attention_mask)  # consumes x_t: [B, Hkept, 1, D]
         kv_of_head = [self.kv_heads.index(h // self.groups) for h in self.heads]
-        keys = self.keys[:, kv_of_head, :past]
+        keys = self.keys.view(past, kv_of_head)
         logits = torch.matmul(query, keys.transpose(-1, -2)).float()[:, :, 0] * self.scale
         valid = attention_mask[:, :past].bool()
         logits = logits.masked_fill(~valid[:, None, :], float("-inf"))

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .base import RetrievalHead
+from .base import KeyCache, RetrievalHead
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,7 @@ class Eagle3Head(RetrievalHead):
         self.tensors, self.checkpoint_parameters = self._load()
         self.heads = list(range(self.num_heads))  # query heads kept (all until pruned)
         self._rope = self._build_rope(config)
-        self.keys: torch.Tensor | None = None
-        self.length = 0
+        self.cache = KeyCache()
         self.last_hidden: torch.Tensor | None = None
 
     def _load(self) -> tuple[dict[str, torch.Tensor], int]:
@@ -167,9 +166,8 @@ class Eagle3Head(RetrievalHead):
         return proj * cos + rotate_half(proj) * sin
 
     def reset(self, batch: int, reserve_tokens: int) -> None:
-        self.length = 0
+        self.cache.reset(reserve_tokens)
         self.last_hidden = None
-        self._reserve = reserve_tokens
 
     def observe_step(self, input_ids, attention_mask, position_ids, aux_hidden) -> None:
         """After a target step: extend the key cache with the step's tokens (paired with hidden p-1)."""
@@ -177,26 +175,17 @@ class Eagle3Head(RetrievalHead):
         batch, length = input_ids.shape
         first = self.last_hidden if self.last_hidden is not None else current.new_zeros(batch, 1, current.shape[-1])
         previous = torch.cat([first, current[:, :-1]], dim=1)
-        keys = self._project(input_ids, previous, position_ids, "k", self.num_kv_heads)
-        needed = self.length + length
-        if self.keys is None or self.keys.shape[0] != batch or self.keys.shape[2] < needed:
-            capacity = max(needed, getattr(self, "_reserve", 0))
-            grown = keys.new_empty(batch, self.num_kv_heads, capacity, self.head_dim)
-            if self.keys is not None and self.length and self.keys.shape[0] == batch:
-                grown[:, :, : self.length] = self.keys[:, :, : self.length]
-            self.keys = grown
-        self.keys[:, :, self.length:needed] = keys
-        self.length = needed
+        self.cache.append(self._project(input_ids, previous, position_ids, "k", self.num_kv_heads))
         self.last_hidden = current[:, -1:]
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: int) -> torch.Tensor:
         """float [B, Hkv_target, past] from the head's attention of the token being decoded."""
         position_ids = attention_mask.long().sum(-1, keepdim=True) - 1
-        if self.last_hidden is None or self.length < past:
-            raise RuntimeError(f"EAGLE-3 head holds {self.length} keys, needs {past}: prefill must run first")
+        if self.last_hidden is None:
+            raise RuntimeError("EAGLE-3 head has seen no step yet: prefill must run first")
         query = self._project(input_ids, self.last_hidden, position_ids, "q", len(self.heads))  # [B, Hkept, 1, D]
         groups = self.num_heads // self.num_kv_heads
-        keys = self.keys[:, [h // groups for h in self.heads], :past]
+        keys = self.cache.view(past, [h // groups for h in self.heads])
         logits = torch.matmul(query, keys.transpose(-1, -2)).float()[:, :, 0] * self.head_dim**-0.5
         probs = torch.softmax(logits, dim=-1)  # [B, Hkept, past]
         if self.head_map is None:
@@ -219,6 +208,7 @@ class Eagle3Head(RetrievalHead):
     def pruned(self, heads: list[int], head_map: list[list[int]]) -> "Eagle3Head":
         """The same head keeping only the Q rows of ``heads``, voting for target groups by ``head_map``."""
         head = copy.copy(self)
+        head.cache = KeyCache()
         rows = torch.cat([torch.arange(h * self.head_dim, (h + 1) * self.head_dim) for h in heads]).to(self.device)
         head.tensors = dict(self.tensors)
         for suffix in ("weight", "bias"):
@@ -256,7 +246,7 @@ class Eagle3Head(RetrievalHead):
         head.tensors = tensors
         head.checkpoint_parameters = manifest["parameters_before"]
         head._rope = head._build_rope(config)
-        head.keys, head.length, head.last_hidden = None, 0, None
+        head.cache, head.last_hidden = KeyCache(), None
         return head
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import RetrievalHead, group_probabilities
+from .base import KeyCache, RetrievalHead, group_probabilities
 
 DEFAULT_DEPTH = 5 / 6
 
@@ -45,35 +45,22 @@ class TargetLayerHead(RetrievalHead):
     def __init__(self, layer: int, grow_chunk: int = 1024):
         self.layer = layer
         self.layers = (layer,)
-        self.grow_chunk = grow_chunk
-        self.keys: torch.Tensor | None = None
-        self.length = 0
+        self.cache = KeyCache(grow_chunk)
         self.query: torch.Tensor | None = None
         self.scale = 1.0
 
     def reset(self, batch: int, reserve_tokens: int) -> None:
-        self.length = 0
+        self.cache.reset(reserve_tokens)
         self.query = None
-        self._reserve = reserve_tokens
 
     def observe(self, layer, q, k, keys, scale):
         if layer != self.layer:
             return
-        batch, heads, new, dim = k.shape
-        needed = self.length + new
-        if self.keys is None or self.keys.shape[:2] != (batch, heads) or self.keys.shape[2] < needed:
-            capacity = max(needed, getattr(self, "_reserve", 0))
-            capacity = self.grow_chunk * -(-capacity // self.grow_chunk)
-            grown = torch.empty(batch, heads, capacity, dim, dtype=k.dtype, device=k.device)
-            if self.keys is not None and self.length:
-                grown[:, :, : self.length] = self.keys[:, :, : self.length]
-            self.keys = grown
-        self.keys[:, :, self.length:needed] = k
-        self.length = needed
+        self.cache.append(k)
         self.query = q[:, :, -1].clone()
         self.scale = scale
 
     def score(self, input_ids, attention_mask, past: int) -> torch.Tensor:
-        if self.query is None or self.length < past:
-            raise RuntimeError(f"retrieval head holds {self.length} keys, needs {past}: prefill must run first")
-        return group_probabilities(self.query, self.keys[:, :, :past], self.scale)
+        if self.query is None:
+            raise RuntimeError("retrieval head has no query yet: prefill must run first")
+        return group_probabilities(self.query, self.cache.view(past), self.scale)
