@@ -81,6 +81,20 @@ class KeyCache:
         return keys[:, :, :length]
 
 
+def vote_for_groups(
+    probs: torch.Tensor, heads: list[int], head_map: list[list[int]] | None, num_target_kv_heads: int
+) -> torch.Tensor:
+    """Draft-head attention [B, len(heads), P] -> scores per target KV group [B, Hkv, P].
+
+    ``head_map[g]`` lists the draft heads (by their ids in ``heads``) that vote for target group g;
+    without a map every head votes for every group.
+    """
+    if head_map is None:
+        return probs.sum(1, keepdim=True).expand(-1, num_target_kv_heads, -1)
+    position = {h: i for i, h in enumerate(heads)}
+    return torch.stack([probs[:, [position[h] for h in group]].sum(1) for group in head_map], dim=1)
+
+
 def group_probabilities(
     q: torch.Tensor, keys: torch.Tensor, scale: float, key_valid: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .base import RetrievalHead
+from .base import RetrievalHead, group_probabilities
 from .selection import select_tokens
 
 logger = logging.getLogger(__name__)
@@ -395,14 +395,11 @@ def _candidate_scores(kind, model, draft, eagle, recorder, sequence, prompt_leng
         # Layer l's candidate for group g: the previous step's query of l's heads in g, summed.
         for layer, queries in recorder.queries.items():
             keys = recorder.keys[layer].float()
-            kv_heads = keys.shape[0]
             for step in range(decode_steps):
                 past = prompt_length + step
                 q = recorder.prefill_query[layer] if step == 0 else queries[step - 1]
-                groups = q.shape[0] // kv_heads
-                logits = torch.einsum("hd,hld->hl", q, keys[:, :past].repeat_interleave(groups, 0)) * recorder.scale
-                probs = torch.softmax(logits, -1).view(kv_heads, groups, past).sum(1)  # [Hkv, P]
-                steps[step][layer] = probs
+                # exactly what TargetLayerHead.score computes at this step
+                steps[step][layer] = group_probabilities(q[None], keys[None, :, :past], recorder.scale)[0]  # [Hkv, P]
         return steps
     # Draft model / EAGLE-3: every query head is a candidate; its attention at the position being fed.
     per_layer = _draft_attention(draft, sequence) if kind == "draft_model" else {0: eagle.attention_rows(model, sequence)}

@@ -23,7 +23,7 @@ import logging
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from .base import KeyCache, RetrievalHead
+from .base import KeyCache, RetrievalHead, vote_for_groups
 from .eagle3 import rotate_half
 
 logger = logging.getLogger(__name__)
@@ -193,7 +193,4 @@ class DraftModelHead(RetrievalHead):
         valid = attention_mask[:, :past].bool()
         logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
         probs = torch.softmax(logits, dim=-1)  # [B, Hkept, past]
-        if self.head_map is None:
-            return probs.sum(1, keepdim=True).expand(-1, self.num_target_kv_heads, -1)
-        position = {h: i for i, h in enumerate(self.heads)}
-        return torch.stack([probs[:, [position[h] for h in group]].sum(1) for group in self.head_map], dim=1)
+        return vote_for_groups(probs, self.heads, self.head_map, self.num_target_kv_heads)

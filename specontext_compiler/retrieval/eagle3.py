@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .base import KeyCache, RetrievalHead
+from .base import KeyCache, RetrievalHead, vote_for_groups
 
 logger = logging.getLogger(__name__)
 
@@ -188,10 +188,7 @@ class Eagle3Head(RetrievalHead):
         keys = self.cache.view(past, [h // groups for h in self.heads])
         logits = torch.matmul(query, keys.transpose(-1, -2)).float()[:, :, 0] * self.head_dim**-0.5
         probs = torch.softmax(logits, dim=-1)  # [B, Hkept, past]
-        if self.head_map is None:
-            return probs.sum(1, keepdim=True).expand(-1, self.num_target_kv_heads, -1)
-        position = {h: i for i, h in enumerate(self.heads)}
-        return torch.stack([probs[:, [position[h] for h in group]].sum(1) for group in self.head_map], dim=1)
+        return vote_for_groups(probs, self.heads, self.head_map, self.num_target_kv_heads)
 
     # -- calibration: every head's attention over a whole sequence, pruning, saving ------------------------
     def attention_rows(self, model, sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -217,19 +217,15 @@ class AttentionRuntime:
         batch, kv_heads = indices.shape[:2]
         newest = torch.full((batch, kv_heads, 1), past, dtype=indices.dtype, device=indices.device)
         positions = torch.cat([indices, newest], dim=-1)
-        valid = None
-        if not self.padding_free:
-            valid = torch.cat([self._key_valid, self._key_valid.new_ones(batch, 1)], dim=-1)
-            valid = valid[:, None, :].expand(batch, kv_heads, -1).gather(2, positions)
+        # Key validity over past + the new token (None: no padding anywhere).
+        key_valid = None if self.padding_free else torch.cat([self._key_valid, self._key_valid.new_ones(batch, 1)], dim=-1)
+        valid = None if key_valid is None else key_valid[:, None, :].expand(batch, kv_heads, -1).gather(2, positions)
         if self.measure_recall:
-            self._record_recall(layer, q, keys, positions, scale)
+            self._record_recall(layer, q, keys, positions, scale, key_valid)
         return sparse_decode_attention(q, keys, values, positions, valid, scale, softcap)
 
-    def _record_recall(self, layer, q, keys, positions, scale):
+    def _record_recall(self, layer, q, keys, positions, scale, key_valid):
         groups = q.shape[1] // keys.shape[1]
-        valid = None
-        if not self.padding_free:
-            valid = torch.cat([self._key_valid, self._key_valid.new_ones(keys.shape[0], 1)], dim=-1)
-        mass = group_probabilities(q[:, :, -1], keys, scale, valid)  # [B, Hkv, T], summed over each group
+        mass = group_probabilities(q[:, :, -1], keys, scale, key_valid)  # [B, Hkv, T], summed over each group
         covered = mass.gather(2, positions).sum(-1) / groups
         self.recall.append((layer, float(covered.mean())))
