@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--first-prompt", type=int, default=0, help="index of the first prompt (held-out sets)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--retrieval-layers", type=int, nargs="*", default=[],
                         help="also run the draft-free head at these scoring layers (method retrieval_head@L)")
@@ -71,7 +72,7 @@ def main() -> None:
     cells: dict[str, dict] = {}
     bar = tqdm(total=len(args.lengths) * args.prompts * (1 + len(compiled)), desc="generations")
     for length in args.lengths:
-        for index in range(args.prompts):
+        for index in range(args.first_prompt, args.first_prompt + args.prompts):
             word = CODE_WORDS[index % len(CODE_WORDS)]
             ids, word = code_word_document(tokenizer, length, word, depth=(index % 8 + 1) / 9, seed=index)
             reference = dense.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)[0, ids.shape[1]:]
@@ -115,7 +116,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     command = (f"benchmarks/accuracy.py --lengths {' '.join(map(str, args.lengths))} --budgets "
                f"{' '.join(map(str, args.budgets))} --methods {' '.join(args.methods)} --prompts {args.prompts} "
-               f"--new-tokens {args.new_tokens}"
+               + (f"--first-prompt {args.first_prompt} " if args.first_prompt else "")
+               + f"--new-tokens {args.new_tokens}"
                + (f" --retrieval-layers {' '.join(map(str, args.retrieval_layers))}" if args.retrieval_layers else ""))
     payload = {
         "command": command,

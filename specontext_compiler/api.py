@@ -10,10 +10,12 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .capture import CapturedStep, check_supported, export_step, shadow_model
-from .config import CompileConfig, format_bytes
+from .config import DEFAULT_TOKEN_BUDGET, CompileConfig, format_bytes
 from .passes import attention_infos, default_passes, run_passes
 from .planning import kv_bytes_per_token, weight_bytes
+from .planning.placement import place_layers
 from .retrieval import build_head
+from .retrieval.selection import resolve_token_budget
 from .runtime.attention_runtime import AttentionRuntime, SparseSettings
 from .runtime.engine import GenerationEngine
 from .runtime.kv_store import KVStore
@@ -22,7 +24,9 @@ from .runtime.sampling import EXTRA_GENERATE_KWARGS, resolve_generation_config
 logger = logging.getLogger(__name__)
 
 
-def compile(model: PreTrainedModel, budget: int | str, *, token_budget: int | float | None = None, **options) -> "SpeContextModel":
+def compile(
+    model: PreTrainedModel, budget: int | str, *, token_budget: int | float | None = DEFAULT_TOKEN_BUDGET, **options
+) -> "SpeContextModel":
     """Compile a Hugging Face causal LM for long-context decoding under a GPU memory ``budget``.
 
     Args:
@@ -30,12 +34,15 @@ def compile(model: PreTrainedModel, budget: int | str, *, token_budget: int | fl
             Gemma 2, Gemma 3 text). It is not modified: the compiled model shares its weights.
         budget: GPU memory budget, as bytes (int) or a string such as ``"24GB"``, ``"24GiB"``, ``"512MB"``.
         token_budget: tokens each decode step attends to (an int, or a float fraction of the context in
-            (0, 1]); ``None`` is dense attention.
+            (0, 1]); default 2048 (contexts up to it are attended densely); ``None`` is dense attention.
         **options: ``sink_tokens`` (default 4) and ``local_window`` (default 64), always attended;
             ``draft`` (the retrieval head: None for one derived from the target, a homologous model or
             its directory, an EAGLE-3 checkpoint directory, or a calibrated head); ``retrieval_layer``;
             ``selection`` ("retrieval_head", or a baseline: "streaming", "quest", "oracle");
-            ``prefill_chunk`` (new tokens per prefill step, default 2048); ``progress`` (prefill bar).
+            ``offload`` ("auto" (default): the first layers that fit stay on the GPU, the rest keep their KV in
+            host memory; "none"; "all"; or a list of layer indices); ``elastic`` (default True: offloaded
+            layers load only what each step's selection adds); ``prefill_chunk`` (new tokens per prefill
+            step, default 2048); ``progress`` (prefill bar).
 
     Returns:
         A :class:`SpeContextModel` with ``generate`` and ``__call__`` like the HF model.
@@ -75,7 +82,9 @@ class SpeContextModel:
         self.step = self._capture(last_only=True)
         self._step_all: CapturedStep | None = None
         self.layers = attention_infos(self.step.graph_module)
-        store = KVStore(len(self.layers), [self.device] * len(self.layers), self.dtype)
+        # The recent ring holds the window plus the token before it: every always-attended recent token.
+        self.window = config.local_window + 1
+        store = KVStore(len(self.layers), [self.device] * len(self.layers), self.dtype, window=self.window, elastic=config.elastic)
         self.runtime = AttentionRuntime(store, sparse, self.head)
         self.engine = GenerationEngine(
             self.step.program.module(), self.runtime, self.device, config.prefill_chunk, config.progress,
@@ -140,14 +149,15 @@ class SpeContextModel:
         return input_ids.to(self.device), attention_mask.to(self.device, torch.long)
 
     def _check_budget(self, batch: int, tokens: int) -> None:
-        kv = self.kv_bytes_per_token * batch * tokens
-        needed = self.weight_bytes + kv
-        if needed > self.config.budget_bytes:
-            raise ValueError(
-                f"budget is too small for batch {batch} x {tokens} tokens with dense resident KV: needs at least "
-                f"{format_bytes(needed)} (weights {format_bytes(self.weight_bytes)}, KV cache {format_bytes(kv)}); "
-                f"budget is {format_bytes(self.config.budget_bytes)}"
-            )
+        """Place the layers' KV for ``batch`` x ``tokens`` under the budget (raises what it needs if it cannot)."""
+        budget = self.config.token_budget
+        slot_tokens = 0 if budget is None else min(tokens, resolve_token_budget(budget, tokens))
+        layers = len(self.layers)
+        self.placement = place_layers(
+            self.config.offload, layers, self.config.budget_bytes, self.weight_bytes,
+            self.kv_bytes_per_token // layers, batch, tokens, slot_tokens, self.window,
+        )
+        self.runtime.place(self.placement.offloaded)
 
     # -- the HF-like surface --------------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):

@@ -76,6 +76,9 @@ def validate_token_budget(token_budget: int | float | None) -> int | float | Non
 
 
 # How sparse steps pick tokens: the retrieval head (the method) or a baseline measured against it.
+#: Sparse by default: measured on SmolLM2 at 2K tokens with 256 (docs/accuracy.md), 2048 is far inside it.
+DEFAULT_TOKEN_BUDGET = 2048
+OFFLOAD_MODES = ("auto", "none", "all")
 SELECTIONS = ("retrieval_head", "streaming", "quest", "oracle")
 
 
@@ -91,29 +94,39 @@ class CompileConfig:
 
     Attributes:
         budget_bytes: GPU memory budget in bytes.
-        token_budget: tokens each decode step attends to (None: dense attention).
+        token_budget: tokens each decode step attends to (default 2048; None: dense attention).
         sink_tokens: first tokens always attended (attention sinks).
         local_window: most recent tokens always attended.
         selection: "retrieval_head" (the method) or a baseline: "streaming", "quest", "oracle".
-        retrieval_layer: scoring layer of the draft-free head (or of a draft model); None: 5/6 of the depth.
+        retrieval_layer: scoring layer(s) of the draft-free head, an int or a tuple of ints (None: 1/6 and 5/6
+            of the depth), or the scoring layer of a draft model (an int; None: calibrate's choice or the
+            draft's last layer).
         draft: None (a head from the target itself), a homologous transformers model or its directory,
             an EAGLE-3 checkpoint directory, or a calibrated head directory (``specontext.calibrate``).
+        offload: where each layer's full KV lives: "none" (GPU), "all" (host memory), "auto" (the first
+            layers that fit the budget stay on the GPU) or a tuple of layer indices to offload.
+        elastic: offloaded layers load only the tokens each step's selection adds (False: the whole
+            selection every step).
         prefill_chunk: new tokens per prefill step; bounds activation memory on long prompts.
         progress: show a progress bar on prefills longer than one chunk.
     """
 
     budget_bytes: int
-    token_budget: int | float | None = None
+    token_budget: int | float | None = DEFAULT_TOKEN_BUDGET
     sink_tokens: int = 4
     local_window: int = 64
     selection: str = "retrieval_head"
-    retrieval_layer: int | None = None
+    retrieval_layer: int | tuple[int, ...] | None = None
     draft: object = None
+    offload: str | tuple[int, ...] = "auto"
+    elastic: bool = True
     prefill_chunk: int = 2048
     progress: bool = True
 
     @classmethod
-    def from_arguments(cls, budget: int | str, token_budget: int | float | None = None, **options) -> "CompileConfig":
+    def from_arguments(
+        cls, budget: int | str, token_budget: int | float | None = DEFAULT_TOKEN_BUDGET, **options
+    ) -> "CompileConfig":
         budget_bytes = parse_budget(budget)
         token_budget = validate_token_budget(token_budget)
         sink_tokens = _non_negative_int("sink_tokens", options.pop("sink_tokens", 4))
@@ -123,8 +136,25 @@ class CompileConfig:
             raise ValueError(f"selection={selection!r} is not one of {', '.join(map(repr, SELECTIONS))}")
         draft = options.pop("draft", None)
         retrieval_layer = options.pop("retrieval_layer", None)
-        if retrieval_layer is not None:
+        if isinstance(retrieval_layer, (list, tuple)):
+            if not retrieval_layer or len(set(retrieval_layer)) != len(retrieval_layer):
+                raise ValueError(f"retrieval_layer must list distinct layers; got {retrieval_layer!r}")
+            retrieval_layer = tuple(_non_negative_int("retrieval_layer", layer) for layer in retrieval_layer)
+        elif retrieval_layer is not None:
             retrieval_layer = _non_negative_int("retrieval_layer", retrieval_layer)
+        offload = options.pop("offload", "auto")
+        if isinstance(offload, str):
+            if offload not in OFFLOAD_MODES:
+                raise ValueError(f"offload={offload!r} is not one of {', '.join(map(repr, OFFLOAD_MODES))} or a list of layer indices")
+        elif isinstance(offload, (list, tuple, set, frozenset)):
+            offload = tuple(sorted(_non_negative_int("offload layer", layer) for layer in offload))
+            if len(set(offload)) != len(offload):
+                raise ValueError(f"offload lists a layer twice: {offload}")
+        else:
+            raise TypeError(f"offload must be 'auto', 'none', 'all' or a list of layer indices; got {offload!r}")
+        elastic = options.pop("elastic", True)
+        if not isinstance(elastic, bool):
+            raise TypeError(f"elastic must be True or False; got {elastic!r}")
         prefill_chunk = options.pop("prefill_chunk", 2048)
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be a positive int of tokens; got {prefill_chunk!r}")
@@ -134,7 +164,7 @@ class CompileConfig:
         if options:
             raise TypeError(
                 f"unknown option(s) {sorted(options)} for specontext.compile; accepted: token_budget, sink_tokens, "
-                "local_window, selection, draft, retrieval_layer, prefill_chunk, progress"
+                "local_window, selection, draft, retrieval_layer, offload, elastic, prefill_chunk, progress"
             )
         return cls(
             budget_bytes=budget_bytes,
@@ -144,6 +174,8 @@ class CompileConfig:
             selection=selection,
             retrieval_layer=retrieval_layer,
             draft=draft,
+            offload=offload,
+            elastic=elastic,
             prefill_chunk=prefill_chunk,
             progress=progress,
         )

@@ -93,3 +93,36 @@ def is_attention_node(node: torch.fx.Node) -> bool:
 
 def is_retrieve_node(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target == torch.ops.specontext.retrieve.default
+
+
+@torch.library.custom_op(f"{LIBRARY}::prefetch", mutates_args=())
+def prefetch(indices: torch.Tensor, layer: int) -> None:
+    """Start moving layer ``layer``'s selected KV (``indices``, the retrieve output) into its GPU slots.
+
+    Asynchronous on a GPU (a side stream); a no-op for GPU-resident layers and dense steps.
+    """
+    active_runtime().prefetch(layer)
+
+
+@prefetch.register_fake
+def _prefetch_fake(indices, layer):
+    return None
+
+
+@torch.library.custom_op(f"{LIBRARY}::wait", mutates_args=())
+def wait(layer: int) -> None:
+    """Layer ``layer``'s sparse attention is next: make the compute stream wait for its prefetch only."""
+    active_runtime().wait(layer)
+
+
+@wait.register_fake
+def _wait_fake(layer):
+    return None
+
+
+def is_prefetch_node(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target == torch.ops.specontext.prefetch.default
+
+
+def is_wait_node(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target == torch.ops.specontext.wait.default

@@ -85,6 +85,37 @@ def test_every_head_source_runs_and_equals_dense_when_budget_covers_context(sour
     assert sparse.runtime.attended_tokens[1:] == [20] * 9
 
 
+def test_draft_free_head_scores_against_a_float64_reference(target, prompts):
+    """Draft-free head after prefill: every layer's attention from the prompt's last token, averaged
+    (the prior), + query_weight x the scoring layers' attention from that token, each summed over a KV
+    group's query heads; padding gets no mass."""
+    ids, mask = prompts
+    captured = {}
+
+    def record(layer, q, keys, scale):
+        captured[layer] = (q[:, :, -1].double(), keys.double(), scale)
+
+    past = ids.shape[1]
+    valid = mask.bool()[:, None, None, :]
+
+    def attention(layer):  # [B, Hkv, P]
+        q, keys, scale = captured[layer]
+        grouped = q.view(q.shape[0], keys.shape[1], -1, q.shape[-1])
+        logits = torch.einsum("bhgd,bhpd->bhgp", grouped, keys[:, :, :past]) * scale
+        return torch.softmax(logits.masked_fill(~valid, float("-inf")), -1).sum(2)
+
+    for layers, expected_layers in [(None, (2,)), ((1, 3), (1, 3))]:  # default: 5/6 of 4 layers -> 2
+        model = specontext.compile(target, "1GB", **({} if layers is None else {"retrieval_layer": layers}), **SPARSE)
+        assert model.head.layers == expected_layers
+        model.runtime.observers.append(record)
+        model(ids, attention_mask=mask)  # prefill fills the head's keys, queries and prior
+        scores = model.head.score(ids[:, -1:], mask, past).double()
+        prior = torch.stack([attention(layer) for layer in range(4)]).mean(0)
+        expected = prior + model.head.query_weight * sum(attention(layer) for layer in expected_layers)
+        torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+        assert float(scores.masked_select(~mask.bool()[:, None, :]).abs().max()) == 0.0
+
+
 def test_eagle3_scores_match_a_float64_reference(target, eagle_dir):
     """The head's scores at one step, recomputed by hand from the checkpoint's tensors."""
     from safetensors.torch import load_file
@@ -137,7 +168,12 @@ def test_calibrate_prunes_saves_and_loads(source, target, draft, eagle_dir, tmp_
                                       sink_tokens=2, local_window=4, progress=False)
     report = calibrated.report
     assert 0.0 <= report.coverage <= 1.0 and len(report.layer_coverage) >= 1
-    if source != "none":
+    if source == "none":
+        # every layer measured; the lowest-KL one scores, on top of the prefill prior
+        assert sorted(report.layer_kl) == list(range(target.config.num_hidden_layers))
+        assert report.layer == min(report.layer_kl, key=report.layer_kl.get)
+        assert calibrated.head.layers == (report.layer,) and calibrated.head.prefill_prior
+    else:
         assert len(report.head_map) == 2 and all(len(group) == 2 for group in report.head_map)
         assert report.parameters_after < report.parameters_before
     path = calibrated.save(tmp_path / "head")
@@ -165,5 +201,11 @@ def test_bad_drafts_are_refused(target, tmp_path):
         specontext.compile(target, "1GB", draft=str(tmp_path), **SPARSE)
     with pytest.raises(ValueError, match="retrieval_layer=9"):
         specontext.compile(target, "1GB", retrieval_layer=9, **SPARSE)
+    with pytest.raises(ValueError, match="retrieval_layer=9"):
+        specontext.compile(target, "1GB", retrieval_layer=(1, 9), **SPARSE)
+    with pytest.raises(ValueError, match="distinct"):
+        specontext.compile(target, "1GB", retrieval_layer=(1, 1), **SPARSE)
+    with pytest.raises(ValueError, match="one layer"):
+        specontext.compile(target, "1GB", draft=tiny_model("llama", seed=3), retrieval_layer=(0, 1), **SPARSE)
     with pytest.raises(ValueError, match="tokenizer"):
         specontext.calibrate(target, texts=["some words"], token_budget=24, sink_tokens=2, local_window=4)

@@ -3,7 +3,7 @@
 Passes are pure ``GraphModule -> PassResult`` functions, one per file. This file owns their order and
 the constraints between them (``this_before_that``), and runs them with torch.fx's ``PassManager``,
 which checks the constraints and the graph after every pass. Later issues add passes here:
-``insert_retrieval_head``, ``sparsify_attention``, ``schedule_prefetch``, ``plan_memory``.
+``plan_memory``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch.fx.passes.infra.pass_manager import PassManager, this_before_that_pas
 
 from .annotate_attention import annotate_attention
 from .insert_retrieval_head import insert_retrieval_head
+from .schedule_prefetch import schedule_prefetch
 from .sparsify_attention import sparsify_attention
 
 logger = logging.getLogger(__name__)
@@ -28,14 +29,16 @@ def default_passes(sparse: bool = False) -> list[GraphPass]:
     """The passes :func:`specontext.compile` runs, in order (dense: annotation only)."""
     if not sparse:
         return [annotate_attention]
-    return [annotate_attention, insert_retrieval_head, sparsify_attention]
+    return [annotate_attention, insert_retrieval_head, sparsify_attention, schedule_prefetch]
 
 
-# (earlier, later): every pass reads annotate_attention's annotations; sparsify needs the retrieve node.
+# (earlier, later): every pass reads annotate_attention's annotations; sparsify needs the retrieve node;
+# prefetches are scheduled around the sparse attention nodes.
 ORDER = [
     (annotate_attention, insert_retrieval_head),
     (annotate_attention, sparsify_attention),
     (insert_retrieval_head, sparsify_attention),
+    (sparsify_attention, schedule_prefetch),
 ]
 
 

@@ -16,7 +16,7 @@ from .draft_model_head import DraftModelHead
 from .eagle3 import Eagle3Head, is_eagle3_checkpoint
 from .baselines import OracleTopK, QuestPages, StreamingLLM
 from .selection import resolve_token_budget, select_tokens
-from .target_layer_head import TargetLayerHead, default_layer
+from .target_layer_head import TargetLayerHead, default_layers
 
 
 def build_head(config, model) -> RetrievalHead:
@@ -33,14 +33,18 @@ def build_head(config, model) -> RetrievalHead:
     draft = config.draft
     if draft is None:
         num_layers = target.num_hidden_layers
-        layer = default_layer(num_layers) if config.retrieval_layer is None else config.retrieval_layer
-        if layer >= num_layers:
-            raise ValueError(f"retrieval_layer={layer} but the model has layers 0..{num_layers - 1}")
-        return TargetLayerHead(layer)
+        layers = config.retrieval_layer
+        layers = default_layers(num_layers) if layers is None else (layers,) if isinstance(layers, int) else layers
+        for layer in layers:
+            if layer >= num_layers:
+                raise ValueError(f"retrieval_layer={layer} but the model has layers 0..{num_layers - 1}")
+        return TargetLayerHead(layers)
     if isinstance(draft, RetrievalHead):
         return draft
     if isinstance(draft, CalibratedHead):
         return draft.head
+    if isinstance(config.retrieval_layer, tuple):
+        raise ValueError(f"retrieval_layer={config.retrieval_layer}: a draft scores with one layer; pass an int")
     if isinstance(draft, PreTrainedModel):
         check_homologous(model, draft)
         return DraftModelHead(draft, num_kv_heads(target), layer=config.retrieval_layer)
@@ -79,7 +83,7 @@ __all__ = [
     "StreamingLLM",
     "TargetLayerHead",
     "build_head",
-    "default_layer",
+    "default_layers",
     "resolve_token_budget",
     "select_tokens",
 ]

@@ -23,8 +23,12 @@ class RetrievalHead:
     def reset(self, batch: int, reserve_tokens: int) -> None:
         """A new batch of sequences starts; drop all state."""
 
-    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor, scale: float) -> None:
-        """Layer ``layer`` just ran on new tokens: q [B, Hq, T, D], their k [B, Hkv, T, D], all stored keys."""
+    def observe(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor, scale: float,
+        key_valid: torch.Tensor | None = None,
+    ) -> None:
+        """Layer ``layer`` just ran on new tokens: q [B, Hq, T, D], their k [B, Hkv, T, D], all stored keys
+        [B, Hkv, P, D], and which of those the last new token may attend to (bool [B, P]; None: all)."""
 
     def observe_step(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, aux_hidden: list[torch.Tensor]

@@ -17,7 +17,7 @@ from .base import RetrievalHead, group_probabilities
 class StreamingLLM(RetrievalHead):
     name = "streaming"
 
-    def observe(self, layer, q, k, keys, scale):
+    def observe(self, layer, q, k, keys, scale, key_valid=None):
         self._shape = (k.shape[0], k.shape[1])
         self._device = k.device
 

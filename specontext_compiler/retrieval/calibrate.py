@@ -5,7 +5,7 @@
 1. The target generates ``decode_steps`` greedy tokens after each calibration text (dense attention),
    and every layer's true attention of every decode step is recorded.
 2. Every candidate head scores the same steps: for ``draft=None`` each target layer's previous-step
-   query (per KV group); for a draft model each (layer, query head) of the draft; for an EAGLE-3 head
+   query (per KV group) on top of the prefill prior (the head that runs); for a draft model each (layer, query head) of the draft; for an EAGLE-3 head
    each of its query heads.
 3. The scoring *layer* is chosen by output fidelity: for every step and candidate layer, the target
    runs that decode step with the layer's selection (sinks + window + top-k, the decoding rule) over
@@ -36,12 +36,13 @@ from tqdm.auto import tqdm
 
 from .base import RetrievalHead, group_probabilities
 from .selection import select_tokens
+from .target_layer_head import DEFAULT_QUERY_WEIGHT
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "specontext_head.json"
 TENSORS = "head.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: draft-free heads score with the prefill prior
 
 
 def is_calibrated_head(path: Path) -> bool:
@@ -112,7 +113,7 @@ def load_head(path: str | Path, model):
     if kind == "target_layer":
         if manifest["layer"] >= model.config.num_hidden_layers:
             raise ValueError(f"{path}: calibrated for layer {manifest['layer']}, the model has {model.config.num_hidden_layers}")
-        return TargetLayerHead(manifest["layer"])
+        return TargetLayerHead(manifest["layer"], prefill_prior=True)
     device, dtype = model.get_input_embeddings().weight.device, model.get_input_embeddings().weight.dtype
     tensors = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in load_file(str(path / TENSORS)).items()}
     if kind == "draft_model":
@@ -392,14 +393,20 @@ def _candidate_scores(kind, model, draft, eagle, recorder, sequence, prompt_leng
     """Per decode step, {scoring layer: [candidates, past]} scores of every candidate head."""
     steps: list[dict[int, torch.Tensor]] = [dict() for _ in range(decode_steps)]
     if kind == "target_layer":
-        # Layer l's candidate for group g: the previous step's query of l's heads in g, summed.
+        # Layer l's candidate for group g: the head's prefill prior (every layer's attention from the
+        # prompt's last query, averaged) + the weighted previous-step attention of l's heads in g, summed.
+        prior = torch.stack([
+            group_probabilities(recorder.prefill_query[layer][None], recorder.keys[layer][None, :, :prompt_length].float(), recorder.scale)[0]
+            for layer in recorder.queries
+        ]).mean(0)  # [Hkv, prompt]
         for layer, queries in recorder.queries.items():
             keys = recorder.keys[layer].float()
             for step in range(decode_steps):
                 past = prompt_length + step
                 q = recorder.prefill_query[layer] if step == 0 else queries[step - 1]
                 # exactly what TargetLayerHead.score computes at this step
-                steps[step][layer] = group_probabilities(q[None], keys[None, :, :past], recorder.scale)[0]  # [Hkv, P]
+                dynamic = group_probabilities(q[None], keys[None, :, :past], recorder.scale)[0]  # [Hkv, P]
+                steps[step][layer] = torch.nn.functional.pad(prior, (0, past - prompt_length)) + DEFAULT_QUERY_WEIGHT * dynamic
         return steps
     # Draft model / EAGLE-3: every query head is a candidate; its attention at the position being fed.
     per_layer = _draft_attention(draft, sequence) if kind == "draft_model" else {0: eagle.attention_rows(model, sequence)}

@@ -1,66 +1,117 @@
 """The retrieval head derived from the target model itself (``draft=None``).
 
-Construction, chosen by measurement: the head is one target layer's attention, queried with that
-layer's query of the *previous* token. Before layer 0 of step t runs, the previous step's query at
-layer ``layer`` is known (the runtime recorded it), so one small product ranks the context for every
-layer without waiting on any of them. The head keeps its own copy of that layer's keys (1/num_layers
-of the K cache, 1/(2 num_layers) of the KV), filled by prefill and appended each step.
+Construction, chosen by measurement: a token's score is
 
-Which layer, measured on SmolLM2-135M-Instruct (30 layers), 8 code-word documents of ~2K tokens, token
-budget 256 (4 sinks, 64-token window), 24 greedy tokens (docs/accuracy.md names the command):
+    prior (every layer's attention from the prompt's last token, averaged over layers)
+    + query_weight x (layer L's attention from the *previous* token's query)
 
-| scoring layer | code word found (dense: 6/8) | attention-mass recall |
-|---|---|---|
-| 5 | 0/8 | 0.915 |
-| 12 | 3/8 | 0.719 |
-| 21 | 5/8 | 0.705 |
-| 24 | 6/8 | 0.703 |
-| 28 | 1/8 | 0.718 |
-| oracle per-layer top-k / sinks + window only | 6/8 / 0/8 | 0.952 / 0.729 |
+summed over each KV group's query heads. Both parts exist before layer 0 of a decode step runs: the
+prior is computed once, during prefill, from the attention rows the prefill computes anyway; the
+previous step's query at layer L was recorded by the runtime. So one small product ranks the context
+for every layer without waiting on any of them. The head keeps its own copy of layer L's keys
+(1/num_layers of the K cache), filled by prefill and appended each step.
 
-Early layers cover the most attention mass *on average*, but that mass is local and spread; the answer
-depends on the deep heads that look the fact up, and layer 24 (5/6 of the depth) ranks the context the
-way they do. The default is therefore 5/6 of the depth; ``retrieval_layer=`` overrides it and
-:func:`specontext.calibrate` measures it for a given model (it picked layer 23 on SmolLM2).
+Why two parts, measured on SmolLM2-135M-Instruct (30 layers), ~2K-token code-word documents, token
+budget 256 (4 sinks, 64-token window); docs/accuracy.md names the commands:
+
+* One layer cannot do both jobs. Early layers put most attention mass on tokens that stay the same
+  from step to step (layer 5's selection covers 0.915 of all layers' mass) but find no code word
+  (0/8); layer 24 (5/6 of the depth) finds as many code words as dense attention (6/8) but covers
+  0.70 of the mass. The mass early layers want is static: a selection from the prompt's last token
+  covers as much of it (0.903) as the previous token's layer-5 query does (0.900), so it is taken
+  once, at prefill, as the prior.
+* Weight: layer 24's attention mass outside the sinks is small next to the prior's, so its part is
+  weighted up. Code words found in 16 prompts (dense 10): layer 24 alone 10, prior + 1x 8, 2x 8,
+  3x 8, 4x 9, 8x 10. With 8x: 10/16, recall 0.914, teacher-forced agreement 0.910 over 64 tokens; a
+  held-out set of 16 more prompts: 7/16 against dense 6/16, recall 0.914, agreement 0.906.
+
+``retrieval_layer=`` picks the scoring layer(s) (default 5/6 of the depth) and
+:func:`specontext.calibrate` measures it for a given model.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from .base import KeyCache, RetrievalHead, group_probabilities
 
+#: Where the default scoring layer sits, as a fraction of the depth (see the module docstring).
 DEFAULT_DEPTH = 5 / 6
+#: Weight of the scoring layers' attention against the prefill prior (measured; module docstring).
+DEFAULT_QUERY_WEIGHT = 8.0
 
 
-def default_layer(num_layers: int) -> int:
-    return round(DEFAULT_DEPTH * (num_layers - 1))
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    """The draft-free head's scoring layer for a model of ``num_layers`` layers: 5/6 of the depth."""
+    return (round(DEFAULT_DEPTH * (num_layers - 1)),)
 
 
 class TargetLayerHead(RetrievalHead):
-    """Scores with layer ``layer`` of the target, using the previous token's query."""
+    """Scores with the target's own attention: a prefill prior plus the previous token's query at ``layers``.
+
+    Score of a past token for KV group g = (with ``prefill_prior``) the attention mass the group's query
+    heads gave it from the prompt's last token, averaged over all layers, + ``query_weight`` x the mass
+    the group's heads of each scoring layer gave it from the previous token.
+    """
 
     name = "target_layer"
 
-    def __init__(self, layer: int, grow_chunk: int = 1024):
-        self.layer = layer
-        self.layers = (layer,)
-        self.cache = KeyCache(grow_chunk)
-        self.query: torch.Tensor | None = None
-        self.scale = 1.0
+    def __init__(
+        self,
+        layers: int | Sequence[int],
+        prefill_prior: bool = True,
+        query_weight: float = DEFAULT_QUERY_WEIGHT,
+        grow_chunk: int = 1024,
+    ):
+        layers = (layers,) if isinstance(layers, int) else tuple(layers)
+        if not layers or len(set(layers)) != len(layers):
+            raise ValueError(f"scoring layers must be distinct layer indices; got {layers!r}")
+        if not query_weight > 0:
+            raise ValueError(f"query_weight must be positive; got {query_weight!r}")
+        self.layers = layers
+        self.prefill_prior = prefill_prior
+        self.query_weight = float(query_weight) if prefill_prior else 1.0  # alone, a weight changes no ranking
+        self.caches = {layer: KeyCache(grow_chunk) for layer in layers}
+        self.queries: dict[int, torch.Tensor] = {}
+        self.scales: dict[int, float] = {}
+        self.prior_parts: dict[int, torch.Tensor] = {}  # per layer [B, Hkv, P]: the prompt's last query's attention
+        self._prior: torch.Tensor | None = None
 
     def reset(self, batch: int, reserve_tokens: int) -> None:
-        self.cache.reset(reserve_tokens)
-        self.query = None
+        for cache in self.caches.values():
+            cache.reset(reserve_tokens)
+        self.queries = {}
+        self.prior_parts = {}
+        self._prior = None
 
-    def observe(self, layer, q, k, keys, scale):
-        if layer != self.layer:
+    def observe(self, layer, q, k, keys, scale, key_valid=None):
+        if self.prefill_prior and (q.shape[2] > 1 or layer not in self.prior_parts):
+            # Prefill (or a one-token prompt): the last query's attention over everything stored. Decode
+            # steps leave the prior alone; they would have to read every layer's keys to update it.
+            self.prior_parts[layer] = group_probabilities(q[:, :, -1], keys, scale, key_valid)
+            self._prior = None
+        cache = self.caches.get(layer)
+        if cache is None:
             return
-        self.cache.append(k)
-        self.query = q[:, :, -1].clone()
-        self.scale = scale
+        cache.append(k)
+        self.queries[layer] = q[:, :, -1].clone()
+        self.scales[layer] = scale
+
+    def prior(self, past: int) -> torch.Tensor:
+        """[B, Hkv, past]: the prefill attention averaged over layers (0 for tokens generated since)."""
+        if self._prior is None:
+            self._prior = torch.stack(list(self.prior_parts.values())).mean(0)
+        prior = self._prior[..., :past]
+        return torch.nn.functional.pad(prior, (0, past - prior.shape[-1]))
 
     def score(self, input_ids, attention_mask, past: int) -> torch.Tensor:
-        if self.query is None:
+        if len(self.queries) != len(self.layers):
             raise RuntimeError("retrieval head has no query yet: prefill must run first")
-        return group_probabilities(self.query, self.cache.view(past), self.scale)
+        key_valid = attention_mask[:, :past].bool()
+        scores = 0
+        for layer in self.layers:
+            scores = scores + group_probabilities(self.queries[layer], self.caches[layer].view(past), self.scales[layer], key_valid)
+        scores = self.query_weight * scores
+        return scores + self.prior(past) if self.prefill_prior else scores

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..retrieval.base import RetrievalHead, group_probabilities
 from ..retrieval.selection import resolve_token_budget, select_tokens
 from .kv_store import KVStore
+from .prefetcher import Prefetcher
 
 
 def expand_kv_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -43,6 +44,14 @@ def _softcapped_attention(q, keys, values, mask, scale, softcap):
             scores = scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, values)
+
+
+def last_query_keys(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Bool [B, Tk]: the keys the last new token attends to, from a [B, 1, Tq, Tk] mask (None: all)."""
+    if mask is None:
+        return None
+    row = mask[:, 0, -1]
+    return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
 
 
 def dense_attention(
@@ -90,18 +99,32 @@ def sparse_decode_attention(
     shared by each KV head's query group; valid bool [B, Hkv, K] (False = padding) or None.
     Returns [B, Hq, 1, Dv].
     """
-    batch, q_heads, _, dim = q.shape
+    batch, _, _, dim = q.shape
     kv_heads, selected = keys.shape[1], indices.shape[-1]
-    groups = q_heads // kv_heads
     k_sel = keys.gather(2, indices[..., None].expand(batch, kv_heads, selected, dim))
     v_sel = values.gather(2, indices[..., None].expand(batch, kv_heads, selected, values.shape[-1]))
-    # The group's queries act as a query block against the group's selected keys.
-    grouped = q.view(batch, kv_heads, groups, dim)
+    return grouped_decode_attention(q, k_sel, v_sel, valid, scale, softcap)
+
+
+def grouped_decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    valid: torch.Tensor | None,
+    scale: float,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """One decode query per head over per-KV-head key sets (gathered rows, or an offloaded layer's
+    slots, in any order): q [B, Hq, 1, D], keys/values [B, Hkv, K, D], valid bool [B, Hkv, K] or None."""
+    batch, q_heads, _, dim = q.shape
+    kv_heads = keys.shape[1]
+    # The group's queries act as a query block against the group's keys.
+    grouped = q.view(batch, kv_heads, q_heads // kv_heads, dim)
     mask = None if valid is None else valid[:, :, None, :]
     if softcap:
-        out = _softcapped_attention(grouped, k_sel, v_sel, mask, scale, softcap)
+        out = _softcapped_attention(grouped, keys, values, mask, scale, softcap)
     else:
-        out = F.scaled_dot_product_attention(grouped, k_sel, v_sel, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(batch, q_heads, 1, values.shape[-1])
 
 
@@ -124,7 +147,9 @@ class AttentionRuntime:
     def __init__(self, store: KVStore, sparse: SparseSettings | None = None, head: RetrievalHead | None = None):
         if (sparse is None) != (head is None):
             raise ValueError("sparse settings and a retrieval head go together")
+        self._check_placement(store.offloaded, head)
         self.store = store
+        self.prefetcher = Prefetcher(store)
         self.sparse = sparse
         self.head = head
         # Set per sequence by the engine: with no padding token, the mask transformers built is plain
@@ -143,9 +168,23 @@ class AttentionRuntime:
         # Calibration hooks: called as observer(layer, q, keys, scale) after each layer stores its KV.
         self.observers: list = []
 
+    @staticmethod
+    def _check_placement(offloaded, head) -> None:
+        if offloaded and head is not None and head.per_layer:
+            raise ValueError(
+                f"selection {head.name!r} selects per layer; offloaded layers share one selection per step: "
+                "use the retrieval head or 'streaming', or offload='none'"
+            )
+
+    def place(self, offloaded: tuple[int, ...]) -> None:
+        """Keep the full KV of layers ``offloaded`` in host memory from the next sequence on."""
+        self._check_placement(offloaded, self.head)
+        self.store.reset(0, offloaded)
+
     def reset(self, reserve_tokens: int, padding_free: bool) -> None:
         """Start a new batch of sequences."""
         self.store.reset(reserve_tokens)
+        self.prefetcher.end_sequence()
         self.padding_free = padding_free
         self._sparse_step = False
         self.attended_tokens = []
@@ -169,7 +208,20 @@ class AttentionRuntime:
         if self.head.per_layer:
             return empty
         scores = self.head.score(input_ids, attention_mask, past)
-        return select_tokens(scores, self._key_valid, self._budget, self.sparse.sink_tokens, self.sparse.local_window)
+        indices = select_tokens(scores, self._key_valid, self._budget, self.sparse.sink_tokens, self.sparse.local_window)
+        if self.prefetcher.active:
+            self.prefetcher.begin_step(indices, self._key_valid, past)
+        return indices
+
+    def prefetch(self, layer: int) -> None:
+        """Start moving layer ``layer``'s selected KV to its slots (offloaded layers of sparse steps)."""
+        if self._sparse_step:
+            self.prefetcher.prefetch(layer)
+
+    def wait(self, layer: int) -> None:
+        """Layer ``layer``'s attention is next: its prefetch must have landed."""
+        if self._sparse_step:
+            self.prefetcher.wait(layer)
 
     def observe_step(self, input_ids, attention_mask, position_ids, aux_hidden: list[torch.Tensor]) -> None:
         """After a step: the retrieval head sees the step's tokens (and hidden states, if it asked)."""
@@ -189,25 +241,49 @@ class AttentionRuntime:
         sliding_window: int = 0,
         indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        total = self.store.length(layer) + k.shape[2]
+        windowed = sliding_window and total > sliding_window  # a sliding layer reads only its window
+        sparse = indices is not None and self._sparse_step and not windowed
         keys, values = self.store.append(layer, k, v)
-        if keys.device != q.device:
-            keys, values = keys.to(q.device, non_blocking=True), values.to(q.device, non_blocking=True)
-        if mask is not None and mask.shape[-1] != keys.shape[2]:
+        if mask is not None and mask.shape[-1] != total:
             raise RuntimeError(
-                f"layer {layer}: mask covers {mask.shape[-1]} keys but the store holds {keys.shape[2]}: "
+                f"layer {layer}: mask covers {mask.shape[-1]} keys but the store holds {total}: "
                 "the step's attention_mask must span every stored token plus the new ones"
             )
+        offloaded = self.store.is_offloaded(layer)
+        if offloaded and (not sparse or self.observers or self.measure_recall):
+            keys, values = self.store.staged(layer)  # everything, on the compute device
+        elif offloaded:
+            keys = values = None  # a sparse step of an offloaded layer reads its slots only
+        elif keys.device != q.device:
+            keys, values = keys.to(q.device, non_blocking=True), values.to(q.device, non_blocking=True)
         if self.head is not None:
-            self.head.observe(layer, q, k, keys, scale)
+            self.head.observe(layer, q, k, keys, scale, last_query_keys(mask))
         for observer in self.observers:
             observer(layer, q, keys, scale)
-        total = keys.shape[2]
-        windowed = sliding_window and total > sliding_window  # a sliding layer reads only its window
-        if indices is not None and self._sparse_step and not windowed:
+        if sparse and offloaded:
+            return self._sparse_offloaded(layer, q, k, v, keys, scale, softcap)
+        if sparse:
             return self._sparse(layer, q, keys, values, indices, scale, softcap)
         if self.padding_free and (not sliding_window or total <= sliding_window):
             mask = None
         return dense_attention(q, keys, values, mask, scale, softcap)
+
+    def _sparse_offloaded(self, layer, q, k, v, keys, scale, softcap):
+        """Attention over the layer's slots (its selection, loaded by the prefetcher) + the new token."""
+        self.prefetcher.ensure(layer)  # no-op when the graph's prefetch and wait nodes already ran
+        fast = self.store.fast[layer]
+        slots = self.store.slot_map.slots
+        fast.slot_key[:, :, slots + 1:].copy_(k)
+        fast.slot_value[:, :, slots + 1:].copy_(v)
+        if self.measure_recall:
+            past = keys.shape[2] - 1
+            positions = self.store.slot_map.token.clamp_min(0)
+            newest = positions.new_full(positions.shape[:2] + (1,), past)
+            key_valid = None if self.padding_free else torch.cat([self._key_valid, self._key_valid.new_ones(q.shape[0], 1)], -1)
+            self._record_recall(layer, q, keys, torch.cat([positions, newest], -1), scale, key_valid,
+                                torch.cat([self.store.slot_map.valid(), torch.ones_like(newest, dtype=torch.bool)], -1))
+        return grouped_decode_attention(q, fast.slot_key, fast.slot_value, self.prefetcher.slot_valid, scale, softcap)
 
     def _sparse(self, layer, q, keys, values, indices, scale, softcap):
         past = keys.shape[2] - 1
@@ -224,8 +300,9 @@ class AttentionRuntime:
             self._record_recall(layer, q, keys, positions, scale, key_valid)
         return sparse_decode_attention(q, keys, values, positions, valid, scale, softcap)
 
-    def _record_recall(self, layer, q, keys, positions, scale, key_valid):
+    def _record_recall(self, layer, q, keys, positions, scale, key_valid, counted=None):
         groups = q.shape[1] // keys.shape[1]
         mass = group_probabilities(q[:, :, -1], keys, scale, key_valid)  # [B, Hkv, T], summed over each group
-        covered = mass.gather(2, positions).sum(-1) / groups
+        picked = mass.gather(2, positions)
+        covered = (picked if counted is None else picked * counted).sum(-1) / groups
         self.recall.append((layer, float(covered.mean())))

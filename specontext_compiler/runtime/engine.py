@@ -131,6 +131,7 @@ class GenerationEngine:
         config = settings.config
         batch, prompt_length = input_ids.shape
         self.runtime.reset(prompt_length + settings.max_new_tokens, padding_free=bool(attention_mask.all()))
+        self.runtime.prefetcher.reset_stats()
         processors = build_logits_processors(settings, prompt_length, self.device)
         eos = torch.tensor(settings.eos_token_ids, device=self.device) if settings.eos_token_ids else None
         if eos is not None and settings.pad_token_id is None:
@@ -199,6 +200,8 @@ class GenerationEngine:
             "attended_tokens_per_step": attended,
             "kv_bytes_read_per_step": attended * batch * self.kv_bytes_per_token,
             "kv_bytes_allocated": self.runtime.store.allocated_bytes(),
+            "kv_device_bytes": self.runtime.store.device_bytes(),
+            **self.runtime.prefetcher.stats(),
         }
         logger.info(
             "generated %d x %d tokens: prefill %.2f s, decode %.1f tok/s", batch, new_tokens, t1 - t0, self.stats["tokens_per_s"]

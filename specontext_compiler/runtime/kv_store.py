@@ -1,9 +1,17 @@
 """The KV store: every layer's keys and values, owned by the runtime, outside the captured graph.
 
-Each layer keeps one contiguous buffer per tensor, [B, Hkv, capacity, D], on the device of its *tier*
-(the GPU for resident layers; offloaded layers get a CPU tier in the runtime issue). Buffers are
-allocated once for the length the engine reserves (prompt + max new tokens) and only grow, in whole
-chunks, when a caller appends past the reservation: no per-step allocation, no torch.cat.
+Each layer keeps one contiguous buffer per tensor, [B, Hkv, capacity, D], on its *tier*: the compute
+device for resident layers; host memory (pinned when the compute device is a GPU) for offloaded ones.
+Buffers are allocated once for the length the engine reserves (prompt + max new tokens) and only grow,
+in whole chunks, when a caller appends past the reservation: no per-step allocation, no torch.cat, no
+per-step pinning.
+
+An offloaded layer also keeps on the compute device (its :class:`FastTier`):
+
+* a ring of its most recent ``window`` tokens (position p at p % window): the recent window is
+  attended every step, so it is served from there, never over PCIe;
+* slot buffers [B, Hkv, S + 2, D]: S slots for the selected tokens (filled by elastic loading), one
+  scratch slot (index S) for padded no-op loads, and the new token's row (index S + 1).
 """
 
 from __future__ import annotations
@@ -14,7 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .slots import SlotMap
+
 logger = logging.getLogger(__name__)
+
+
+def token_major(kv: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, T, D] -> its [T, B, Hkv, D] view (contiguous for an offloaded layer's host buffer)."""
+    return kv.permute(2, 0, 1, 3)
 
 
 @dataclass
@@ -36,29 +51,88 @@ class LayerKV:
         return per_token * self.length
 
 
+@dataclass
+class FastTier:
+    """An offloaded layer's compute-device buffers: the recent-token ring and the slots."""
+
+    ring_key: torch.Tensor | None = None
+    ring_value: torch.Tensor | None = None
+    slot_key: torch.Tensor | None = None
+    slot_value: torch.Tensor | None = None
+
+    @property
+    def slots(self) -> int:
+        return 0 if self.slot_key is None else self.slot_key.shape[2] - 2
+
+
 class KVStore:
-    """Per-layer KV buffers with a per-layer device (tier).
+    """Per-layer KV buffers with a per-layer tier.
 
     Args:
         num_layers: number of attention layers.
-        devices: the device of each layer's buffers (its tier), one per layer.
+        devices: the compute device of each layer, one per layer.
         dtype: storage dtype (the model's compute dtype).
         grow_chunk: capacity granularity in tokens when an append outgrows the reservation.
+        offloaded: layers whose full KV lives in host memory.
+        window: recent tokens an offloaded layer also keeps on its compute device (at least 1).
+        elastic: offloaded layers load only the tokens a step's selection adds (see :mod:`.slots`).
+        fill_value: what new slot buffers hold before any load (tests use a large finite value, so an
+            attended slot that was never loaded changes the output visibly).
     """
 
-    def __init__(self, num_layers: int, devices: list[torch.device], dtype: torch.dtype, grow_chunk: int = 1024):
+    def __init__(
+        self,
+        num_layers: int,
+        devices: list[torch.device],
+        dtype: torch.dtype,
+        grow_chunk: int = 1024,
+        offloaded: tuple[int, ...] | list[int] = (),
+        window: int = 1,
+        elastic: bool = True,
+        fill_value: float = 0.0,
+    ):
         if len(devices) != num_layers:
             raise ValueError(f"devices has {len(devices)} entries, expected one per layer ({num_layers})")
+        bad = [layer for layer in offloaded if not 0 <= layer < num_layers]
+        if bad:
+            raise ValueError(f"offloaded layers {bad} are not in 0..{num_layers - 1}")
         self.num_layers = num_layers
         self.devices = [torch.device(d) for d in devices]
         self.dtype = dtype
         self.grow_chunk = grow_chunk
+        self.window = max(1, window)
+        self.fill_value = fill_value
+        self.offloaded = frozenset(offloaded)
+        self.fast: dict[int, FastTier] = {layer: FastTier() for layer in self.offloaded}
+        self.slot_map = SlotMap(elastic)  # what every offloaded layer's slots hold
         self.layers: list[LayerKV | None] = [None] * num_layers
         self._reserved_tokens = 0
+        self._ring_start = [0] * num_layers  # the oldest position each ring holds valid data for
+        self._staging: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def reset(self, reserve_tokens: int = 0) -> None:
-        """Forget every stored token; the next append sizes buffers for ``reserve_tokens``."""
+    def is_offloaded(self, layer: int) -> bool:
+        return layer in self.offloaded
+
+    def tier_device(self, layer: int) -> torch.device:
+        """Where the layer's full KV lives."""
+        return torch.device("cpu") if layer in self.offloaded else self.devices[layer]
+
+    def reset(self, reserve_tokens: int = 0, offloaded: tuple[int, ...] | None = None) -> None:
+        """Forget every stored token; the next append sizes buffers for ``reserve_tokens``. ``offloaded``
+        (None: unchanged) re-places layers; a layer changing tier gets new buffers on its next append."""
+        if offloaded is not None and frozenset(offloaded) != self.offloaded:
+            bad = [layer for layer in offloaded if not 0 <= layer < self.num_layers]
+            if bad:
+                raise ValueError(f"offloaded layers {bad} are not in 0..{self.num_layers - 1}")
+            for layer in frozenset(offloaded) ^ self.offloaded:
+                self.layers[layer] = None
+            self.offloaded = frozenset(offloaded)
+            self.fast = {layer: self.fast.get(layer, FastTier()) for layer in self.offloaded}
+            if not self.offloaded:
+                self._staging.clear()
         self._reserved_tokens = reserve_tokens
+        self._ring_start = [0] * self.num_layers
+        self.slot_map.reset()
         for layer in self.layers:
             if layer is not None:
                 layer.length = 0
@@ -70,6 +144,9 @@ class KVStore:
                 if layer.length < length:
                     raise ValueError(f"cannot truncate to {length} tokens: a layer holds {layer.length}")
                 layer.length = length
+        # Ring slots past `length` will be overwritten by different tokens: trust none of the ring.
+        self._ring_start = [length] * self.num_layers
+        self.slot_map.reset()
 
     def length(self, layer: int) -> int:
         entry = self.layers[layer]
@@ -82,10 +159,68 @@ class KVStore:
         """
         entry = self._ensure_capacity(layer, key, value)
         start, end = entry.length, entry.length + key.shape[2]
-        entry.key[:, :, start:end].copy_(key)
-        entry.value[:, :, start:end].copy_(value)
+        if layer in self.offloaded:
+            # Token-major host memory: the new tokens are one contiguous block, so the device-to-host
+            # copy into pinned memory is a single asynchronous DMA (readers are ordered after it).
+            token_major(entry.key)[start:end].copy_(key.permute(2, 0, 1, 3), non_blocking=True)
+            token_major(entry.value)[start:end].copy_(value.permute(2, 0, 1, 3), non_blocking=True)
+            self._write_ring(layer, key, value, start)
+        else:
+            entry.key[:, :, start:end].copy_(key)
+            entry.value[:, :, start:end].copy_(value)
         entry.length = end
         return entry.key[:, :, :end], entry.value[:, :, :end]
+
+    def _write_ring(self, layer: int, key: torch.Tensor, value: torch.Tensor, start: int) -> None:
+        fast = self.fast[layer]
+        batch, heads, new, dim = key.shape
+        if fast.ring_key is None or fast.ring_key.shape[:2] != (batch, heads):
+            fast.ring_key = key.new_empty(batch, heads, self.window, dim)
+            fast.ring_value = value.new_empty(batch, heads, self.window, value.shape[3])
+        keep = min(new, self.window)  # only the last `window` of the new tokens can stay
+        if new == 1:  # a decode step: one row, no index tensor
+            fast.ring_key[:, :, start % self.window].copy_(key[:, :, 0])
+            fast.ring_value[:, :, start % self.window].copy_(value[:, :, 0])
+        else:
+            positions = torch.arange(start + new - keep, start + new, device=key.device) % self.window
+            fast.ring_key.index_copy_(2, positions, key[:, :, new - keep:])
+            fast.ring_value.index_copy_(2, positions, value[:, :, new - keep:])
+        self._ring_start[layer] = max(self._ring_start[layer], start + new - self.window)
+
+    def staged(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored K/V of an offloaded layer on its compute device, as [B, Hkv, L, D] views (dense
+        steps: prefill chunks, contexts within the token budget). One token-major staging buffer per
+        device, reused by every layer; the host-to-device copy is one contiguous block."""
+        entry = self.layers[layer]
+        device = self.devices[layer]
+        length = entry.length
+        batch, heads = entry.key.shape[:2]
+        key_buffer, value_buffer = self._staging.get(device, (None, None))
+        if key_buffer is None or key_buffer.shape[1:3] != (batch, heads) or key_buffer.shape[0] < length or \
+                key_buffer.shape[3] != entry.key.shape[3] or value_buffer.shape[3] != entry.value.shape[3]:
+            capacity = max(length, self._reserved_tokens, 1)
+            key_buffer = torch.empty(capacity, batch, heads, entry.key.shape[3], dtype=self.dtype, device=device)
+            value_buffer = torch.empty(capacity, batch, heads, entry.value.shape[3], dtype=self.dtype, device=device)
+            self._staging[device] = (key_buffer, value_buffer)
+        key_buffer[:length].copy_(token_major(entry.key)[:length], non_blocking=True)
+        value_buffer[:length].copy_(token_major(entry.value)[:length], non_blocking=True)
+        return key_buffer[:length].permute(1, 2, 0, 3), value_buffer[:length].permute(1, 2, 0, 3)
+
+    def ensure_slots(self, layer: int, slots: int) -> FastTier:
+        """Slot buffers of at least ``slots`` slots for an offloaded layer (grown, contents dropped)."""
+        fast = self.fast[layer]
+        entry = self.layers[layer]
+        if fast.slot_key is None or fast.slots < slots or fast.slot_key.shape[:2] != entry.key.shape[:2]:
+            device = self.devices[layer]
+            batch, heads = entry.key.shape[:2]
+            # Filled once, never left as garbage: attention masks unused slots, but 0 x NaN is still NaN.
+            fast.slot_key = torch.full((batch, heads, slots + 2, entry.key.shape[3]), self.fill_value, dtype=self.dtype, device=device)
+            fast.slot_value = torch.full((batch, heads, slots + 2, entry.value.shape[3]), self.fill_value, dtype=self.dtype, device=device)
+        return fast
+
+    def ring_holds(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
+        """Bool mask: which of ``positions`` the layer's recent ring holds."""
+        return positions >= max(self._ring_start[layer], self.layers[layer].length - self.window)
 
     def _ensure_capacity(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> LayerKV:
         entry = self.layers[layer]
@@ -105,14 +240,23 @@ class KVStore:
                 f"layer {layer}: append of batch {batch} x {heads} heads onto a stored batch of "
                 f"{tuple(entry.key.shape[:2])}: reset the store between sequences"
             )
-        capacity = max(needed, self._reserved_tokens)
-        capacity = self.grow_chunk * math.ceil(capacity / self.grow_chunk)
-        device = self.devices[layer]
-        new_key = torch.empty(batch, heads, capacity, key.shape[3], dtype=self.dtype, device=device)
-        new_value = torch.empty(batch, heads, capacity, value.shape[3], dtype=self.dtype, device=device)
+        # The reservation exactly (the memory placement counts it); past it, whole chunks.
+        capacity = self._reserved_tokens if needed <= self._reserved_tokens else self.grow_chunk * math.ceil(needed / self.grow_chunk)
+        device = self.tier_device(layer)
+        if layer in self.offloaded:
+            # Host tier: token-major storage seen as [B, Hkv, capacity, D] (a token's rows are one block),
+            # pinned once here when the compute device is a GPU (asynchronous copies, zero-copy reads).
+            pin = self.devices[layer].type == "cuda"
+            new_key = torch.empty(capacity, batch, heads, key.shape[3], dtype=self.dtype, pin_memory=pin).permute(1, 2, 0, 3)
+            new_value = torch.empty(capacity, batch, heads, value.shape[3], dtype=self.dtype, pin_memory=pin).permute(1, 2, 0, 3)
+        else:
+            new_key = torch.empty(batch, heads, capacity, key.shape[3], dtype=self.dtype, device=device)
+            new_value = torch.empty(batch, heads, capacity, value.shape[3], dtype=self.dtype, device=device)
         length = 0
         if entry is not None and entry.length:
             length = entry.length
+            if layer in self.offloaded and self.devices[layer].type == "cuda":
+                torch.cuda.synchronize(self.devices[layer])  # host reads: pending device-to-host copies first
             new_key[:, :, :length].copy_(entry.key[:, :, :length])
             new_value[:, :, :length].copy_(entry.value[:, :, :length])
             logger.debug("layer %d: KV buffer grown to %d tokens", layer, capacity)
@@ -125,5 +269,17 @@ class KVStore:
         return sum(layer.nbytes for layer in self.layers if layer is not None)
 
     def allocated_bytes(self) -> int:
-        """Bytes of the buffers, reserved capacity included."""
+        """Bytes of the full-KV buffers (both tiers), reserved capacity included."""
         return sum(layer.key.nbytes + layer.value.nbytes for layer in self.layers if layer is not None)
+
+    def device_bytes(self) -> int:
+        """Bytes the store holds on compute devices: resident layers, rings, slots, staging."""
+        total = sum(
+            layer.key.nbytes + layer.value.nbytes
+            for index, layer in enumerate(self.layers)
+            if layer is not None and index not in self.offloaded
+        )
+        for fast in self.fast.values():
+            for tensor in (fast.ring_key, fast.ring_value, fast.slot_key, fast.slot_value):
+                total += 0 if tensor is None else tensor.nbytes
+        return total + sum(k.nbytes + v.nbytes for k, v in self._staging.values())

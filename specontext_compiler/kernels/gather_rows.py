@@ -1,0 +1,149 @@
+"""Row gather into slot buffers: ``dst[b, h, dst_index] = src[b, h, src_index]`` where ``valid``.
+
+This is how an offloaded layer's selected tokens reach the GPU. ``src`` is the layer's full K or V in
+pinned host memory; the Triton kernel reads the selected rows straight from it over PCIe (zero-copy:
+pinned memory is mapped into the GPU's address space), so there is no CPU gather and no staging copy.
+DESIGN.md measured 43-50 GB/s for this against 12.1 GB/s for a CPU ``index_select`` + copy on the
+H100, which is why it is the CUDA path. ``gather_rows_reference`` is the pure-torch definition used on
+the CPU (and by the tests as the reference).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def gather_rows_reference(src, src_index, valid, dst, dst_index) -> None:
+    """src [B, H, N, D]; src_index/dst_index int64 [B, H, M]; valid bool [B, H, M]; dst [B, H, S, D].
+
+    Rows with ``valid`` False are skipped (their indices may point anywhere).
+    """
+    batch, head, row = valid.nonzero(as_tuple=True)
+    rows = src[batch.to(src.device), head.to(src.device), src_index[batch, head, row].to(src.device)]
+    dst[batch, head, dst_index[batch, head, row]] = rows.to(dst.device)
+
+
+@triton.jit
+def _gather_rows_kernel(
+    src_ptr, dst_ptr, src2_ptr, dst2_ptr, src_index_ptr, dst_index_ptr, valid_ptr,
+    heads, rows,
+    src_stride_b, src_stride_h, src_stride_n, dst_stride_b, dst_stride_h, dst_stride_n,
+    DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, PAIRED: tl.constexpr,
+):
+    # One program per (batch x head, block of rows); a row is DIM contiguous elements in src and dst.
+    # PAIRED: a second src/dst pair with the same layout (K and V) moves in the same launch.
+    bh = tl.program_id(0)
+    block = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
+    row = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    in_range = row < rows
+    meta = bh * rows + row
+    ok = tl.load(valid_ptr + meta, mask=in_range, other=0) != 0
+    src_row = tl.load(src_index_ptr + meta, mask=ok, other=0).to(tl.int64)
+    dst_row = tl.load(dst_index_ptr + meta, mask=ok, other=0).to(tl.int64)
+    col = tl.arange(0, BLOCK_DIM)
+    mask = ok[:, None] & (col < DIM)[None, :]
+    src_offset = (b * src_stride_b + h * src_stride_h + src_row * src_stride_n)[:, None] + col[None, :]
+    dst_offset = (b * dst_stride_b + h * dst_stride_h + dst_row * dst_stride_n)[:, None] + col[None, :]
+    tl.store(dst_ptr + dst_offset, tl.load(src_ptr + src_offset, mask=mask), mask=mask)
+    if PAIRED:
+        tl.store(dst2_ptr + dst_offset, tl.load(src2_ptr + src_offset, mask=mask), mask=mask)
+
+
+@triton.jit
+def _gather_two_sources_kernel(
+    host_k, host_v, ring_k, ring_v, dst_k, dst_v, token_ptr, ring_row_ptr, source_ptr, slot_ptr,
+    heads, rows,
+    host_stride_b, host_stride_h, host_stride_n, ring_stride_b, ring_stride_h, ring_stride_n,
+    dst_stride_b, dst_stride_h, dst_stride_n,
+    DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr,
+):
+    # An offloaded layer's step in one launch: K and V rows into the slots, each row from host memory
+    # (source 1, zero-copy) or from the device ring of recent tokens (source 2); source 0 rows are skipped.
+    bh = tl.program_id(0)
+    block = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
+    row = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    meta = bh * rows + row
+    source = tl.load(source_ptr + meta, mask=row < rows, other=0)
+    from_host = source == 1
+    from_ring = source == 2
+    token = tl.load(token_ptr + meta, mask=from_host, other=0).to(tl.int64)
+    ring_row = tl.load(ring_row_ptr + meta, mask=from_ring, other=0).to(tl.int64)
+    slot = tl.load(slot_ptr + meta, mask=source != 0, other=0).to(tl.int64)
+    col = tl.arange(0, BLOCK_DIM)[None, :]
+    col_ok = col < DIM
+    host_mask = from_host[:, None] & col_ok
+    ring_mask = from_ring[:, None] & col_ok
+    host_offset = (b * host_stride_b + h * host_stride_h + token * host_stride_n)[:, None] + col
+    ring_offset = (b * ring_stride_b + h * ring_stride_h + ring_row * ring_stride_n)[:, None] + col
+    dst_offset = (b * dst_stride_b + h * dst_stride_h + slot * dst_stride_n)[:, None] + col
+    store_mask = (source != 0)[:, None] & col_ok
+    key = tl.where(host_mask, tl.load(host_k + host_offset, mask=host_mask), tl.load(ring_k + ring_offset, mask=ring_mask))
+    tl.store(dst_k + dst_offset, key, mask=store_mask)
+    value = tl.where(host_mask, tl.load(host_v + host_offset, mask=host_mask), tl.load(ring_v + ring_offset, mask=ring_mask))
+    tl.store(dst_v + dst_offset, value, mask=store_mask)
+
+
+def gather_from_host_or_ring(host_k, host_v, ring_k, ring_v, dst_k, dst_v, token, ring_row, source, slot) -> None:
+    """One launch: ``dst[b, h, slot] = host[b, h, token]`` where ``source`` is 1, ``ring[b, h, ring_row]``
+    where it is 2, nothing where it is 0 (int8 [B, H, M]), for K and V. K and V share shapes/strides."""
+    batch, heads, rows = token.shape
+    if rows == 0:
+        return
+    for tensor in (host_k, host_v, ring_k, ring_v, dst_k, dst_v):
+        if tensor.stride(-1) != 1:
+            raise ValueError("rows must be contiguous along the last dimension")
+    if host_v.stride() != host_k.stride() or ring_v.stride() != ring_k.stride() or dst_v.stride() != dst_k.stride():
+        raise ValueError("K and V buffers must share strides")
+    dim = host_k.shape[-1]
+    block_dim = triton.next_power_of_2(dim)
+    block_rows = max(1, min(64, 4096 // block_dim))
+    grid = (batch * heads, triton.cdiv(rows, block_rows))
+    _gather_two_sources_kernel[grid](
+        host_k, host_v, ring_k, ring_v, dst_k, dst_v,
+        token.contiguous(), ring_row.contiguous(), source.contiguous(), slot.contiguous(), heads, rows,
+        host_k.stride(0), host_k.stride(1), host_k.stride(2), ring_k.stride(0), ring_k.stride(1), ring_k.stride(2),
+        dst_k.stride(0), dst_k.stride(1), dst_k.stride(2),
+        DIM=dim, BLOCK_ROWS=block_rows, BLOCK_DIM=block_dim,
+    )
+
+
+def gather_rows(src, src_index, valid, dst, dst_index, block_rows: int | None = None, src2=None, dst2=None) -> None:
+    """The Triton gather (same contract as :func:`gather_rows_reference`); with ``src2``/``dst2`` (the
+    values, same layout as src/dst) a second pair moves in the same launch.
+
+    ``src`` [B, H, N, D] and ``dst`` [B, H, S, D] may have any strides but a unit one on D (an offloaded
+    layer's host buffer is token-major) and the same dtype; ``src`` may be pinned host memory when
+    ``dst`` is on the GPU. ``valid`` may be bool or int8. Under ``TRITON_INTERPRET=1`` all is on the CPU.
+    """
+    batch, heads, rows = src_index.shape
+    if rows == 0:
+        return
+    paired = src2 is not None
+    for a, b in ((src, dst),) + (((src2, dst2),) if paired else ()):
+        if a.stride(-1) != 1 or b.stride(-1) != 1:
+            raise ValueError("gather_rows needs rows contiguous along the last dimension")
+        if a.dtype != b.dtype:
+            raise TypeError(f"src is {a.dtype}, dst is {b.dtype}")
+    if paired and (src2.shape != src.shape or src2.stride() != src.stride() or dst2.shape != dst.shape
+                   or dst2.stride() != dst.stride() or src2.dtype != src.dtype):
+        gather_rows(src, src_index, valid, dst, dst_index, block_rows)
+        gather_rows(src2, src_index, valid, dst2, dst_index, block_rows)
+        return
+    dim = src.shape[-1]
+    block_dim = triton.next_power_of_2(dim)
+    if block_rows is None:  # about 4K elements per program: 128-wide rows 32 at a time, 4 KiB rows alone
+        block_rows = max(1, min(64, 4096 // block_dim))
+    grid = (batch * heads, triton.cdiv(rows, block_rows))
+    _gather_rows_kernel[grid](
+        src, dst, src2 if paired else src, dst2 if paired else dst,
+        src_index.contiguous(), dst_index.contiguous(),
+        valid if valid.dtype == torch.int8 else valid.to(torch.int8), heads, rows,
+        src.stride(0), src.stride(1), src.stride(2), dst.stride(0), dst.stride(1), dst.stride(2),
+        DIM=dim, BLOCK_ROWS=block_rows, BLOCK_DIM=block_dim, PAIRED=paired,
+    )

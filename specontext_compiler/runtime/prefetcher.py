@@ -1,0 +1,156 @@
+"""Asynchronous prefetch: the selected KV of offloaded layers, moved into their slots ahead of use.
+
+The step's indices are known before layer 0 runs (one retrieval for every layer), so the graph issues
+``specontext::prefetch(indices, layer)`` for every layer right after retrieval and
+``specontext::wait(layer)`` right before each layer's sparse attention (the ``schedule_prefetch``
+pass). On a GPU the loads run on a side stream, one event per layer: layer i's attention waits for
+layer i's rows only, while the side stream keeps loading later layers. On a CPU-only machine the same
+calls run synchronously, so tests exercise every path.
+
+Each step loads only what the selection adds (elastic loading, :mod:`.slots`); rows come from the
+layer's recent ring on the device when it holds them, otherwise from host memory (zero-copy Triton
+gather on CUDA, :mod:`specontext_compiler.kernels.gather_rows`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels.gather_rows import gather_from_host_or_ring, gather_rows_reference
+from .kv_store import KVStore
+from .slots import LoadPlan
+
+
+class Prefetcher:
+    """Applies each step's load plan to every offloaded layer and keeps the transfer counters."""
+
+    def __init__(self, store: KVStore):
+        self.store = store
+        self.plan: LoadPlan | None = None
+        self.slot_valid: torch.Tensor | None = None  # bool [B, Hkv, S + 2] for the step's attention
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._ready: dict[torch.device, torch.cuda.Event] = {}
+        self._events: dict[int, torch.cuda.Event] = {}
+        self._waits: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._prefetched: set[int] = set()
+        self._waited: set[int] = set()
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.h2d_rows = 0  # tensors until read: summing on the device avoids a sync per layer
+        self.full_reload_rows = 0
+        self.kept = 0
+        self.selected = 0
+        self._waits = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self.store.offloaded)
+
+    def begin_step(self, indices: torch.Tensor, key_valid: torch.Tensor, past: int) -> None:
+        """A sparse step selected ``indices`` [B, Hkv, K] of ``past`` tokens (``key_valid`` [B, past])."""
+        store = self.store
+        previous = store.slot_map.token
+        self.plan = store.slot_map.update(indices, past)
+        self._prefetched.clear()
+        self._waited.clear()
+        mapping = store.slot_map.token
+        batch, heads, slots = mapping.shape
+        real = (mapping >= 0) & key_valid[:, None, :].expand(batch, heads, past).gather(2, mapping.clamp_min(0))
+        tail = real.new_zeros(batch, heads, 2)
+        tail[..., 1] = True  # the scratch slot is never attended, the new token's row always
+        self.slot_valid = torch.cat([real, tail], dim=-1)
+        if previous is not None:
+            self.kept = self.kept + self.plan.kept.sum()
+            self.selected += indices.numel()
+        # Where each row comes from, the same for every offloaded layer (all hold `past` tokens and the
+        # same ring span): computed once here, not per layer.
+        in_ring = store.ring_holds(next(iter(store.offloaded)), self.plan.token)
+        self._from_host = self.plan.valid & ~in_ring
+        self._from_ring = self.plan.valid & in_ring
+        self._ring_rows = self.plan.token % store.window
+        # For the one-launch GPU gather: 0 skip, 1 host, 2 ring.
+        self._source = self._from_host.to(torch.int8) + 2 * self._from_ring.to(torch.int8)
+        row_bytes = sum(self._row_bytes(layer) for layer in store.offloaded)
+        self.h2d_rows = self.h2d_rows + (self.plan.valid & ~in_ring).sum() * row_bytes
+        # A full reload brings the whole selection (even the window the ring holds) every step.
+        self.full_reload_rows = self.full_reload_rows + (mapping >= 0).sum() * row_bytes
+        device = indices.device
+        if device.type == "cuda":
+            # Loads may start once the step's indices exist and the previous step stopped reading slots.
+            ready = self._ready.setdefault(device, torch.cuda.Event())
+            ready.record(torch.cuda.current_stream(device))
+            stream = self._streams.setdefault(device, torch.cuda.Stream(device))
+            # Made on the compute stream, read on the side stream: keep their memory from early reuse.
+            for tensor in (self.plan.slot, self.plan.token, self._source, self._ring_rows):
+                tensor.record_stream(stream)
+
+    def prefetch(self, layer: int) -> None:
+        """Start loading layer ``layer``'s missing rows into its slots."""
+        if self.plan is None or not self.store.is_offloaded(layer) or layer in self._prefetched:
+            return
+        self._prefetched.add(layer)
+        device = self.store.devices[layer]
+        if device.type != "cuda":
+            self._load(layer)
+            return
+        stream = self._streams[device]
+        stream.wait_event(self._ready[device])
+        with torch.cuda.stream(stream):
+            self._load(layer)
+            event = self._events.setdefault(layer, torch.cuda.Event())
+            event.record(stream)
+
+    def wait(self, layer: int) -> None:
+        """Make the compute stream wait for layer ``layer``'s loads (and only those)."""
+        if self.plan is None or not self.store.is_offloaded(layer) or layer in self._waited:
+            return
+        self._waited.add(layer)
+        event = self._events.get(layer)
+        if event is None:  # CPU: the load already ran
+            return
+        stream = torch.cuda.current_stream(self.store.devices[layer])
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        stream.wait_event(event)
+        end.record(stream)
+        self._waits.append((start, end))
+
+    def ensure(self, layer: int) -> None:
+        """Before attention reads the slots: prefetch (if the graph did not) and wait."""
+        self.prefetch(layer)
+        self.wait(layer)
+
+    def end_sequence(self) -> None:
+        self.plan = None
+
+    def _row_bytes(self, layer: int) -> int:
+        entry = self.store.layers[layer]
+        return entry.key.shape[-1] * entry.key.element_size() + entry.value.shape[-1] * entry.value.element_size()
+
+    def _load(self, layer: int) -> None:
+        store, plan = self.store, self.plan
+        entry = store.layers[layer]
+        fast = store.ensure_slots(layer, store.slot_map.slots)
+        if fast.slot_key.device.type == "cuda":
+            # Triton, one launch for K and V from both sources: no host sync; zero-copy from pinned memory.
+            gather_from_host_or_ring(entry.key, entry.value, fast.ring_key, fast.ring_value, fast.slot_key,
+                                     fast.slot_value, plan.token, self._ring_rows, self._source, plan.slot)
+            return
+        for host, ring, slots in ((entry.key, fast.ring_key, fast.slot_key), (entry.value, fast.ring_value, fast.slot_value)):
+            gather_rows_reference(host, plan.token, self._from_host, slots, plan.slot)
+            gather_rows_reference(ring, self._ring_rows, self._from_ring, slots, plan.slot)
+
+    def stats(self) -> dict[str, float | int]:
+        """Counters since the last reset: bytes moved host -> device, what full reloads would have moved,
+        the share of each selection already in the slots, and the compute stream's stall on prefetches."""
+        wait_ms = 0.0
+        if self._waits:
+            torch.cuda.synchronize()
+            wait_ms = sum(start.elapsed_time(end) for start, end in self._waits)
+        return {
+            "h2d_bytes": int(self.h2d_rows),
+            "h2d_bytes_full_reload": int(self.full_reload_rows),
+            "selection_overlap": float(self.kept) / self.selected if self.selected else 0.0,
+            "prefetch_wait_ms": wait_ms,
+        }

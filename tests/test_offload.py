@@ -1,0 +1,265 @@
+"""Tiered KV runtime: offloaded layers (host KV + device slots), elastic loading, the prefetch schedule.
+
+Offloaded must equal resident and elastic loading must equal full reload; on this CPU-only machine both
+tiers live in CPU memory and the same code runs synchronously.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import specontext
+from specontext_compiler.kernels.gather_rows import gather_from_host_or_ring, gather_rows, gather_rows_reference
+from specontext_compiler.passes.schedule_prefetch import check_schedule
+from specontext_compiler.planning.placement import place_layers
+from specontext_compiler.runtime.slots import SlotMap
+from tiny_models import padded_batch, tiny_model
+
+SPARSE = dict(token_budget=20, sink_tokens=2, local_window=4, progress=False)
+POISON = 1e4  # finite, so a masked slot stays harmless, but large enough that an attended unloaded slot shows
+
+
+# -- elastic loading ------------------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_slot_map_loads_exactly_what_the_selection_adds(data):
+    batch, heads = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3))
+    past = data.draw(st.integers(8, 40))
+    elastic = data.draw(st.booleans())
+    slot_map = SlotMap(elastic)
+    slots = None  # a simulated slot buffer holding token ids; poisoned where nothing was loaded
+    previous = None
+    for _ in range(data.draw(st.integers(1, 5))):
+        past += data.draw(st.integers(0, 3))
+        k = data.draw(st.integers(1, 8))
+        seed = data.draw(st.integers(0, 10_000))
+        g = torch.Generator().manual_seed(seed)
+        indices = torch.stack([torch.randperm(past, generator=g)[:k] for _ in range(batch * heads)]).view(batch, heads, k)
+        indices = indices.sort(-1).values
+        grew = k > slot_map.slots  # a larger selection grows the slots and reloads everything
+        plan = slot_map.update(indices, past)
+        if slots is None or slots.shape[-1] != slot_map.slots + 1:
+            slots = torch.full((batch, heads, slot_map.slots + 1), -999)
+        b, h, r = plan.valid.nonzero(as_tuple=True)
+        slots[b, h, plan.slot[b, h, r]] = plan.token[b, h, r]
+        mapping = slot_map.token
+        for row in range(batch):
+            for head in range(heads):
+                held = mapping[row, head]
+                assert sorted(held[held >= 0].tolist()) == indices[row, head].tolist()
+                # every mapped slot holds (in the simulated buffer) the token the map says
+                assert torch.equal(slots[row, head, :-1][held >= 0], held[held >= 0])
+                new = set(indices[row, head].tolist())
+                full = not elastic or previous is None or grew
+                expected_loads = len(new) if full else len(new - set(previous[row, head].tolist()))
+                assert int(plan.loads[row, head]) == expected_loads
+        previous = indices
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("token_major", [False, True])
+def test_triton_row_gather_matches_reference(dtype, token_major):
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(2, 3, 50, 16, generator=g).to(dtype)
+    if token_major:  # an offloaded layer's host buffer: [T, B, H, D] storage seen as [B, H, T, D]
+        src = src.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+    src_index = torch.randint(0, 50, (2, 3, 12), generator=g)
+    dst_index = torch.stack([torch.randperm(10, generator=g) for _ in range(6)]).view(2, 3, 10)
+    dst_index = torch.cat([dst_index, torch.full((2, 3, 2), 10)], -1)  # two rows to the scratch slot
+    valid = torch.rand(2, 3, 12, generator=g) < 0.7
+    valid[..., 10:] = False
+    expected = torch.full((2, 3, 11, 16), float("nan"), dtype=dtype)
+    out = expected.clone()
+    gather_rows_reference(src, src_index, valid, expected, dst_index)
+    gather_rows(src, src_index, valid, out, dst_index, block_rows=16)
+    assert torch.equal(out.isnan(), expected.isnan())  # same rows written, the rest still poisoned
+    written = ~expected.isnan()
+    assert torch.equal(out[written], expected[written])
+    b, h, r = valid.nonzero(as_tuple=True)
+    assert torch.equal(out[b, h, dst_index[b, h, r]], src[b, h, src_index[b, h, r]])
+    # K and V in one launch
+    first, second = torch.full_like(expected, float("nan")), torch.full_like(expected, float("nan"))
+    gather_rows(src, src_index, valid.to(torch.int8), first, dst_index, src2=-src, dst2=second)
+    assert torch.equal(first.isnan(), expected.isnan()) and torch.equal(first[written], expected[written])
+    assert torch.equal(second[written], -expected[written])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_launch_gather_from_host_or_ring_matches_reference(dtype):
+    g = torch.Generator().manual_seed(1)
+    host_k = torch.randn(30, 2, 3, 8, generator=g).to(dtype).permute(1, 2, 0, 3)  # token-major host buffer
+    host_v = torch.randn(30, 2, 3, 8, generator=g).to(dtype).permute(1, 2, 0, 3)
+    ring_k, ring_v = torch.randn(2, 3, 5, 8, generator=g).to(dtype), torch.randn(2, 3, 5, 8, generator=g).to(dtype)
+    rows = 9
+    token = torch.randint(0, 30, (2, 3, rows), generator=g)
+    ring_row = token % 5
+    source = torch.randint(0, 3, (2, 3, rows), generator=g).to(torch.int8)
+    slot = torch.stack([torch.randperm(rows, generator=g) for _ in range(6)]).view(2, 3, rows)
+    token = token.transpose(0, 1).contiguous().transpose(0, 1)  # index tensors of any layout are accepted
+    out_k, out_v = torch.full((2, 3, rows + 1, 8), float("nan"), dtype=dtype), torch.full((2, 3, rows + 1, 8), float("nan"), dtype=dtype)
+    ref_k, ref_v = out_k.clone(), out_v.clone()
+    gather_from_host_or_ring(host_k, host_v, ring_k, ring_v, out_k, out_v, token, ring_row, source, slot)
+    for src_k, src_v, index, which in ((host_k, host_v, token, 1), (ring_k, ring_v, ring_row, 2)):
+        gather_rows_reference(src_k, index, source == which, ref_k, slot)
+        gather_rows_reference(src_v, index, source == which, ref_v, slot)
+    for out, ref in ((out_k, ref_k), (out_v, ref_v)):
+        assert torch.equal(out.isnan(), ref.isnan())  # skipped rows stay poisoned
+        assert torch.equal(out[~ref.isnan()], ref[~ref.isnan()])
+
+
+# -- offloaded == resident ------------------------------------------------------------------------------
+def generate(model, ids, mask, new=12, poison=True, **options):
+    compiled = specontext.compile(model, "1GB", **SPARSE, **options)
+    if poison:
+        compiled.runtime.store.fill_value = POISON
+    out = compiled.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                            return_dict_in_generate=True, output_logits=True)
+    return compiled, out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+def test_offloaded_equals_resident(family):
+    model = tiny_model(family, num_hidden_layers=3)
+    ids, mask = padded_batch(model.config.vocab_size, [60, 45], seed=3)
+    _, reference = generate(model, ids, mask, offload="none", poison=False)
+    for offload in ["all", [1], [0, 2]]:
+        for elastic in [True, False]:
+            compiled, out = generate(model, ids, mask, offload=offload, elastic=elastic)
+            assert compiled.runtime.store.offloaded == frozenset(range(3) if offload == "all" else offload)
+            assert torch.equal(out.sequences, reference.sequences), (offload, elastic)
+            for a, b in zip(out.logits, reference.logits):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_offloaded_chunked_prefill_and_call_equal_resident():
+    model = tiny_model("llama", num_hidden_layers=2)
+    ids, mask = padded_batch(model.config.vocab_size, [70, 55], seed=5)
+    resident = specontext.compile(model, "1GB", offload="none", prefill_chunk=16, **SPARSE)
+    offloaded = specontext.compile(model, "1GB", offload="all", prefill_chunk=16, **SPARSE)
+    torch.testing.assert_close(offloaded(ids, attention_mask=mask).logits, resident(ids, attention_mask=mask).logits,
+                               atol=1e-5, rtol=1e-5)
+    assert torch.equal(offloaded.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False),
+                       resident.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False))
+
+
+def test_elastic_loading_moves_less_than_full_reload_and_counts_it():
+    model = tiny_model("llama", num_hidden_layers=2)
+    ids, mask = padded_batch(model.config.vocab_size, [80], seed=7)
+    elastic, out_e = generate(model, ids, mask, new=24, offload="all", elastic=True)
+    full, out_f = generate(model, ids, mask, new=24, offload="all", elastic=False)
+    assert torch.equal(out_e.sequences, out_f.sequences)
+    se, sf = elastic.stats, full.stats
+    # a full reload moves the whole selection; elastic=False moves all of it but the recent ring's share
+    assert 0 < sf["h2d_bytes"] < sf["h2d_bytes_full_reload"]
+    assert se["h2d_bytes_full_reload"] == sf["h2d_bytes_full_reload"]
+    assert 0 < se["h2d_bytes"] < sf["h2d_bytes"]
+    assert 0 < se["selection_overlap"] <= 1 and se["selection_overlap"] == pytest.approx(sf["selection_overlap"])
+    assert se["prefetch_wait_ms"] == 0.0  # CPU: loads run synchronously
+    resident, _ = generate(model, ids, mask, new=24, offload="none")
+    assert resident.stats["h2d_bytes"] == 0
+
+
+def test_per_layer_baselines_cannot_offload():
+    model = tiny_model("llama")
+    ids, mask = padded_batch(model.config.vocab_size, [40], seed=1)
+    compiled = specontext.compile(model, "1GB", selection="quest", offload="all", **SPARSE)
+    with pytest.raises(ValueError, match="selects per layer"):
+        compiled.generate(ids, attention_mask=mask, max_new_tokens=2)
+
+
+# -- the prefetch schedule -------------------------------------------------------------------------------
+def test_schedule_prefetch_places_prefetches_early_and_waits_late():
+    model = specontext.compile(tiny_model("llama", num_hidden_layers=3), "1GB", **SPARSE)
+    nodes = list(model.graph.graph.nodes)
+    names = [n.target.name() if n.op == "call_function" and hasattr(n.target, "name") else "" for n in nodes]
+    retrieve = names.index("specontext::retrieve")
+    # all prefetches right after the retrieval, in layer order
+    assert names[retrieve + 1:retrieve + 4] == ["specontext::prefetch"] * 3
+    assert [nodes[retrieve + 1 + i].args[1] for i in range(3)] == [0, 1, 2]
+    # each wait immediately before its layer's attention
+    for i, name in enumerate(names):
+        if name == "specontext::sparse_attention":
+            assert names[i - 1] == "specontext::wait" and nodes[i - 1].args[0] == nodes[i].meta["specontext"].layer
+    check_schedule(model.graph)
+    # a wait moved after its attention breaks the schedule
+    graph = model.graph.graph
+    wait = next(n for n in graph.nodes if names[nodes.index(n)] == "specontext::wait")
+    attention = wait.next
+    attention.append(wait)
+    with pytest.raises(ValueError, match="run before"):
+        check_schedule(model.graph)
+
+
+# -- placement ------------------------------------------------------------------------------------------
+def test_auto_placement_keeps_the_first_layers_that_fit():
+    layer_token, batch, tokens, slots, window = 1000, 1, 100, 20, 5
+    full, fast = layer_token * tokens, layer_token * (slots + 2 + window)
+    weights = 10_000
+    # room for 2 resident layers, 2 offloaded fast tiers and the staging layer
+    budget = weights + 2 * full + 2 * fast + full
+    plan = place_layers("auto", 4, budget, weights, layer_token, batch, tokens, slots, window)
+    assert plan.offloaded == (2, 3) and plan.device_bytes <= budget
+    assert place_layers("auto", 4, 10**12, weights, layer_token, batch, tokens, slots, window).offloaded == ()
+    with pytest.raises(ValueError, match=r"needs at least .*KV on the GPU.*offload='auto'"):
+        place_layers("none", 4, budget, weights, layer_token, batch, tokens, slots, window)
+    with pytest.raises(ValueError, match="needs at least"):
+        place_layers("auto", 4, weights + full, weights, layer_token, batch, tokens, slots, window)
+
+
+def test_auto_offloads_when_the_budget_is_tight_and_still_matches():
+    model = tiny_model("llama", num_hidden_layers=4)
+    ids, mask = padded_batch(model.config.vocab_size, [90], seed=2)
+    reference = specontext.compile(model, "1GB", offload="none", **SPARSE)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    weights = reference.weight_bytes
+    layer_token = reference.kv_bytes_per_token // 4
+    full = layer_token * 100
+    fast = layer_token * (20 + 2 + 5)
+    tight = specontext.compile(model, weights + 2 * full + 2 * fast + full, offload="auto", **SPARSE)
+    out = tight.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert tight.runtime.store.offloaded == frozenset({2, 3})
+    assert torch.equal(out, expected)
+    assert tight.stats["kv_device_bytes"] <= tight.placement.device_bytes - weights
+
+
+@pytest.mark.parametrize("bad", ["some", 3, [0, 0]])
+def test_bad_offload_options(bad):
+    with pytest.raises((ValueError, TypeError), match="offload"):
+        specontext.compile(tiny_model("llama"), "1GB", offload=bad, **SPARSE)
+
+
+def test_offload_layer_out_of_range():
+    model = specontext.compile(tiny_model("llama"), "1GB", offload=[5], **SPARSE)
+    with pytest.raises(ValueError, match="offload lists layers"):
+        model.generate(torch.randint(3, 90, (1, 30)), max_new_tokens=2)
+
+
+# -- SmolLM2 (the issue's CPU acceptance) ----------------------------------------------------------------
+def test_smollm2_offload_modes_and_elastic_loading_give_identical_tokens(smollm2):
+    """~1.5K tokens, token_budget=128, 32 decode steps: offload none / all / auto (a budget that forces
+    some layers out), elastic on and off, all the same tokens; elastic moves <= 50% of a full reload."""
+    from specontext_compiler.workloads import code_word_document
+
+    model, tokenizer = smollm2
+    ids, _ = code_word_document(tokenizer, target_tokens=1500, code_word="FALCON", depth=0.4, seed=4)
+    options = dict(token_budget=128, progress=False)
+    reference = specontext.compile(model, "24GB", offload="none", **options)
+    expected = reference.generate(ids, max_new_tokens=33, min_new_tokens=33, do_sample=False)
+    layers = len(reference.layers)
+    layer_full = reference.kv_bytes_per_token // layers * (ids.shape[1] + 33)
+    tight = reference.weight_bytes + layers // 2 * layer_full + layers * layer_full // 4  # about half fit
+    moved = {}
+    for offload, budget, elastic in [("all", "24GB", True), ("all", "24GB", False), ("auto", tight, True)]:
+        compiled = specontext.compile(model, budget, offload=offload, elastic=elastic, **options)
+        compiled.runtime.store.fill_value = POISON
+        out = compiled.generate(ids, max_new_tokens=33, min_new_tokens=33, do_sample=False)
+        assert torch.equal(out, expected), (offload, elastic)
+        offloaded = compiled.runtime.store.offloaded
+        assert offloaded == frozenset(range(layers)) if offload == "all" else 0 < len(offloaded) < layers
+        stats = compiled.stats
+        assert stats["steps"] == 32
+        moved[(offload, elastic)] = (stats["h2d_bytes"], stats["h2d_bytes_full_reload"])
+    elastic_bytes, full_reload = moved[("all", True)]
+    assert elastic_bytes <= 0.5 * full_reload, moved
+    assert elastic_bytes < moved[("all", False)][0] < full_reload
