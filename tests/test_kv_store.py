@@ -73,3 +73,26 @@ def test_retrieval_key_cache_appends_grows_and_refuses_short_reads():
     torch.testing.assert_close(cache.view(7, [1]), expected[:, [1], :7], rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="holds 10 keys, needs 11"):
         cache.view(11)
+
+
+def test_offloaded_layer_keeps_every_token_through_ring_flushes_and_truncation():
+    """Decode tokens sit in the device ring and reach host memory in batches; staging (and truncation)
+    must still see every token exactly once, in order."""
+    store = KVStore(2, ["cpu"] * 2, torch.float32, offloaded=[1], window=3)
+    store.reset(reserve_tokens=40)
+    g = torch.Generator().manual_seed(0)
+    written = [torch.randn(1, 2, 7, 4, generator=g)]
+    store.append(1, written[0], -written[0])
+    for step in range(12):
+        token = torch.randn(1, 2, 1, 4, generator=g)
+        written.append(token)
+        store.append(1, token, -token)
+        if step % 5 != 4:  # in between, only the ring (and the periodic flushes) hold the new tokens
+            continue
+        keys, values = store.staged(1)
+        expected = torch.cat(written, dim=2)
+        assert torch.equal(keys, expected) and torch.equal(values, -expected)
+    store.truncate(10)
+    keys, _ = store.staged(1)
+    assert torch.equal(keys, torch.cat(written, dim=2)[:, :, :10])
+    assert not store.ring_holds(1, torch.tensor([9])).item()  # the ring is not trusted after truncation

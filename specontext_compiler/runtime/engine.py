@@ -7,6 +7,8 @@ prompt in chunks, then one step per new token.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
 from typing import Callable
@@ -28,6 +30,22 @@ def prompt_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions of a (left-)padded prompt, counted over real tokens only, as transformers does."""
     position_ids = attention_mask.long().cumsum(-1) - 1
     return position_ids.masked_fill(attention_mask == 0, 0)
+
+
+@contextlib.contextmanager
+def cyclic_gc_paused():
+    """Pause Python's cyclic garbage collector (reference counting still frees everything else).
+
+    A decode step creates many short-lived Python objects; each full collection then walks the whole
+    heap (torch, transformers, the graph) while the GPU idles. Cycles made meanwhile wait for the end.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -147,7 +165,7 @@ class GenerationEngine:
         unfinished = torch.ones(batch, dtype=torch.bool, device=self.device)
         position = prompt_position_ids(attention_mask)[:, -1:]
         decode_steps = 0
-        with torch.no_grad(), activate(self.runtime):
+        with torch.no_grad(), activate(self.runtime), cyclic_gc_paused():
             _synchronize(self.device)
             t0 = time.perf_counter()
             logits = self.run_chunks(self.step, input_ids, attention_mask, keep_all=False)

@@ -108,6 +108,7 @@ class KVStore:
         self.layers: list[LayerKV | None] = [None] * num_layers
         self._reserved_tokens = 0
         self._ring_start = [0] * num_layers  # the oldest position each ring holds valid data for
+        self._flushed = [0] * num_layers  # positions [0, flushed) of an offloaded layer are in host memory
         self._staging: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def is_offloaded(self, layer: int) -> bool:
@@ -132,6 +133,7 @@ class KVStore:
                 self._staging.clear()
         self._reserved_tokens = reserve_tokens
         self._ring_start = [0] * self.num_layers
+        self._flushed = [0] * self.num_layers
         self.slot_map.reset()
         for layer in self.layers:
             if layer is not None:
@@ -139,6 +141,8 @@ class KVStore:
 
     def truncate(self, length: int) -> None:
         """Keep only the first ``length`` tokens of every layer (buffers are kept; later appends overwrite)."""
+        for layer in self.offloaded:
+            self.flush(layer)  # the ring is about to be distrusted: its tokens go to host memory first
         for layer in self.layers:
             if layer is not None:
                 if layer.length < length:
@@ -146,6 +150,7 @@ class KVStore:
                 layer.length = length
         # Ring slots past `length` will be overwritten by different tokens: trust none of the ring.
         self._ring_start = [length] * self.num_layers
+        self._flushed = [min(flushed, length) for flushed in self._flushed]
         self.slot_map.reset()
 
     def length(self, layer: int) -> int:
@@ -160,10 +165,17 @@ class KVStore:
         entry = self._ensure_capacity(layer, key, value)
         start, end = entry.length, entry.length + key.shape[2]
         if layer in self.offloaded:
-            # Token-major host memory: the new tokens are one contiguous block, so the device-to-host
-            # copy into pinned memory is a single asynchronous DMA (readers are ordered after it).
-            token_major(entry.key)[start:end].copy_(key.permute(2, 0, 1, 3), non_blocking=True)
-            token_major(entry.value)[start:end].copy_(value.permute(2, 0, 1, 3), non_blocking=True)
+            if key.shape[2] > 1:  # a prefill chunk: straight to host memory (after what the ring holds back)
+                self.flush(layer)
+                # Token-major host memory: the chunk is one contiguous block, so the device-to-host copy
+                # into pinned memory is a single asynchronous DMA (readers are ordered after it).
+                token_major(entry.key)[start:end].copy_(key.permute(2, 0, 1, 3), non_blocking=True)
+                token_major(entry.value)[start:end].copy_(value.permute(2, 0, 1, 3), non_blocking=True)
+                self._flushed[layer] = end
+            elif start - self._flushed[layer] >= max(1, self.window // 2):
+                # Decode: the new token stays in the ring; every window/2 steps the ring's unflushed
+                # tokens go to host memory in one copy, long before the ring overwrites them.
+                self.flush(layer)
             self._write_ring(layer, key, value, start)
         else:
             entry.key[:, :, start:end].copy_(key)
@@ -187,6 +199,22 @@ class KVStore:
             fast.ring_value.index_copy_(2, positions, value[:, :, new - keep:])
         self._ring_start[layer] = max(self._ring_start[layer], start + new - self.window)
 
+    def flush(self, layer: int) -> None:
+        """Copy an offloaded layer's tokens that only its ring holds to host memory (asynchronously)."""
+        entry = self.layers[layer]
+        start, end = self._flushed[layer], 0 if entry is None else entry.length
+        if entry is None or start >= end:
+            return
+        fast = self.fast[layer]
+        position = start
+        while position < end:  # at most two contiguous runs of the ring
+            row = position % self.window
+            count = min(end - position, self.window - row)
+            for ring, host in ((fast.ring_key, entry.key), (fast.ring_value, entry.value)):
+                token_major(host)[position:position + count].copy_(token_major(ring)[row:row + count], non_blocking=True)
+            position += count
+        self._flushed[layer] = end
+
     def staged(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored K/V of an offloaded layer on its compute device, as [B, Hkv, L, D] views (dense
         steps: prefill chunks, contexts within the token budget). One token-major staging buffer per
@@ -202,6 +230,7 @@ class KVStore:
             key_buffer = torch.empty(capacity, batch, heads, entry.key.shape[3], dtype=self.dtype, device=device)
             value_buffer = torch.empty(capacity, batch, heads, entry.value.shape[3], dtype=self.dtype, device=device)
             self._staging[device] = (key_buffer, value_buffer)
+        self.flush(layer)
         key_buffer[:length].copy_(token_major(entry.key)[:length], non_blocking=True)
         value_buffer[:length].copy_(token_major(entry.value)[:length], non_blocking=True)
         return key_buffer[:length].permute(1, 2, 0, 3), value_buffer[:length].permute(1, 2, 0, 3)
