@@ -12,6 +12,8 @@ import platform
 import sys
 from pathlib import Path
 
+from .config import DEFAULT_TOKEN_BUDGET
+
 logger = logging.getLogger(__name__)
 
 
@@ -57,8 +59,9 @@ def _generate(args: argparse.Namespace) -> int:
     prompt = prompt_path.read_text()
     if not prompt.strip():
         raise SystemExit(f"error: prompt file {str(prompt_path)!r} is empty")
+    offload = args.offload if args.offload in ("auto", "none", "all") else _layers(args.offload)
     model, tokenizer = load_model(args.model)
-    fast = specontext.compile(model, args.budget, token_budget=args.token_budget)
+    fast = specontext.compile(model, args.budget, token_budget=args.token_budget, offload=offload)
     if args.chat and tokenizer.chat_template:
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -75,6 +78,13 @@ def _generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--offload {text!r}: accepted are auto, none, all, or comma-separated layer indices") from None
 
 
 def _token_budget(text: str) -> int | float | None:
@@ -98,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help='model directory, .gguf file, or "smollm2" (the packaged GGUF)')
     gen.add_argument("--prompt-file", required=True)
     gen.add_argument("--budget", default="24GB", help="GPU memory budget, e.g. 24GB (default)")
-    gen.add_argument("--token-budget", type=_token_budget, default=None, help="tokens attended per step (default: dense)")
+    gen.add_argument("--token-budget", type=_token_budget, default=DEFAULT_TOKEN_BUDGET,
+                     help=f"tokens attended per step: an int, a fraction in (0, 1], or none for dense (default {DEFAULT_TOKEN_BUDGET})")
+    gen.add_argument("--offload", default="auto", help="auto (default), none, all, or comma-separated layer indices")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="do not apply the chat template")
     gen.set_defaults(func=_generate)

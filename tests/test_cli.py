@@ -31,7 +31,8 @@ def test_console_script_info():
 def test_generate_streams_and_reports(tiny_model_dir, tmp_path, capsys):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Tell me about the river valley and its orchards.")
-    assert main(["generate", "--model", str(tiny_model_dir), "--prompt-file", str(prompt), "--max-new-tokens", "6"]) == 0
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt-file", str(prompt), "--max-new-tokens", "6",
+                 "--offload", "0", "--token-budget", "8"]) == 0
     captured = capsys.readouterr()
     assert "tok/s" in captured.err and "KV" in captured.err
     assert "6 new" in captured.err or "new" in captured.err
@@ -42,5 +43,7 @@ def test_generate_bad_input_is_one_line_error(tiny_model_dir, tmp_path, capsys):
     prompt.write_text("hello")
     assert main(["generate", "--model", str(tiny_model_dir), "--prompt-file", str(prompt), "--budget", "24XB"]) == 2
     assert "error: budget '24XB' has unknown unit" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt-file", str(prompt), "--offload", "1,x"]) == 2
+    assert "error: --offload '1,x'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="does not exist"):
         main(["generate", "--model", str(tiny_model_dir), "--prompt-file", str(tmp_path / "missing.txt")])
