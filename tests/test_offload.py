@@ -263,3 +263,15 @@ def test_smollm2_offload_modes_and_elastic_loading_give_identical_tokens(smollm2
     elastic_bytes, full_reload = moved[("all", True)]
     assert elastic_bytes <= 0.5 * full_reload, moved
     assert elastic_bytes < moved[("all", False)][0] < full_reload
+
+
+def test_offloaded_without_a_local_window_equals_resident():
+    """local_window=0: the newest past token is still served from the ring, older ones from host memory."""
+    model = tiny_model("llama", num_hidden_layers=2)
+    ids, mask = padded_batch(model.config.vocab_size, [50, 38], seed=9)
+    options = dict(token_budget=12, sink_tokens=1, local_window=0, progress=False)
+    expected = specontext.compile(model, "1GB", offload="none", **options).generate(
+        ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    compiled = specontext.compile(model, "1GB", offload="all", **options)
+    compiled.runtime.store.fill_value = POISON
+    assert torch.equal(compiled.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False), expected)

@@ -244,13 +244,15 @@ class AttentionRuntime:
         total = self.store.length(layer) + k.shape[2]
         windowed = sliding_window and total > sliding_window  # a sliding layer reads only its window
         sparse = indices is not None and self._sparse_step and not windowed
+        offloaded = self.store.is_offloaded(layer)
+        if sparse and offloaded:
+            self.prefetcher.ensure(layer)  # loads land before this step's token enters the ring
         keys, values = self.store.append(layer, k, v)
         if mask is not None and mask.shape[-1] != total:
             raise RuntimeError(
                 f"layer {layer}: mask covers {mask.shape[-1]} keys but the store holds {total}: "
                 "the step's attention_mask must span every stored token plus the new ones"
             )
-        offloaded = self.store.is_offloaded(layer)
         if offloaded and (not sparse or self.observers or self.measure_recall):
             keys, values = self.store.staged(layer)  # everything, on the compute device
         elif offloaded:
@@ -271,7 +273,6 @@ class AttentionRuntime:
 
     def _sparse_offloaded(self, layer, q, k, v, keys, scale, softcap):
         """Attention over the layer's slots (its selection, loaded by the prefetcher) + the new token."""
-        self.prefetcher.ensure(layer)  # no-op when the graph's prefetch and wait nodes already ran
         fast = self.store.fast[layer]
         slots = self.store.slot_map.slots
         fast.slot_key[:, :, slots + 1:].copy_(k)

@@ -74,7 +74,7 @@ class KVStore:
         dtype: storage dtype (the model's compute dtype).
         grow_chunk: capacity granularity in tokens when an append outgrows the reservation.
         offloaded: layers whose full KV lives in host memory.
-        window: recent tokens an offloaded layer also keeps on its compute device (at least 1).
+        window: recent tokens an offloaded layer also keeps on its compute device (at least 2).
         elastic: offloaded layers load only the tokens a step's selection adds (see :mod:`.slots`).
         fill_value: what new slot buffers hold before any load (tests use a large finite value, so an
             attended slot that was never loaded changes the output visibly).
@@ -100,7 +100,7 @@ class KVStore:
         self.devices = [torch.device(d) for d in devices]
         self.dtype = dtype
         self.grow_chunk = grow_chunk
-        self.window = max(1, window)
+        self.window = max(2, window)  # >= 2: the ring always serves the newest past token
         self.fill_value = fill_value
         self.offloaded = frozenset(offloaded)
         self.fast: dict[int, FastTier] = {layer: FastTier() for layer in self.offloaded}
@@ -249,7 +249,8 @@ class KVStore:
 
     def ring_holds(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
         """Bool mask: which of ``positions`` the layer's recent ring holds."""
-        return positions >= max(self._ring_start[layer], self.layers[layer].length - self.window)
+        # The oldest row is left out: the step's own token is about to overwrite it in the ring.
+        return positions >= max(self._ring_start[layer], self.layers[layer].length - self.window + 1)
 
     def _ensure_capacity(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> LayerKV:
         entry = self.layers[layer]
