@@ -32,6 +32,7 @@ class Prefetcher:
         self._ready: dict[torch.device, torch.cuda.Event] = {}
         self._events: dict[int, torch.cuda.Event] = {}
         self._waits: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._compute_stream: torch.cuda.Stream | None = None
         self._prefetched: set[int] = set()
         self._waited: set[int] = set()
         self.reset_stats()
@@ -79,7 +80,9 @@ class Prefetcher:
         if device.type == "cuda":
             # Loads may start once the step's indices exist and the previous step stopped reading slots.
             ready = self._ready.setdefault(device, torch.cuda.Event())
-            ready.record(torch.cuda.current_stream(device))
+            # The compute stream, looked up once per step (per-layer lookups cost measurable CPU time).
+            self._compute_stream = torch.cuda.current_stream(device)
+            ready.record(self._compute_stream)
             stream = self._streams.setdefault(device, torch.cuda.Stream(device))
             # Made on the compute stream, read on the side stream: keep their memory from early reuse.
             for tensor in (self.plan.slot, self.plan.token, self._source, self._ring_rows):
@@ -96,10 +99,14 @@ class Prefetcher:
             return
         stream = self._streams[device]
         stream.wait_event(self._ready[device])
-        with torch.cuda.stream(stream):
+        # set_stream rather than the stream context manager: no current-stream lookups per layer.
+        torch.cuda.set_stream(stream)
+        try:
             self._load(layer)
             event = self._events.setdefault(layer, torch.cuda.Event())
             event.record(stream)
+        finally:
+            torch.cuda.set_stream(self._compute_stream)
 
     def wait(self, layer: int) -> None:
         """Make the compute stream wait for layer ``layer``'s loads (and only those)."""
@@ -109,7 +116,7 @@ class Prefetcher:
         event = self._events.get(layer)
         if event is None:  # CPU: the load already ran
             return
-        stream = torch.cuda.current_stream(self.store.devices[layer])
+        stream = self._compute_stream
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(stream)
         stream.wait_event(event)
