@@ -8,20 +8,24 @@ from specontext_compiler import (
     SUPPORTED_FAMILIES,
     CalibratedHead,
     CalibrationReport,
+    MemoryPlan,
     SpeContextModel,
     __version__,
     calibrate,
     compile,
     parse_budget,
+    plan_memory,
 )
 
 __all__ = [
     "SUPPORTED_FAMILIES",
     "CalibratedHead",
     "CalibrationReport",
+    "MemoryPlan",
     "SpeContextModel",
     "__version__",
     "calibrate",
     "compile",
     "parse_budget",
+    "plan_memory",
 ]

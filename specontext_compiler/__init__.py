@@ -7,10 +7,13 @@ from .api import SpeContextModel, compile
 from .retrieval.calibrate import CalibratedHead, CalibrationReport, calibrate
 from .capture import SUPPORTED_FAMILIES
 from .config import parse_budget
+from .planning.planner import MemoryPlan, plan_memory
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MemoryPlan",
+    "plan_memory",
     "SUPPORTED_FAMILIES",
     "CalibratedHead",
     "CalibrationReport",

@@ -80,6 +80,19 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import specontext
+    from specontext_compiler.planning.known_models import load_config
+
+    config = load_config(args.model)
+    plan = specontext.plan_memory(config, args.budget, args.context, batch=args.batch, token_budget=args.token_budget)
+    print(plan.table())
+    if args.png:
+        plan.plot(args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
 def _layers(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -114,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="do not apply the chat template")
     gen.set_defaults(func=_generate)
+
+    plan = sub.add_parser("plan", help="where the KV of a model lives under a budget (memory model)")
+    plan.add_argument("--model", required=True, help="llama-3.1-8b, qwen2.5-7b, qwen3-8b, mistral-7b, or a config.json / its directory")
+    plan.add_argument("--budget", required=True, help="GPU memory budget, e.g. 24GB")
+    plan.add_argument("--context", type=int, required=True, help="tokens per sequence (prompt + generated)")
+    plan.add_argument("--batch", type=int, default=1)
+    plan.add_argument("--token-budget", type=_token_budget, default=DEFAULT_TOKEN_BUDGET)
+    plan.add_argument("--png", help="also plot placement and memory against the context length")
+    plan.set_defaults(func=_plan)
     return parser
 
 

@@ -1,0 +1,121 @@
+"""The memory model's terms against hand-computed values, and the planner's invariants on random configs."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import LlamaConfig
+
+import specontext
+from specontext_compiler.planning.memory_model import ModelShape, memory_terms
+from specontext_compiler.planning.planner import _peak_function, resident_layers
+from tiny_models import tiny_model
+
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+
+
+def test_terms_match_hand_computed_values():
+    shape = ModelShape.from_config(LlamaConfig(**LLAMA_8B), torch.bfloat16)
+    # Llama-3.1-8B: 8,030,261,248 parameters (the published count), bf16
+    assert shape.weight_bytes == 8_030_261_248 * 2
+    assert shape.kv_layer_token_bytes == 2 * 8 * 128 * 2  # K and V, 8 KV heads of 128, bf16: 4 KiB
+    terms = {t.name: t for t in memory_terms(shape, token_budget=2048, window=65, prefill_chunk=2048, workspace=1000)}
+    b, length, resident = 2, 32768, 10
+    kv = 4096
+    assert terms["kv_resident"].bytes(b, length, resident) == resident * b * length * kv
+    assert terms["slots"].bytes(b, length, resident) == (32 - resident) * b * (2048 + 2) * kv
+    assert terms["ring"].bytes(b, length, resident) == (32 - resident) * b * 65 * kv
+    assert terms["staging"].bytes(b, length, resident) == b * length * kv
+    assert terms["staging"].bytes(b, length, 32) == 0  # nothing offloaded, nothing staged
+    assert terms["retrieval_head"].bytes(b, length, resident) == b * length * kv // 2  # one layer's keys
+    assert terms["logits"].bytes(b, length, resident) == b * 128256 * (2 + 4)
+    assert terms["workspace"].bytes(b, length, resident) == 1000
+    chunk_activations = b * 2048 * (4 * 4096 + 3 * 14336 + 2 * 4096) * 2 + b * 2048 * length + 2 * b * 32 * length * 128 * 2
+    assert terms["prefill_activations"].bytes(b, length, resident) == chunk_activations
+    assert terms["slots"].bytes(b, 1000, resident) == (32 - resident) * b * (1000 + 2) * kv  # selection <= context
+    assert str(terms["kv_resident"]).startswith("kv_resident = 4096*B*L*n")  # printable, named expressions
+
+
+def test_weights_of_a_loaded_model_are_its_actual_bytes():
+    model = tiny_model("llama")
+    shape = ModelShape.from_model(model)
+    tensors = list(model.parameters()) + list(model.buffers())  # buffers too (rotary frequencies)
+    assert shape.weight_bytes == sum(t.numel() * t.element_size() for t in tensors)
+    assert shape.dtype_bytes == 4
+
+
+@st.composite
+def configs(draw):
+    kv_heads = draw(st.sampled_from([1, 2, 4, 8]))
+    groups = draw(st.sampled_from([1, 2, 4]))
+    head_dim = draw(st.sampled_from([64, 128]))
+    return LlamaConfig(hidden_size=kv_heads * groups * head_dim, intermediate_size=draw(st.integers(256, 20000)),
+                       num_hidden_layers=draw(st.integers(1, 48)), num_attention_heads=kv_heads * groups,
+                       num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=draw(st.integers(1000, 200000)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(configs(), st.integers(1, 4), st.integers(256, 200_000), st.floats(2.0, 200.0), st.sampled_from([None, 512, 2048]))
+def test_plans_fit_the_budget_and_only_lose_layers_as_context_and_batch_grow(config, batch, context, budget_gb, token_budget):
+    budget = int(budget_gb * 1e9)
+    try:
+        plan = specontext.plan_memory(config, budget, context, batch=batch, token_budget=token_budget)
+    except ValueError as error:
+        assert "needs at least" in str(error)
+        return
+    assert plan.peak_bytes <= budget
+    assert plan.gpu_layers + plan.cpu_layers == list(range(config.num_hidden_layers))
+    peak = _peak_function(plan.terms)
+    layers = config.num_hidden_layers
+    # the solver's n is the largest that fits
+    assert plan.resident == layers or peak(batch, context, plan.resident + 1) > budget
+    # n never grows with the context or the batch
+    for longer in (context + 1, context * 2):
+        more = resident_layers(peak, layers, batch, longer, budget)
+        assert more is None or more <= plan.resident
+    wider = resident_layers(peak, layers, batch + 1, context, budget)
+    assert wider is None or wider <= plan.resident
+    # thresholds: increasing lengths, decreasing n, and n just past each equals the solver's answer
+    lengths = [length for length, _ in plan.thresholds]
+    assert lengths == sorted(lengths)
+    for length, count in plan.thresholds:
+        assert resident_layers(peak, layers, batch, length + 1, budget) == count
+        assert (resident_layers(peak, layers, batch, length, budget) or 0) > (count if count is not None else -1)
+
+
+def test_impossible_budget_says_what_it_needs_and_where_it_goes():
+    with pytest.raises(ValueError, match=r"needs at least 17\.\d GB .*weights 16\.1 GB.*budget is 10\.0 GB"):
+        specontext.plan_memory(LlamaConfig(**LLAMA_8B), "10GB", 8192)
+    with pytest.raises(ValueError, match="context must be a positive int"):
+        specontext.plan_memory(LlamaConfig(**LLAMA_8B), "24GB", 0)
+    with pytest.raises(TypeError, match="config or model"):
+        specontext.plan_memory("llama", "24GB", 8192)
+
+
+def test_plan_outputs(tmp_path):
+    plan = specontext.plan_memory(LlamaConfig(**LLAMA_8B), "24GB", 131072, dtype=torch.bfloat16)
+    assert 0 < plan.resident < 32 and plan.thresholds
+    text = plan.table()
+    assert "kv_resident" in text and "peak" in text and f"{plan.resident} of 32" in text
+    payload = json.loads(plan.to_json())
+    assert payload["peak_bytes"] == plan.peak_bytes and payload["gpu_layers"] == plan.gpu_layers
+    assert set(payload["expressions"]) == set(payload["terms"])
+    plan.plot(tmp_path / "plan.png")
+    assert (tmp_path / "plan.png").stat().st_size > 10_000
+
+
+def test_cli_plan(tmp_path, capsys):
+    from specontext_compiler.cli import main
+
+    png = tmp_path / "plan.png"
+    assert main(["plan", "--model", "qwen3-8b", "--budget", "24GB", "--context", "131072", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "GPU-resident layers" in out and "of 36" in out and png.is_file()
+    LlamaConfig(**LLAMA_8B).save_pretrained(tmp_path / "cfg")
+    assert main(["plan", "--model", str(tmp_path / "cfg"), "--budget", "80GB", "--context", "8192", "--batch", "4"]) == 0
+    assert "32 of 32" in capsys.readouterr().out
+    assert main(["plan", "--model", "llama-3.1-8b", "--budget", "10GB", "--context", "8192"]) == 2
+    assert "needs at least" in capsys.readouterr().err
