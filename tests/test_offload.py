@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import specontext
-from specontext_compiler.kernels.gather_rows import gather_from_host_or_ring, gather_rows, gather_rows_reference
+from specontext_compiler.kernels.gather_rows import gather_from_host_or_ring, gather_rows_reference
 from specontext_compiler.passes.schedule_prefetch import check_schedule
 from specontext_compiler.planning.placement import place_layers
 from specontext_compiler.runtime.slots import SlotMap
@@ -70,19 +70,18 @@ def test_triton_row_gather_matches_reference(dtype, token_major):
     valid = torch.rand(2, 3, 12, generator=g) < 0.7
     valid[..., 10:] = False
     expected = torch.full((2, 3, 11, 16), float("nan"), dtype=dtype)
-    out = expected.clone()
     gather_rows_reference(src, src_index, valid, expected, dst_index)
-    gather_rows(src, src_index, valid, out, dst_index, block_rows=16)
-    assert torch.equal(out.isnan(), expected.isnan())  # same rows written, the rest still poisoned
-    written = ~expected.isnan()
-    assert torch.equal(out[written], expected[written])
-    b, h, r = valid.nonzero(as_tuple=True)
-    assert torch.equal(out[b, h, dst_index[b, h, r]], src[b, h, src_index[b, h, r]])
-    # K and V in one launch
+    # The runtime's kernel with every row from host memory (source 1) or skipped (0); K and V in one launch.
     first, second = torch.full_like(expected, float("nan")), torch.full_like(expected, float("nan"))
-    gather_rows(src, src_index, valid.to(torch.int8), first, dst_index, src2=-src, dst2=second)
-    assert torch.equal(first.isnan(), expected.isnan()) and torch.equal(first[written], expected[written])
-    assert torch.equal(second[written], -expected[written])
+    ring = torch.zeros(2, 3, 1, 16, dtype=dtype)
+    gather_from_host_or_ring(src, -src, ring, ring.clone(), first, second, src_index, torch.zeros_like(src_index),
+                             valid.to(torch.int8), dst_index)
+    assert torch.equal(first.isnan(), expected.isnan())  # same rows written, the rest still poisoned
+    written = ~expected.isnan()
+    assert torch.equal(first[written], expected[written])
+    b, h, r = valid.nonzero(as_tuple=True)
+    assert torch.equal(first[b, h, dst_index[b, h, r]], src[b, h, src_index[b, h, r]])
+    assert torch.equal(second.isnan(), expected.isnan()) and torch.equal(second[written], -expected[written])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

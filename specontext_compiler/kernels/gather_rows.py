@@ -1,16 +1,16 @@
 """Row gather into slot buffers: ``dst[b, h, dst_index] = src[b, h, src_index]`` where ``valid``.
 
-This is how an offloaded layer's selected tokens reach the GPU. ``src`` is the layer's full K or V in
-pinned host memory; the Triton kernel reads the selected rows straight from it over PCIe (zero-copy:
-pinned memory is mapped into the GPU's address space), so there is no CPU gather and no staging copy.
-DESIGN.md measured 43-50 GB/s for this against 12.1 GB/s for a CPU ``index_select`` + copy on the
-H100, which is why it is the CUDA path. ``gather_rows_reference`` is the pure-torch definition used on
-the CPU (and by the tests as the reference).
+This is how an offloaded layer's selected tokens reach the GPU. The source is the layer's full K/V in
+pinned host memory, or its ring of recent tokens on the GPU; the Triton kernel
+(:func:`gather_from_host_or_ring`) reads the selected rows straight from host memory over PCIe
+(zero-copy: pinned memory is mapped into the GPU's address space), so there is no CPU gather and no
+staging copy. DESIGN.md measured 43-50 GB/s for this against 12.1 GB/s for a CPU ``index_select`` +
+copy on the H100, which is why it is the CUDA path. ``gather_rows_reference`` is the pure-torch
+definition used on the CPU (and by the tests as the reference).
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -23,34 +23,6 @@ def gather_rows_reference(src, src_index, valid, dst, dst_index) -> None:
     batch, head, row = valid.nonzero(as_tuple=True)
     rows = src[batch.to(src.device), head.to(src.device), src_index[batch, head, row].to(src.device)]
     dst[batch, head, dst_index[batch, head, row]] = rows.to(dst.device)
-
-
-@triton.jit
-def _gather_rows_kernel(
-    src_ptr, dst_ptr, src2_ptr, dst2_ptr, src_index_ptr, dst_index_ptr, valid_ptr,
-    heads, rows,
-    src_stride_b, src_stride_h, src_stride_n, dst_stride_b, dst_stride_h, dst_stride_n,
-    DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, PAIRED: tl.constexpr,
-):
-    # One program per (batch x head, block of rows); a row is DIM contiguous elements in src and dst.
-    # PAIRED: a second src/dst pair with the same layout (K and V) moves in the same launch.
-    bh = tl.program_id(0)
-    block = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
-    row = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    in_range = row < rows
-    meta = bh * rows + row
-    ok = tl.load(valid_ptr + meta, mask=in_range, other=0) != 0
-    src_row = tl.load(src_index_ptr + meta, mask=ok, other=0).to(tl.int64)
-    dst_row = tl.load(dst_index_ptr + meta, mask=ok, other=0).to(tl.int64)
-    col = tl.arange(0, BLOCK_DIM)
-    mask = ok[:, None] & (col < DIM)[None, :]
-    src_offset = (b * src_stride_b + h * src_stride_h + src_row * src_stride_n)[:, None] + col[None, :]
-    dst_offset = (b * dst_stride_b + h * dst_stride_h + dst_row * dst_stride_n)[:, None] + col[None, :]
-    tl.store(dst_ptr + dst_offset, tl.load(src_ptr + src_offset, mask=mask), mask=mask)
-    if PAIRED:
-        tl.store(dst2_ptr + dst_offset, tl.load(src2_ptr + src_offset, mask=mask), mask=mask)
 
 
 @triton.jit
@@ -110,40 +82,4 @@ def gather_from_host_or_ring(host_k, host_v, ring_k, ring_v, dst_k, dst_v, token
         host_k.stride(0), host_k.stride(1), host_k.stride(2), ring_k.stride(0), ring_k.stride(1), ring_k.stride(2),
         dst_k.stride(0), dst_k.stride(1), dst_k.stride(2),
         DIM=dim, BLOCK_ROWS=block_rows, BLOCK_DIM=block_dim,
-    )
-
-
-def gather_rows(src, src_index, valid, dst, dst_index, block_rows: int | None = None, src2=None, dst2=None) -> None:
-    """The Triton gather (same contract as :func:`gather_rows_reference`); with ``src2``/``dst2`` (the
-    values, same layout as src/dst) a second pair moves in the same launch.
-
-    ``src`` [B, H, N, D] and ``dst`` [B, H, S, D] may have any strides but a unit one on D (an offloaded
-    layer's host buffer is token-major) and the same dtype; ``src`` may be pinned host memory when
-    ``dst`` is on the GPU. ``valid`` may be bool or int8. Under ``TRITON_INTERPRET=1`` all is on the CPU.
-    """
-    batch, heads, rows = src_index.shape
-    if rows == 0:
-        return
-    paired = src2 is not None
-    for a, b in ((src, dst),) + (((src2, dst2),) if paired else ()):
-        if a.stride(-1) != 1 or b.stride(-1) != 1:
-            raise ValueError("gather_rows needs rows contiguous along the last dimension")
-        if a.dtype != b.dtype:
-            raise TypeError(f"src is {a.dtype}, dst is {b.dtype}")
-    if paired and (src2.shape != src.shape or src2.stride() != src.stride() or dst2.shape != dst.shape
-                   or dst2.stride() != dst.stride() or src2.dtype != src.dtype):
-        gather_rows(src, src_index, valid, dst, dst_index, block_rows)
-        gather_rows(src2, src_index, valid, dst2, dst_index, block_rows)
-        return
-    dim = src.shape[-1]
-    block_dim = triton.next_power_of_2(dim)
-    if block_rows is None:  # about 4K elements per program: 128-wide rows 32 at a time, 4 KiB rows alone
-        block_rows = max(1, min(64, 4096 // block_dim))
-    grid = (batch * heads, triton.cdiv(rows, block_rows))
-    _gather_rows_kernel[grid](
-        src, dst, src2 if paired else src, dst2 if paired else dst,
-        src_index.contiguous(), dst_index.contiguous(),
-        valid if valid.dtype == torch.int8 else valid.to(torch.int8), heads, rows,
-        src.stride(0), src.stride(1), src.stride(2), dst.stride(0), dst.stride(1), dst.stride(2),
-        DIM=dim, BLOCK_ROWS=block_rows, BLOCK_DIM=block_dim, PAIRED=paired,
     )

@@ -73,7 +73,7 @@ class Prefetcher:
         # For the one-launch GPU gather: 0 skip, 1 host, 2 ring.
         self._source = self._from_host.to(torch.int8) + 2 * self._from_ring.to(torch.int8)
         row_bytes = sum(self._row_bytes(layer) for layer in store.offloaded)
-        self.h2d_rows = self.h2d_rows + (self.plan.valid & ~in_ring).sum() * row_bytes
+        self.h2d_rows = self.h2d_rows + self._from_host.sum() * row_bytes
         # A full reload brings the whole selection (even the window the ring holds) every step.
         self.full_reload_rows = self.full_reload_rows + (mapping >= 0).sum() * row_bytes
         device = indices.device
