@@ -1,11 +1,21 @@
-"""The memory model against the GPU: predicted peak vs torch.cuda.max_memory_allocated (needs CUDA).
+"""The memory model and the memory manager against the GPU, in one run (needs CUDA):
 
     PYTHONPATH=. python benchmarks/memory_plan_gpu.py --out memory_plan_h100
 
-Llama-3.1-8B shape with random bf16 weights. For each (budget, context, batch): plan with
-specontext.plan_memory, compile with the plan's placement (its CPU layers offloaded), generate 8 tokens
-after a prompt of context - 8 tokens, and compare the plan's peak with the measured peak. Writes JSON
-under benchmarks/results/ (and $OUT when set).
+1. Predicted vs measured peak: Llama-3.1-8B shape with random bf16 weights; for each (budget, context,
+   batch) compile with offload="auto" (the runtime asks the planner), generate 8 tokens after a prompt of
+   context - 8, and compare the plan's peak with torch.cuda.max_memory_allocated (and report
+   max_memory_reserved). The residual measured - (predicted - workspace) is the margin the workspace
+   term must cover: the largest residual is the measured workspace.
+2. Migration correctness on CUDA: a small float32 random Llama (4K prompt, 64 new tokens, slots
+   poisoned) under a budget whose plan moves layers to host memory mid-decode: tokens must equal
+   offload="none"; then the 8B shape at 32K under such a budget: per-step times around each move.
+3. Out-of-memory recovery: the allocator is capped below the budget (torch.cuda.set_per_process_memory_fraction)
+   so real CUDA out-of-memory errors happen; the manager must roll back, re-plan and finish.
+4. Which layers stay resident: 8B shape, 32K, half the layers offloaded: the first half resident vs the
+   last half vs every other layer, decode ms/step.
+
+Writes JSON under benchmarks/results/ (and $OUT when set) and prints a table.
 """
 
 from __future__ import annotations
@@ -14,6 +24,8 @@ import argparse
 import datetime
 import json
 import os
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -22,44 +34,216 @@ RESULTS = Path(__file__).parent / "results"
 CONFIGS = [(24, 8192, 1), (24, 32768, 1), (24, 131072, 1), (40, 32768, 4), (80, 131072, 1), (80, 32768, 4)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="memory_plan_gpu")
-    args = parser.parse_args()
+def predicted_vs_measured(model) -> list[dict]:
     import specontext
-    from benchmarks.offload import llama_8b_random
 
-    model = llama_8b_random()
     rows = []
     for budget_gb, context, batch in CONFIGS:
         budget = budget_gb * 10**9
-        plan = specontext.plan_memory(model, budget, context, batch=batch, token_budget=2048)
-        offload = plan.cpu_layers if plan.cpu_layers else "none"
-        compiled = specontext.compile(model, budget, token_budget=2048, offload=offload, progress=False)
+        compiled = specontext.compile(model, budget, token_budget=2048, offload="auto", progress=False)
+        plan = specontext.plan_memory(model, budget, context, batch=batch, token_budget=2048, prompt=context - 8)
         ids = torch.randint(10, 120000, (batch, context - 8), generator=torch.Generator().manual_seed(5)).cuda()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         compiled.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
         measured = torch.cuda.max_memory_allocated()
-        error = plan.peak_bytes - measured
-        row = {"budget_gb": budget_gb, "context": context, "batch": batch, "gpu_layers": len(plan.gpu_layers),
-               "predicted_peak": plan.peak_bytes, "measured_peak": measured, "error_bytes": error,
-               "relative_error": error / measured, "within_tolerance": abs(error) <= max(0.05 * measured, 0.5e9),
+        reserved = torch.cuda.max_memory_reserved()
+        predicted = compiled.placement.peak_bytes
+        workspace = compiled.memory.workspace
+        error = predicted - measured
+        row = {"budget_gb": budget_gb, "context": context, "batch": batch,
+               "gpu_layers": len(plan.gpu_layers), "offloaded_at_end": len(compiled.runtime.store.offloaded),
+               "planner_agrees": plan.peak_bytes == predicted, "predicted_peak": predicted, "measured_peak": measured,
+               "measured_reserved": reserved, "error_bytes": error, "relative_error": error / measured,
+               "residual_over_terms": measured - (predicted - workspace),
+               "within_tolerance": abs(error) <= max(0.05 * measured, 0.5e9),
                "measured_under_budget": measured <= budget, "terms": plan.breakdown()}
         rows.append(row)
         print(f"{budget_gb:>3} GB {context:>6} x {batch}: {row['gpu_layers']:>2} GPU layers, predicted "
-              f"{plan.peak_bytes / 1e9:6.2f} GB, measured {measured / 1e9:6.2f} GB ({100 * row['relative_error']:+.1f}%), "
+              f"{predicted / 1e9:6.2f} GB, measured {measured / 1e9:6.2f} GB ({100 * row['relative_error']:+.1f}%), "
+              f"reserved {reserved / 1e9:6.2f} GB, residual {row['residual_over_terms'] / 2**20:7.1f} MiB, "
               f"under budget {row['measured_under_budget']}", flush=True)
         del compiled, ids
         torch.cuda.empty_cache()
+    return rows
+
+
+def budget_with_migrations(compiled, batch: int, prompt: int, total: int, always: int, leave: int) -> tuple[int, list[int]]:
+    """The budget with room for ``always`` layers throughout and one more until ``leave`` tokens (and
+    its move's transient): the plan must move layer ``always`` out when the sequence passes ``leave``."""
+    memory = compiled.memory.model(total)
+    budget = memory.peak(batch, leave, always + 1, total, [total] * always + [leave], prompt, staged=False)
+    budget += memory.migration_bytes(batch, total)
+    until = memory.schedule(batch, prompt, total, budget)
+    if until[always] != leave:
+        raise RuntimeError(f"the plan for {budget} bytes is {until}, expected layer {always} to leave at {leave}")
+    return budget, until
+
+
+class StepClock:
+    """A streamer that timestamps every token (``put`` receives a host copy: the step is done)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def migration(model_8b) -> dict:
+    import specontext
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    result = {}
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=8192)
+    small = LlamaForCausalLM(config).to("cuda", torch.float32).eval()
+    ids = torch.randint(5, 1000, (1, 4096), generator=torch.Generator().manual_seed(3)).cuda()
+    new = 192
+    options = dict(token_budget=256, progress=False)
+    reference = specontext.compile(small, "8GB", offload="none", **options).generate(
+        ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    probe = specontext.compile(small, "8GB", offload="auto", **options)
+    probe.runtime.store.migration_chunk = 16  # a small copy temporary: moves fit within a short decode
+    prompt = ids.shape[1]
+    budget, until = budget_with_migrations(probe, 1, prompt, prompt + new, 3, prompt + new // 4)
+    compiled = specontext.compile(small, budget, offload="auto", **options)
+    compiled.runtime.store.migration_chunk = 16
+    compiled.runtime.store.fill_value = 1e4
+    out = compiled.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    result["small_fp32"] = {"budget_bytes": budget, "resident_until": until, "migrated": compiled.memory.migrated,
+                            "identical_tokens": bool(torch.equal(out, reference))}
+    print(f"migration, small fp32: moves {compiled.memory.migrated}, identical tokens {result['small_fp32']['identical_tokens']}",
+          flush=True)
+
+    context, new = 32768 - 384, 384
+    ids = torch.randint(10, 120000, (1, context), generator=torch.Generator().manual_seed(7)).cuda()
+    probe = specontext.compile(model_8b, "80GB", token_budget=2048, offload="auto", progress=False)
+    probe.runtime.store.migration_chunk = 256
+    budget, until = budget_with_migrations(probe, 1, context, context + new, 31, context + 96)
+    compiled = specontext.compile(model_8b, budget, token_budget=2048, offload="auto", progress=False)
+    compiled.runtime.store.migration_chunk = 256
+    clock = StepClock()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    compiled.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, streamer=clock)
+    peak = torch.cuda.max_memory_allocated()
+    # times[0]: the prompt; times[i + 1] - times[i]: decode step i - 1, which starts at context + i - 1 tokens
+    steps_ms = [1e3 * (b - a) for a, b in zip(clock.times[1:], clock.times[2:])]
+    from specontext_compiler.runtime.memory_manager import LEAD_STEPS
+
+    moved = {length - context for length, _ in compiled.memory.migrated}  # the step that switched the layer
+    began = {step - LEAD_STEPS for step in moved}  # the step that started its background copy
+    at_moves = [ms for i, ms in enumerate(steps_ms) if i in moved]
+    at_begins = [ms for i, ms in enumerate(steps_ms) if i in began]
+    others = [ms for i, ms in enumerate(steps_ms) if i not in moved and i not in began]
+    result["llama8b_32k"] = {"budget_bytes": budget, "migrated": compiled.memory.migrated, "peak_bytes": peak,
+                             "under_budget": peak <= budget, "step_ms": steps_ms,
+                             "median_step_ms_at_moves": statistics.median(at_moves) if at_moves else None,
+                             "median_step_ms_at_copy_start": statistics.median(at_begins) if at_begins else None,
+                             "median_step_ms_otherwise": statistics.median(others)}
+    r = result["llama8b_32k"]
+    print(f"migration, 8B 32K: budget {budget / 1e9:.2f} GB, {len(compiled.memory.migrated)} moves, peak "
+          f"{peak / 1e9:.2f} GB (under budget {r['under_budget']}), step at a switch {r['median_step_ms_at_moves']} ms, "
+          f"at a copy start {r['median_step_ms_at_copy_start']} ms, {r['median_step_ms_otherwise']:.2f} ms otherwise", flush=True)
+    del compiled, probe
+    torch.cuda.empty_cache()
+    return result
+
+
+def out_of_memory_recovery(model) -> dict:
+    import specontext
+
+    budget, context, cap = 24 * 10**9, 32768, 20.5e9
+    total = torch.cuda.get_device_properties(0).total_memory
+    ids = torch.randint(10, 120000, (1, context - 8), generator=torch.Generator().manual_seed(5)).cuda()
+    compiled = specontext.compile(model, budget, token_budget=2048, offload="auto", progress=False)
+    compiled.memory.max_retries = 4
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        compiled.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+        seconds = time.perf_counter() - started
+        finished, error = True, None
+    except torch.OutOfMemoryError as failure:
+        finished, error, seconds = False, str(failure)[:300], None
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    result = {"budget_bytes": budget, "allocator_cap_bytes": cap, "finished": finished, "error": error,
+              "retries": compiled.memory.retries, "workspace_after": compiled.memory.workspace,
+              "offloaded_at_end": len(compiled.runtime.store.offloaded), "peak_bytes": torch.cuda.max_memory_allocated(),
+              "seconds": seconds}
+    print(f"out of memory: cap {cap / 1e9:.1f} GB under a {budget / 1e9:.0f} GB budget: finished {finished} after "
+          f"{result['retries']} retries, {result['offloaded_at_end']} layers offloaded, peak {result['peak_bytes'] / 1e9:.2f} GB",
+          flush=True)
+    del compiled
+    torch.cuda.empty_cache()
+    return result
+
+
+def which_layers_stay(model, context: int = 32768, new: int = 33, repeats: int = 3) -> list[dict]:
+    import specontext
+
+    ids = torch.randint(10, 120000, (1, context), generator=torch.Generator().manual_seed(1)).cuda()
+    layers = model.config.num_hidden_layers
+    choices = {"first half resident": list(range(layers // 2, layers)), "last half resident": list(range(layers // 2)),
+               "every other resident": list(range(1, layers, 2))}
+    compiled = {name: specontext.compile(model, "80GB", token_budget=2048, offload=offload, progress=False)
+                for name, offload in choices.items()}
+    for runner in compiled.values():
+        runner.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    times = {name: [] for name in compiled}
+    for _ in range(repeats):
+        for name, runner in compiled.items():
+            runner.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+            times[name].append(runner.stats["ms_per_step"])
+    rows = [{"placement": name, "ms_per_step": statistics.median(t), "runs": t} for name, t in times.items()]
+    for r in rows:
+        print(f"placement {r['placement']:>22}: {r['ms_per_step']:.2f} ms/step (runs {', '.join(f'{t:.1f}' for t in r['runs'])})",
+              flush=True)
+    del compiled
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="memory_plan_gpu")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["peaks", "migration", "oom", "placement"])
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/memory_plan_gpu.py needs a CUDA GPU")
+    from benchmarks.offload import llama_8b_random
+
     payload = {"command": "PYTHONPATH=. python benchmarks/memory_plan_gpu.py", "date": datetime.date.today().isoformat(),
-               "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+               "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    model = llama_8b_random()
+    if "peaks" not in args.skip:
+        payload["rows"] = predicted_vs_measured(model)
+        payload["measured_workspace"] = max(r["residual_over_terms"] for r in payload["rows"])
+        payload["fragmentation"] = max(r["measured_reserved"] - r["measured_peak"] for r in payload["rows"])
+        print(f"largest residual over the terms: {payload['measured_workspace'] / 2**20:.0f} MiB; largest reserved - "
+              f"allocated: {payload['fragmentation'] / 2**20:.0f} MiB", flush=True)
+    if "migration" not in args.skip:
+        payload["migration"] = migration(model)
+    if "oom" not in args.skip:
+        payload["out_of_memory"] = out_of_memory_recovery(model)
+    if "placement" not in args.skip:
+        payload["placement"] = which_layers_stay(model)
     RESULTS.mkdir(exist_ok=True)
     text = json.dumps(payload, indent=2)
     (RESULTS / f"{args.out}.json").write_text(text)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"{args.out}.json").write_text(text)
+    print(f"wrote {RESULTS / (args.out + '.json')}")
 
 
 if __name__ == "__main__":

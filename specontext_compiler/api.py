@@ -13,12 +13,13 @@ from .capture import CapturedStep, check_supported, export_step, shadow_model
 from .config import DEFAULT_TOKEN_BUDGET, CompileConfig, format_bytes
 from .passes import attention_infos, default_passes, run_passes
 from .planning import kv_bytes_per_token, weight_bytes
-from .planning.placement import place_layers
+from .planning.memory_model import ModelShape
 from .retrieval import build_head
 from .retrieval.selection import resolve_token_budget
 from .runtime.attention_runtime import AttentionRuntime, SparseSettings
 from .runtime.engine import GenerationEngine
 from .runtime.kv_store import KVStore
+from .runtime.memory_manager import MemoryManager, head_cache_bytes
 from .runtime.sampling import EXTRA_GENERATE_KWARGS, resolve_generation_config
 
 logger = logging.getLogger(__name__)
@@ -86,9 +87,15 @@ class SpeContextModel:
         self.window = config.local_window + 1
         store = KVStore(len(self.layers), [self.device] * len(self.layers), self.dtype, window=self.window, elastic=config.elastic)
         self.runtime = AttentionRuntime(store, sparse, self.head)
+        shape = ModelShape.from_model(self.model)
+        self.memory = MemoryManager(
+            self.runtime, shape, config.budget_bytes, config.offload, config.token_budget, self.window,
+            config.prefill_chunk, head_cache_bytes(self.head, shape),
+            0 if self.head is None else self.head.parameter_count() * embeddings.element_size(),
+        )
         self.engine = GenerationEngine(
             self.step.program.module(), self.runtime, self.device, config.prefill_chunk, config.progress,
-            self.kv_bytes_per_token,
+            self.kv_bytes_per_token, self.memory,
         )
         logger.info(
             "compiled %s: %d attention layers, weights %s, KV %s/token, in %.1f s",
@@ -148,16 +155,10 @@ class SpeContextModel:
                 raise ValueError("empty prompt: a row of attention_mask has no token (all padding)")
         return input_ids.to(self.device), attention_mask.to(self.device, torch.long)
 
-    def _check_budget(self, batch: int, tokens: int) -> None:
-        """Place the layers' KV for ``batch`` x ``tokens`` under the budget (raises what it needs if it cannot)."""
-        budget = self.config.token_budget
-        slot_tokens = 0 if budget is None else min(tokens, resolve_token_budget(budget, tokens))
-        layers = len(self.layers)
-        self.placement = place_layers(
-            self.config.offload, layers, self.config.budget_bytes, self.weight_bytes,
-            self.kv_bytes_per_token // layers, batch, tokens, slot_tokens, self.window,
-        )
-        self.runtime.place(self.placement.offloaded)
+    def _check_budget(self, batch: int, prompt: int, total: int) -> None:
+        """Plan where the layers' KV lives for ``batch`` sequences growing from ``prompt`` to ``total``
+        tokens under the budget (raises ValueError saying what it needs if it cannot)."""
+        self.placement = self.memory.plan(batch, prompt, total)
 
     # -- the HF-like surface --------------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
@@ -171,7 +172,7 @@ class SpeContextModel:
         total = input_ids.shape[1] + settings.max_new_tokens
         if self.max_positions is not None and total > self.max_positions:
             logger.warning("prompt + max_new_tokens = %d exceeds max_position_embeddings (%d)", total, self.max_positions)
-        self._check_budget(input_ids.shape[0], total)
+        self._check_budget(input_ids.shape[0], input_ids.shape[1], total)
         return self.engine.generate(input_ids, attention_mask, settings, streamer=extras.get("streamer"))
 
     def replay(self, input_ids: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
@@ -182,7 +183,7 @@ class SpeContextModel:
         continuation, _ = self._check_inputs(continuation, None)
         if continuation.shape[0] != input_ids.shape[0]:
             raise ValueError(f"continuation batch {continuation.shape[0]} differs from input_ids batch {input_ids.shape[0]}")
-        self._check_budget(input_ids.shape[0], input_ids.shape[1] + continuation.shape[1])
+        self._check_budget(input_ids.shape[0], input_ids.shape[1], input_ids.shape[1] + continuation.shape[1])
         return self.engine.replay(input_ids, continuation)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> CausalLMOutputWithPast:
@@ -190,7 +191,7 @@ class SpeContextModel:
         if kwargs:
             raise TypeError(f"SpeContextModel.__call__ takes input_ids and attention_mask; got {sorted(kwargs)}")
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
-        self._check_budget(input_ids.shape[0], input_ids.shape[1])
+        self._check_budget(input_ids.shape[0], input_ids.shape[1], input_ids.shape[1])
         if self._step_all is None:
             self._step_all = self._capture(last_only=False)
             self._step_all_fn = self._step_all.program.module()

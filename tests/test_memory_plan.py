@@ -10,7 +10,6 @@ from transformers import LlamaConfig
 
 import specontext
 from specontext_compiler.planning.memory_model import ModelShape, memory_terms
-from specontext_compiler.planning.planner import _peak_function, resident_layers
 from tiny_models import tiny_model
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -68,22 +67,48 @@ def test_plans_fit_the_budget_and_only_lose_layers_as_context_and_batch_grow(con
         return
     assert plan.peak_bytes <= budget
     assert plan.gpu_layers + plan.cpu_layers == list(range(config.num_hidden_layers))
-    peak = _peak_function(plan.terms)
+    model = plan.model
     layers = config.num_hidden_layers
     # the solver's n is the largest that fits
-    assert plan.resident == layers or peak(batch, context, plan.resident + 1) > budget
+    assert plan.resident == layers or model.peak(batch, context, plan.resident + 1) > budget
     # n never grows with the context or the batch
     for longer in (context + 1, context * 2):
-        more = resident_layers(peak, layers, batch, longer, budget)
+        more = model.resident_layers(batch, longer, budget)
         assert more is None or more <= plan.resident
-    wider = resident_layers(peak, layers, batch + 1, context, budget)
+    wider = model.resident_layers(batch + 1, context, budget)
     assert wider is None or wider <= plan.resident
     # thresholds: increasing lengths, decreasing n, and n just past each equals the solver's answer
     lengths = [length for length, _ in plan.thresholds]
     assert lengths == sorted(lengths)
     for length, count in plan.thresholds:
-        assert resident_layers(peak, layers, batch, length + 1, budget) == count
-        assert (resident_layers(peak, layers, batch, length, budget) or 0) > (count if count is not None else -1)
+        assert model.resident_layers(batch, length + 1, budget) == count
+        assert (model.resident_layers(batch, length, budget) or 0) > (count if count is not None else -1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(configs(), st.integers(1, 4), st.integers(256, 100_000), st.floats(0.05, 0.95), st.floats(2.0, 100.0))
+def test_a_growing_sequence_is_planned_within_the_budget_at_every_length(config, batch, context, share, budget_gb):
+    """With ``prompt``: layers resident throughout first, then layers that leave one at a time (strictly
+    decreasing lengths); at every length the buffers actually reserved + the terms + one migration fit."""
+    budget = int(budget_gb * 1e9)
+    prompt = max(1, int(context * share))
+    try:
+        plan = specontext.plan_memory(config, budget, context, batch=batch, prompt=prompt)
+    except ValueError as error:
+        assert "needs at least" in str(error)
+        return
+    until, model = plan.resident_until, plan.model
+    assert until == sorted(until, reverse=True)
+    assert sum(1 for tokens in until if tokens == context) == plan.resident and plan.peak_bytes <= budget
+    leaving = [tokens for tokens in until if prompt <= tokens < context]
+    assert len(set(leaving)) == len(leaving)
+    margin = model.migration_bytes(batch, context)
+    for length in sorted({prompt, (prompt + context) // 2, context - 1, context, *leaving}):
+        if not prompt <= length <= context:
+            continue
+        resident = [tokens for tokens in until if tokens >= length]
+        peak = model.peak(batch, length, len(resident), context, resident, prompt)
+        assert peak + (margin if length in leaving else 0) <= budget, (length, resident)  # a move's transient
 
 
 def test_impossible_budget_says_what_it_needs_and_where_it_goes():
@@ -103,6 +128,14 @@ def test_plan_outputs(tmp_path):
     payload = json.loads(plan.to_json())
     assert payload["peak_bytes"] == plan.peak_bytes and payload["gpu_layers"] == plan.gpu_layers
     assert set(payload["expressions"]) == set(payload["terms"])
+    # a budget with room for layer 9 until 98,304 tokens of a sequence growing from 65,536 to 131,072
+    end, prompt, leave = 131072, 65536, 98304
+    model = plan.model
+    budget = model.peak(1, leave, 10, end, [end] * 9 + [leave], prompt) + model.migration_bytes(1, end)
+    growing = specontext.plan_memory(LlamaConfig(**LLAMA_8B), budget, end, dtype=torch.bfloat16, prompt=prompt)
+    assert growing.resident == 9 and growing.resident_until[9] == leave and (leave, 9) in growing.migrations
+    assert f"past {leave} tokens: layer 9 moves to host memory" in growing.table()
+    assert json.loads(growing.to_json())["resident_until"] == growing.resident_until
     plan.plot(tmp_path / "plan.png")
     assert (tmp_path / "plan.png").stat().st_size > 10_000
 

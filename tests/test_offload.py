@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 import specontext
 from specontext_compiler.kernels.gather_rows import gather_from_host_or_ring, gather_rows_reference
 from specontext_compiler.passes.schedule_prefetch import check_schedule
-from specontext_compiler.planning.placement import place_layers
 from specontext_compiler.runtime.slots import SlotMap
 from tiny_models import padded_batch, tiny_model
 
@@ -190,20 +189,24 @@ def test_schedule_prefetch_places_prefetches_early_and_waits_late():
         check_schedule(model.graph)
 
 
-# -- placement ------------------------------------------------------------------------------------------
-def test_auto_placement_keeps_the_first_layers_that_fit():
-    layer_token, batch, tokens, slots, window = 1000, 1, 100, 20, 5
-    full, fast = layer_token * tokens, layer_token * (slots + 2 + window)
-    weights = 10_000
-    # room for 2 resident layers, 2 offloaded fast tiers and the staging layer
-    budget = weights + 2 * full + 2 * fast + full
-    plan = place_layers("auto", 4, budget, weights, layer_token, batch, tokens, slots, window)
-    assert plan.offloaded == (2, 3) and plan.device_bytes <= budget
-    assert place_layers("auto", 4, 10**12, weights, layer_token, batch, tokens, slots, window).offloaded == ()
-    with pytest.raises(ValueError, match=r"needs at least .*KV on the GPU.*offload='auto'"):
-        place_layers("none", 4, budget, weights, layer_token, batch, tokens, slots, window)
-    with pytest.raises(ValueError, match="needs at least"):
-        place_layers("auto", 4, weights + full, weights, layer_token, batch, tokens, slots, window)
+# -- placement and the memory manager ---------------------------------------------------------------------
+CHUNK = 8  # tokens per copy of a moving layer: its device temporary stays small next to tiny contexts
+
+
+def budget_with_migrations(model, prompt, total, workspace=None, batch=1):
+    """The smallest budget (in steps of one layer-token of KV) whose plan moves layers out mid-decode."""
+    probe = specontext.compile(model, "1GB", offload="auto", **SPARSE)
+    probe.runtime.store.migration_chunk = CHUNK
+    if workspace is not None:
+        probe.memory.workspace = workspace
+    memory = probe.memory.model(total)
+    step = probe.kv_bytes_per_token // len(probe.layers)
+    low, high = memory.peak(batch, total, 0, prompt=prompt), memory.peak(batch, total, len(probe.layers), prompt=prompt)
+    for budget in range(low, high + 1, step):
+        until = memory.schedule(batch, prompt, total, budget)
+        if until and any(prompt < tokens < total for tokens in until):
+            return budget, until
+    raise AssertionError("no budget moves layers mid-sequence")
 
 
 def test_auto_offloads_when_the_budget_is_tight_and_still_matches():
@@ -211,15 +214,92 @@ def test_auto_offloads_when_the_budget_is_tight_and_still_matches():
     ids, mask = padded_batch(model.config.vocab_size, [90], seed=2)
     reference = specontext.compile(model, "1GB", offload="none", **SPARSE)
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
-    weights = reference.weight_bytes
-    layer_token = reference.kv_bytes_per_token // 4
-    full = layer_token * 100
-    fast = layer_token * (20 + 2 + 5)
-    tight = specontext.compile(model, weights + 2 * full + 2 * fast + full, offload="auto", **SPARSE)
+    total = 90 + 10
+    memory = reference.memory.model(total)
+    # room for 2 resident layers at the final length, not 3: layers 2 and 3 end in host memory (the plan
+    # may keep them on the GPU for the prompt and move them out as the sequence grows)
+    budget = memory.peak(1, total, 2, prompt=90)
+    assert memory.peak(1, total, 3, prompt=90) > budget
+    tight = specontext.compile(model, budget, offload="auto", **SPARSE)
+    tight.runtime.store.fill_value = POISON
     out = tight.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     assert tight.runtime.store.offloaded == frozenset({2, 3})
     assert torch.equal(out, expected)
-    assert tight.stats["kv_device_bytes"] <= tight.placement.device_bytes - weights
+    assert tight.placement.peak_bytes <= budget
+    with pytest.raises(ValueError, match=r"needs at least .*with 4 of 4 layers' KV on the GPU.*offload='auto'"):
+        specontext.compile(model, budget, offload="none", **SPARSE).generate(ids, attention_mask=mask, max_new_tokens=10)
+    with pytest.raises(ValueError, match="needs at least .* with every layer offloaded"):
+        specontext.compile(model, memory.peak(1, total, 0, prompt=90) - 1, offload="auto", **SPARSE).generate(
+            ids, attention_mask=mask, max_new_tokens=10)
+
+
+def test_layers_move_to_host_memory_as_the_sequence_grows_without_losing_a_token():
+    """A budget whose plan keeps some layers on the GPU for only part of a 90 + 30 token sequence: the
+    manager copies each to host memory in the background and switches it over mid-decode (ring from its
+    GPU buffer, slots reloaded from host memory; slots poisoned); tokens equal the all-resident run."""
+    model = tiny_model("llama", num_hidden_layers=4)
+    ids, mask = padded_batch(model.config.vocab_size, [90], seed=2)
+    new = 80
+    expected = specontext.compile(model, "1GB", offload="none", **SPARSE).generate(
+        ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    budget, planned = budget_with_migrations(model, 90, 90 + new)
+    compiled = specontext.compile(model, budget, offload="auto", **SPARSE)
+    compiled.runtime.store.fill_value = POISON
+    compiled.runtime.store.migration_chunk = CHUNK
+    out = compiled.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    moves = sorted((tokens, layer) for layer, tokens in enumerate(planned) if 90 <= tokens < 90 + new)
+    assert moves and sorted(compiled.memory.migrated) == moves  # each moved when the sequence passed its length
+    assert compiled.runtime.store.offloaded == frozenset(layer for layer, tokens in enumerate(planned) if tokens < 90 + new)
+    assert torch.equal(out, expected)
+
+
+def test_out_of_memory_mid_step_rolls_back_replans_and_retries():
+    """An out-of-memory error inside a decode step (after the retrieval head's layer stored its key):
+    the step is undone, the margin doubles, layers leave the GPU at once, and the step runs again."""
+    model = tiny_model("llama", num_hidden_layers=4)
+    ids, mask = padded_batch(model.config.vocab_size, [90], seed=2)
+    new = 80
+    expected = specontext.compile(model, "1GB", offload="none", **SPARSE).generate(
+        ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    probe = specontext.compile(model, "1GB", **SPARSE)
+    workspace = 40 * probe.kv_bytes_per_token
+    # A budget planned with twice the margin: with the first margin more layers stay on the GPU longer;
+    # after the injected out-of-memory error at 95 tokens, the re-plan has no room for some of them.
+    budget, _ = budget_with_migrations(model, 90, 90 + new, workspace=2 * workspace)
+    compiled = specontext.compile(model, budget, offload="auto", **SPARSE)
+    compiled.memory.workspace = workspace
+    compiled.runtime.store.fill_value = POISON
+    compiled.runtime.store.migration_chunk = CHUNK
+    first = compiled.memory.model(90 + new).schedule(1, 90, 90 + new, budget)
+    compiled.memory.workspace = 2 * workspace
+    replanned = compiled.memory.model(90 + new).schedule(1, 95, 90 + new, budget)
+    compiled.memory.workspace = workspace
+    leave_at_once = {layer for layer in range(4) if first[layer] >= 96 and replanned[layer] < 95}
+    assert leave_at_once, (first, replanned)
+    failed = []
+
+    def run_out_of_memory(layer, q, keys, scale):
+        if layer == 2 and q.shape[2] == 1 and keys.shape[2] == 96 and not failed:
+            failed.append(layer)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+
+    compiled.runtime.observers.append(run_out_of_memory)
+    out = compiled.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    assert failed and compiled.memory.retries == 1 and compiled.memory.workspace == 2 * workspace
+    assert {layer for length, layer in compiled.memory.migrated if length == 95} == leave_at_once
+    assert torch.equal(out, expected)
+
+
+def test_out_of_memory_with_a_fixed_placement_is_raised():
+    model = tiny_model("llama", num_hidden_layers=2)
+    compiled = specontext.compile(model, "1GB", offload="none", **SPARSE)
+
+    def run_out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+
+    compiled.runtime.observers.append(run_out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        compiled.generate(torch.randint(3, 90, (1, 30)), max_new_tokens=2)
 
 
 @pytest.mark.parametrize("bad", ["some", 3, [0, 0]])
@@ -246,8 +326,7 @@ def test_smollm2_offload_modes_and_elastic_loading_give_identical_tokens(smollm2
     reference = specontext.compile(model, "24GB", offload="none", **options)
     expected = reference.generate(ids, max_new_tokens=33, min_new_tokens=33, do_sample=False)
     layers = len(reference.layers)
-    layer_full = reference.kv_bytes_per_token // layers * (ids.shape[1] + 33)
-    tight = reference.weight_bytes + layers // 2 * layer_full + layers * layer_full // 4  # about half fit
+    tight = reference.memory.model(ids.shape[1] + 33).peak(1, ids.shape[1] + 33, layers // 2)  # half fit
     moved = {}
     for offload, budget, elastic in [("all", "24GB", True), ("all", "24GB", False), ("auto", tight, True)]:
         compiled = specontext.compile(model, budget, offload=offload, elastic=elastic, **options)

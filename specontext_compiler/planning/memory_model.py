@@ -19,6 +19,9 @@ import torch
 #: Batch, context length (prompt + generated tokens), and GPU-resident layers.
 B, L, n = sympy.symbols("B L n", integer=True, nonnegative=True)
 
+#: Tokens per device-to-host copy when the runtime moves a layer to host memory (its device temporary).
+MIGRATION_CHUNK = 2048
+
 DEFAULT_WORKSPACE = 512 * 2**20  # bytes; CUDA context excluded (torch.cuda.max_memory_allocated does not see it)
 
 
@@ -98,14 +101,18 @@ def memory_terms(
     token_budget: int | None = 2048,
     window: int = 65,
     prefill_chunk: int = 2048,
-    head_layers: int = 1,
     workspace: int = DEFAULT_WORKSPACE,
+    head_key_bytes_per_token: int | None = None,
+    head_parameter_bytes: int = 0,
 ) -> list[MemoryTerm]:
     """Every term of the GPU peak as a function of (B, L, n). ``token_budget=None`` is dense attention
-    (no slots); ``head_layers`` is how many layers' keys the draft-free retrieval head copies."""
+    (no slots); ``head_key_bytes_per_token``: what the retrieval head keeps per token and sequence
+    (default: the draft-free head's copy of one layer's keys); ``head_parameter_bytes``: a draft head's
+    own weights (the draft-free head has none)."""
     N = shape.num_layers
     kv = shape.kv_layer_token_bytes
     size = shape.dtype_bytes
+    head_key = kv // 2 if head_key_bytes_per_token is None else head_key_bytes_per_token
     offloaded = N - n
     selected = L if token_budget is None else sympy.Min(token_budget, L)
     chunk = sympy.Min(prefill_chunk, L)
@@ -114,8 +121,8 @@ def memory_terms(
     q_width = shape.num_q_heads * shape.head_dim
     terms = [
         MemoryTerm("weights", sympy.Integer(shape.weight_bytes), "parameters and buffers, in their dtypes"),
-        MemoryTerm("retrieval_head", sympy.Integer(0) if token_budget is None else head_layers * B * L * (kv // 2),
-                   "the draft-free head's copy of its scoring layers' keys"),
+        MemoryTerm("retrieval_head", sympy.Integer(0) if token_budget is None else head_parameter_bytes + B * L * head_key,
+                   "the retrieval head's key cache (the draft-free head: its scoring layers' keys)"),
         MemoryTerm("kv_resident", n * B * L * kv, "full K/V of the GPU-resident layers"),
         MemoryTerm("slots", sympy.Integer(0) if token_budget is None else offloaded * B * (selected + 2) * kv,
                    "offloaded layers' slot buffers: the selection, a scratch row, the new token"),

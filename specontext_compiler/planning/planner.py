@@ -2,8 +2,17 @@
 
 ``plan_memory(config_or_model, budget, context, batch=1, token_budget=2048)`` evaluates the memory
 model (:mod:`.memory_model`) for every resident-layer count n, keeps the largest n whose peak fits,
-and lists the thresholds: the context lengths past which n must drop. Resident layers are the *first*
-n (placement rule of :mod:`.placement`: later layers' prefetches have the most compute to hide behind).
+and lists the thresholds: the context lengths past which n must drop.
+
+Placement rule: the resident layers are the *first* n. Measured on the H100 (docs/memory.md, "Which
+layers stay"): with half the layers offloaded, keeping the first half resident decodes as fast as any
+other choice, and it leaves the later layers' prefetches the most compute to hide behind.
+
+With ``prompt=`` the plan also says how one sequence that grows from ``prompt`` to ``context`` tokens
+should move layers: a layer stays resident while the sequence holds at most ``resident_until[layer]``
+tokens, then the runtime migrates its KV to host memory (:mod:`specontext_compiler.runtime.memory_manager`).
+A resident layer's KV buffer is reserved once for exactly those tokens, so the check is against the
+buffers' real sizes (``capacities``), not against the current length.
 """
 
 from __future__ import annotations
@@ -14,7 +23,135 @@ from dataclasses import dataclass, field
 import sympy
 
 from ..config import format_bytes, parse_budget
-from .memory_model import B, DEFAULT_WORKSPACE, L, MemoryTerm, ModelShape, memory_terms, n, peak_expression
+from .memory_model import B, DEFAULT_WORKSPACE, MIGRATION_CHUNK, L, MemoryTerm, ModelShape, memory_terms, n
+
+#: Terms sized once for the whole sequence (the head's key copy, the staging buffer): in a schedule
+#: they are evaluated at the final length, whatever the current one.
+RESERVED_TERMS = ("retrieval_head", "staging")
+ACTIVATION_TERMS = ("prefill_activations", "decode_activations")
+
+
+class PeakModel:
+    """The memory terms of one model and runtime setting, compiled to plain functions, and the solver."""
+
+    def __init__(self, shape: ModelShape, terms: list[MemoryTerm], migration_chunk: int = MIGRATION_CHUNK,
+                 token_budget: int | None = None):
+        self.shape = shape
+        self.terms = terms
+        self.migration_chunk = migration_chunk
+        self.token_budget = token_budget  # decode steps up to this many tokens attend densely (None: all)
+        modules = [{"Min": min, "Max": max}, "math"]
+        self._functions = {t.name: sympy.lambdify((B, L, n), t.expr, modules=modules) for t in terms}
+
+    def parts(self, batch: int, length: int, resident: int, reserved: int | None = None,
+              capacities: list[int] | None = None, prompt: int | None = None, staged: bool = True) -> dict[str, int]:
+        """Bytes of each term with ``resident`` layers on the GPU at ``length`` tokens. ``reserved``: the
+        sequence's final length (for :data:`RESERVED_TERMS`; default ``length``); ``capacities``: the
+        resident layers' buffer sizes in tokens (default ``length`` each); ``prompt``: the prompt's
+        length (prefill activations peak at its last chunk; decode steps past it have none);
+        ``staged=False``: no dense step ever runs with a layer offloaded (no staging buffer)."""
+        reserved = length if reserved is None else reserved
+        values = {}
+        for name, function in self._functions.items():
+            at = reserved if name in RESERVED_TERMS else length
+            if name == "prefill_activations" and prompt is not None:
+                at = min(prompt, length)
+            values[name] = int(function(batch, at, resident))
+        if capacities is not None:
+            values["kv_resident"] = sum(capacities) * batch * self.shape.kv_layer_token_bytes
+        if not staged:
+            values["staging"] = 0
+        return values
+
+    def peak(self, batch: int, length: int, resident: int, reserved: int | None = None,
+             capacities: list[int] | None = None, prompt: int | None = None, staged: bool = True) -> int:
+        """Everything held + the larger of the prefill and decode activations."""
+        parts = self.parts(batch, length, resident, reserved, capacities, prompt, staged)
+        return sum(v for k, v in parts.items() if k not in ACTIVATION_TERMS) + max(parts[k] for k in ACTIVATION_TERMS)
+
+    def migration_bytes(self, batch: int, length: int) -> int:
+        """What moving one layer to host memory adds on the GPU while its buffer is still held: its ring
+        and one copy chunk's device temporary (its slots are allocated after the buffer is freed)."""
+        ring = self.parts(batch, length, self.shape.num_layers - 1)["ring"]
+        return ring + batch * min(self.migration_chunk, length) * self.shape.kv_layer_token_bytes // 2
+
+    def resident_layers(self, batch: int, length: int, budget: int) -> int | None:
+        """The most layers that can stay resident (None: not even with every layer offloaded)."""
+        for count in range(self.shape.num_layers, -1, -1):
+            if self.peak(batch, length, count) <= budget:
+                return count
+        return None
+
+    def thresholds(self, batch: int, budget: int, max_length: int) -> list[tuple[int, int | None]]:
+        """Where the resident-layer count drops as the context grows, up to ``max_length``: a list of
+        (length, n), meaning at most n layers fit for contexts longer than ``length`` (None: nothing fits).
+
+        n(L) never increases with L (every term grows with L), so each drop is found by bisection.
+        """
+        def fitting(length: int) -> int:
+            count = self.resident_layers(batch, length, budget)
+            return -1 if count is None else count
+
+        found: list[tuple[int, int | None]] = []
+        low, current = 1, fitting(1)
+        while current >= 0 and fitting(max_length) < current:
+            high = max_length  # fitting(low) >= current > fitting(high)
+            while high - low > 1:
+                middle = (low + high) // 2
+                low, high = (middle, high) if fitting(middle) >= current else (low, middle)
+            current = fitting(high)
+            found.append((low, None if current < 0 else current))
+            low = high
+        return found
+
+    def schedule(self, batch: int, start: int, end: int, budget: int) -> list[int] | None:
+        """Per layer, the most tokens it holds on the GPU while a sequence grows from ``start`` to ``end``
+        tokens: ``end`` (resident throughout), a length in [start, end) (migrates to host memory when
+        the sequence passes it) or 0 (offloaded from the start). None when nothing fits at ``end``.
+
+        Greedy from the end: the n(end) first layers stay throughout; each further layer stays as long
+        as the buffers actually reserved (earlier layers' capacities + its own), the terms at that length
+        and one layer's migration transient (:meth:`migration_bytes`) fit. Once it has left, the
+        earlier layers' checks (or the check at ``end``) cover the memory.
+        Lengths strictly decrease, so one layer migrates at a time.
+
+        The staging buffer (dense steps of offloaded layers) is left out when no layer is offloaded
+        during a dense step: every layer is resident through the prefill and leaves after the decode
+        turned sparse (past the token budget).
+        """
+        unstaged = self._schedule(batch, start, end, budget, staged=False)
+        if unstaged is not None and not self.staged(unstaged, start, end):
+            return unstaged
+        return self._schedule(batch, start, end, budget, staged=True)
+
+    def _schedule(self, batch: int, start: int, end: int, budget: int, staged: bool) -> list[int] | None:
+        layers = self.shape.num_layers
+        always = next((count for count in range(layers, -1, -1)
+                       if self.peak(batch, end, count, end, prompt=start, staged=staged) <= budget), None)
+        if always is None:
+            return None
+        capacities = [end] * always
+        margin = self.migration_bytes(batch, end)
+        longest = end - 1
+        for _ in range(always, layers):
+            def fits(length: int) -> bool:
+                peak = self.peak(batch, length, len(capacities) + 1, end, capacities + [length], start, staged)
+                return peak + margin <= budget
+
+            if longest < start or not fits(start):
+                break
+            low, high = start, longest  # fits(low); find the largest length that fits
+            while low < high:
+                middle = (low + high + 1) // 2
+                low, high = (middle, high) if fits(middle) else (low, middle - 1)
+            capacities.append(low)
+            longest = low - 1
+        return capacities + [0] * (layers - len(capacities))
+
+    def staged(self, until: list[int], start: int, end: int) -> bool:
+        """Whether a schedule runs a dense step with a layer offloaded (and so needs the staging buffer)."""
+        dense_until = max(start, end + 1 if self.token_budget is None else self.token_budget)
+        return not all(tokens == end or tokens >= dense_until for tokens in until)
 
 
 @dataclass
@@ -29,33 +166,50 @@ class MemoryPlan:
     resident: int
     terms: list[MemoryTerm] = field(repr=False)
     thresholds: list[tuple[int, int | None]]  # (length, resident layers for longer contexts; None: none fit)
+    #: With ``prompt``: per layer, the most tokens it holds on the GPU (0: offloaded from the start).
+    resident_until: list[int] | None = None
+    prompt: int | None = None
+    model: PeakModel = field(default=None, repr=False)
 
     @property
     def gpu_layers(self) -> list[int]:
+        """Layers whose KV is on the GPU at ``context`` tokens."""
         return list(range(self.resident))
 
     @property
     def cpu_layers(self) -> list[int]:
         return list(range(self.resident, self.num_layers))
 
+    @property
+    def migrations(self) -> list[tuple[int, int]]:
+        """(length, layer): the layer moves to host memory when the sequence grows past ``length``."""
+        if self.resident_until is None or self.prompt is None:
+            return []
+        return sorted(((until, layer) for layer, until in enumerate(self.resident_until)
+                       if self.prompt <= until < self.context), reverse=True)
+
     def breakdown(self) -> dict[str, int]:
-        return {t.name: t.bytes(self.batch, self.context, self.resident) for t in self.terms}
+        """Each term's bytes at ``context`` tokens (prefill activations at the prompt's length, if given)."""
+        return self.model.parts(self.batch, self.context, self.resident, prompt=self.prompt)
 
     @property
     def peak_bytes(self) -> int:
-        parts = self.breakdown()
-        activations = max(parts.pop("prefill_activations"), parts.pop("decode_activations"))
-        return sum(parts.values()) + activations
+        return self.model.peak(self.batch, self.context, self.resident, prompt=self.prompt)
 
     def table(self) -> str:
         rows = [f"memory plan: batch {self.batch} x {self.context} tokens, token budget {self.token_budget}, "
                 f"budget {format_bytes(self.budget_bytes)}",
                 f"GPU-resident layers: {self.resident} of {self.num_layers}"]
         for term in self.terms:
-            rows.append(f"  {term.name:<20} {format_bytes(term.bytes(self.batch, self.context, self.resident)):>10}  {term.what}")
+            rows.append(f"  {term.name:<20} {format_bytes(self.breakdown()[term.name]):>10}  {term.what}")
         rows.append(f"  {'peak':<20} {format_bytes(self.peak_bytes):>10}  held terms + the larger activation term")
         for length, resident in self.thresholds:
             rows.append(f"  past {length} tokens: {resident} resident layers")
+        if self.prompt is not None:
+            start = sum(1 for until in self.resident_until if until >= self.prompt)
+            rows.append(f"growing from a {self.prompt}-token prompt: {start} resident layers at the start")
+            for length, layer in self.migrations:
+                rows.append(f"  past {length} tokens: layer {layer} moves to host memory")
         return "\n".join(rows)
 
     def plot(self, path) -> None:
@@ -65,9 +219,9 @@ class MemoryPlan:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        peak = _peak_function(self.terms)
+        model = self.model
         lengths = sorted({max(1, int(self.context * i / 64)) for i in range(1, 65)})
-        resident = [resident_layers(peak, self.num_layers, self.batch, x, self.budget_bytes) for x in lengths]
+        resident = [model.resident_layers(self.batch, x, self.budget_bytes) for x in lengths]
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
         top.step(lengths, [-1 if r is None else r for r in resident], where="post")
         top.set_ylabel("GPU-resident layers")
@@ -89,42 +243,30 @@ class MemoryPlan:
             "token_budget": self.token_budget, "peak_bytes": self.peak_bytes, "gpu_layers": self.gpu_layers,
             "cpu_layers": self.cpu_layers, "thresholds": self.thresholds, "terms": self.breakdown(),
             "expressions": {t.name: str(t.expr) for t in self.terms},
+            "prompt": self.prompt, "resident_until": self.resident_until, "migrations": self.migrations,
         }, indent=2)
 
 
-def _peak_function(terms: list[MemoryTerm]):
-    return sympy.lambdify((B, L, n), peak_expression(terms), modules=[{"Min": min, "Max": max}, "math"])
+def model_shape(config_or_model, dtype=None) -> ModelShape:
+    """The memory model's view of a transformers config or model (a model's actual weight bytes)."""
+    if hasattr(config_or_model, "get_input_embeddings"):
+        return ModelShape.from_model(config_or_model)
+    if hasattr(config_or_model, "num_hidden_layers"):
+        return ModelShape.from_config(config_or_model, dtype)
+    raise TypeError(f"plan_memory takes a transformers config or model; got {type(config_or_model).__name__}")
 
 
-def resident_layers(peak, num_layers: int, batch: int, length: int, budget: int) -> int | None:
-    """The most layers that can stay resident (None: not even with every layer offloaded)."""
-    for count in range(num_layers, -1, -1):
-        if peak(batch, length, count) <= budget:
-            return count
-    return None
-
-
-def thresholds(peak, num_layers: int, batch: int, budget: int, max_length: int) -> list[tuple[int, int | None]]:
-    """Where the resident-layer count drops as the context grows, up to ``max_length``: a list of
-    (length, n), meaning at most n layers fit for contexts longer than ``length`` (None: nothing fits).
-
-    n(L) never increases with L (every term grows with L), so each drop is found by bisection.
-    """
-    def fitting(length: int) -> int:
-        count = resident_layers(peak, num_layers, batch, length, budget)
-        return -1 if count is None else count
-
-    found: list[tuple[int, int | None]] = []
-    low, current = 1, fitting(1)
-    while current >= 0 and fitting(max_length) < current:
-        high = max_length  # fitting(low) >= current > fitting(high)
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (middle, high) if fitting(middle) >= current else (low, middle)
-        current = fitting(high)
-        found.append((low, None if current < 0 else current))
-        low = high
-    return found
+def impossible_budget(model: PeakModel, budget: int, batch: int, length: int, resident: int = 0,
+                      prompt: int | None = None) -> ValueError:
+    """The error for a budget that cannot hold ``batch`` x ``length`` tokens with ``resident`` layers on the GPU."""
+    parts = model.parts(batch, length, resident, prompt=prompt)
+    needed = model.peak(batch, length, resident, prompt=prompt)
+    listed = ", ".join(f"{name} {format_bytes(value)}" for name, value in parts.items() if value)
+    layers = model.shape.num_layers
+    where = "with every layer offloaded" if resident == 0 else f"with {resident} of {layers} layers' KV on the GPU"
+    hint = "" if resident == 0 else "; offload='auto' or 'all' keeps less KV on the GPU"
+    return ValueError(f"needs at least {format_bytes(needed)} for batch {batch} x {length} tokens {where}: "
+                      f"{listed}; budget is {format_bytes(budget)}{hint}")
 
 
 def plan_memory(
@@ -137,32 +279,31 @@ def plan_memory(
     window: int = 65,
     prefill_chunk: int = 2048,
     workspace: int = DEFAULT_WORKSPACE,
+    prompt: int | None = None,
+    head_key_bytes_per_token: int | None = None,
+    head_parameter_bytes: int = 0,
 ) -> MemoryPlan:
     """Plan where each layer's KV lives for ``batch`` sequences of ``context`` tokens under ``budget``.
 
     ``config_or_model``: a transformers config or model (a model's actual weight bytes are used).
-    Raises ValueError stating the minimum budget and where it goes when even offloading every layer
-    does not fit.
+    ``prompt``: also plan one sequence growing from ``prompt`` to ``context`` tokens
+    (``.resident_until``, ``.migrations``). Raises ValueError stating the minimum budget and where it
+    goes when even offloading every layer does not fit.
     """
     budget_bytes = parse_budget(budget)
     for name, value in (("context", context), ("batch", batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int; got {value!r}")
-    if hasattr(config_or_model, "get_input_embeddings"):
-        shape = ModelShape.from_model(config_or_model)
-    elif hasattr(config_or_model, "num_hidden_layers"):
-        shape = ModelShape.from_config(config_or_model, dtype)
-    else:
-        raise TypeError(f"plan_memory takes a transformers config or model; got {type(config_or_model).__name__}")
-    terms = memory_terms(shape, token_budget, window, prefill_chunk, workspace=workspace)
-    peak = _peak_function(terms)
-    resident = resident_layers(peak, shape.num_layers, batch, context, budget_bytes)
+    if prompt is not None and (isinstance(prompt, bool) or not isinstance(prompt, int) or not 0 < prompt <= context):
+        raise ValueError(f"prompt must be an int of tokens in 1..context ({context}); got {prompt!r}")
+    shape = model_shape(config_or_model, dtype)
+    terms = memory_terms(shape, token_budget, window, prefill_chunk, workspace=workspace,
+                         head_key_bytes_per_token=head_key_bytes_per_token, head_parameter_bytes=head_parameter_bytes)
+    model = PeakModel(shape, terms, token_budget=token_budget)
+    resident = next((count for count in range(shape.num_layers, -1, -1)
+                     if model.peak(batch, context, count, prompt=prompt) <= budget_bytes), None)
     if resident is None:
-        floor = MemoryPlan(budget_bytes, batch, context, token_budget, shape.num_layers, 0, terms, [])
-        parts = ", ".join(f"{name} {format_bytes(value)}" for name, value in floor.breakdown().items() if value)
-        raise ValueError(
-            f"needs at least {format_bytes(floor.peak_bytes)} for batch {batch} x {context} tokens with every layer "
-            f"offloaded: {parts}; budget is {format_bytes(budget_bytes)}"
-        )
+        raise impossible_budget(model, budget_bytes, batch, context, prompt=prompt)
+    until = None if prompt is None else model.schedule(batch, prompt, context, budget_bytes)
     return MemoryPlan(budget_bytes, batch, context, token_budget, shape.num_layers, resident, terms,
-                      thresholds(peak, shape.num_layers, batch, budget_bytes, max(context, 1)))
+                      model.thresholds(batch, budget_bytes, context), until, prompt, model)

@@ -36,6 +36,14 @@ class RetrievalHead:
         """A target step finished: its new tokens, the mask over all tokens, their positions, and the
         target's hidden states at ``aux_layers`` (empty unless the head asks for them)."""
 
+    def snapshot(self) -> object:
+        """The head's state between steps, for :meth:`restore` (a step that ran out of memory is
+        retried from here). Tensors the head replaces rather than writes in place may be shared."""
+        return None
+
+    def restore(self, state: object) -> None:
+        """Go back to a :meth:`snapshot` taken between steps."""
+
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: int) -> torch.Tensor:
         """float [B, Hkv, past]: how much each past token is wanted by the step feeding ``input_ids``."""
         raise NotImplementedError(f"{type(self).__name__} scores per layer (per_layer=True)")
@@ -43,6 +51,10 @@ class RetrievalHead:
     def score_layer(self, layer: int, q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
         """Per-layer policies: float [B, Hkv, P] from the layer's query q [B, Hq, 1, D] and past keys."""
         raise NotImplementedError(f"{type(self).__name__} scores once per step (per_layer=False)")
+
+    def cache_bytes_per_token(self) -> int:
+        """GPU bytes the head keeps per context token and sequence (for the memory plan)."""
+        return 0
 
     def parameter_count(self) -> int:
         """Parameters the head keeps for scoring (0 when it only reads the target's own tensors)."""
@@ -76,6 +88,12 @@ class KeyCache:
             self.keys = grown
         self.keys[:, :, self.length:needed] = keys
         self.length = needed
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` keys (later appends overwrite the rest)."""
+        if length > self.length:
+            raise ValueError(f"cannot truncate a key cache of {self.length} keys to {length}")
+        self.length = length
 
     def view(self, length: int, heads: list[int] | None = None) -> torch.Tensor:
         """The first ``length`` keys (of ``heads``, default all): [B, H, length, D]."""

@@ -141,6 +141,13 @@ class DraftModelHead(RetrievalHead):
         head.original_parameters = manifest["parameters_before"]
         return head
 
+    def cache_bytes_per_token(self) -> int:
+        size = next(self.scorer.parameters()).element_size()
+        config = self.body.config
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        body_layers = 0 if not self.layer else len(self.body.layers)
+        return (len(self.kv_heads) + 2 * kv_heads * body_layers) * self.head_dim * size  # scoring keys + body's KV
+
     def parameter_count(self) -> int:
         seen = {id(p): p for p in list(self.body.parameters()) + list(self.scorer.parameters())}
         return sum(p.numel() for p in seen.values())
@@ -149,6 +156,14 @@ class DraftModelHead(RetrievalHead):
     def reset(self, batch: int, reserve_tokens: int) -> None:
         self.cache = DynamicCache(config=self.body.config) if self.layer else None
         self.keys.reset(reserve_tokens)
+
+    def snapshot(self):
+        return self.keys.length
+
+    def restore(self, state) -> None:
+        self.keys.truncate(state)
+        if self.cache is not None and self.cache.get_seq_length() > state:
+            self.cache.crop(state)
 
     def _advance(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the body on tokens the head has not seen; returns their queries [B, Hkept, T, D]."""

@@ -142,6 +142,9 @@ class Eagle3Head(RetrievalHead):
         llama = LlamaConfig(hidden_size=self.hidden, num_attention_heads=self.num_heads, head_dim=self.head_dim, **fields)
         return LlamaRotaryEmbedding(llama).to(self.device)
 
+    def cache_bytes_per_token(self) -> int:
+        return self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
     def parameter_count(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
 
@@ -168,6 +171,13 @@ class Eagle3Head(RetrievalHead):
     def reset(self, batch: int, reserve_tokens: int) -> None:
         self.cache.reset(reserve_tokens)
         self.last_hidden = None
+
+    def snapshot(self):
+        return self.cache.length, self.last_hidden
+
+    def restore(self, state) -> None:
+        length, self.last_hidden = state
+        self.cache.truncate(length)
 
     def observe_step(self, input_ids, attention_mask, position_ids, aux_hidden) -> None:
         """After a target step: extend the key cache with the step's tokens (paired with hidden p-1)."""

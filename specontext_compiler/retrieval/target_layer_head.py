@@ -86,6 +86,16 @@ class TargetLayerHead(RetrievalHead):
         self.prior_parts = {}
         self._prior = None
 
+    def snapshot(self):
+        return ({layer: cache.length for layer, cache in self.caches.items()}, dict(self.queries),
+                dict(self.prior_parts), self._prior)
+
+    def restore(self, state) -> None:
+        lengths, queries, prior_parts, prior = state
+        for layer, length in lengths.items():
+            self.caches[layer].truncate(length)
+        self.queries, self.prior_parts, self._prior = dict(queries), dict(prior_parts), prior
+
     def observe(self, layer, q, k, keys, scale, key_valid=None):
         if self.prefill_prior and (q.shape[2] > 1 or layer not in self.prior_parts):
             # Prefill (or a one-token prompt): the last query's attention over everything stored. Decode

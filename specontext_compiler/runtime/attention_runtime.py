@@ -149,6 +149,7 @@ class AttentionRuntime:
             raise ValueError("sparse settings and a retrieval head go together")
         self._check_placement(store.offloaded, head)
         self.store = store
+        self.resident_until: dict[int, int] = {}
         self.prefetcher = Prefetcher(store)
         self.sparse = sparse
         self.head = head
@@ -176,14 +177,16 @@ class AttentionRuntime:
                 "use the retrieval head or 'streaming', or offload='none'"
             )
 
-    def place(self, offloaded: tuple[int, ...]) -> None:
-        """Keep the full KV of layers ``offloaded`` in host memory from the next sequence on."""
-        self._check_placement(offloaded, self.head)
+    def place(self, offloaded: tuple[int, ...], resident_until: dict[int, int] | None = None) -> None:
+        """Keep the full KV of layers ``offloaded`` in host memory from the next sequence on; layers of
+        ``resident_until`` stay on the GPU for at most that many tokens (the memory manager moves them)."""
+        self._check_placement(tuple(offloaded) + tuple(resident_until or ()), self.head)
         self.store.reset(0, offloaded)
+        self.resident_until = dict(resident_until or {})
 
     def reset(self, reserve_tokens: int, padding_free: bool) -> None:
         """Start a new batch of sequences."""
-        self.store.reset(reserve_tokens)
+        self.store.reset(reserve_tokens, resident_until=self.resident_until)
         self.prefetcher.end_sequence()
         self.padding_free = padding_free
         self._sparse_step = False
@@ -191,6 +194,22 @@ class AttentionRuntime:
         self.recall = []
         if self.head is not None:
             self.head.reset(batch=0, reserve_tokens=reserve_tokens)
+
+    def snapshot(self) -> tuple:
+        """The state between two steps (stored length, the head's state, counters), for :meth:`rollback`."""
+        length = max((self.store.length(layer) for layer in range(self.store.num_layers)), default=0)
+        head = None if self.head is None else self.head.snapshot()
+        return length, head, len(self.attended_tokens), len(self.recall)
+
+    def rollback(self, state: tuple) -> None:
+        """Undo a step that failed part-way (some layers stored its tokens, some did not)."""
+        length, head, attended, recall = state
+        self.store.truncate(length)
+        if self.head is not None:
+            self.head.restore(head)
+        del self.attended_tokens[attended:]
+        del self.recall[recall:]
+        self.prefetcher.end_sequence()
 
     # -- one retrieval per step ------------------------------------------------------------------------
     def retrieve(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -63,6 +63,7 @@ class GenerationEngine:
         prefill_chunk: new tokens per prefill step.
         progress: show a progress bar when the prompt takes more than one chunk.
         kv_bytes_per_token: K+V bytes of one token over all layers (for the bytes-read counter).
+        memory: the :class:`~.memory_manager.MemoryManager` (None: fixed placement, no retries).
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class GenerationEngine:
         prefill_chunk: int,
         progress: bool,
         kv_bytes_per_token: int = 0,
+        memory=None,
     ):
         self.step = step
         self.kv_bytes_per_token = kv_bytes_per_token
@@ -81,6 +83,7 @@ class GenerationEngine:
         self.prefill_chunk = prefill_chunk
         self.progress = progress
         self.stats: dict[str, float | int] = {}
+        self.memory = memory  # MemoryManager: moves layers to host memory as sequences grow, retries on OOM
 
     # -- prefill --------------------------------------------------------------------------------------
     def run_chunks(self, step: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_all: bool) -> torch.Tensor:
@@ -106,7 +109,10 @@ class GenerationEngine:
 
     def run_step(self, step: StepFn, input_ids, attention_mask, position_ids) -> torch.Tensor:
         """One step; auxiliary outputs (hidden states for an EAGLE-3 head) go to the runtime."""
-        out = step(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        def call():
+            return step(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+        out = call() if self.memory is None else self.memory.run_step(call, attention_mask.shape[1])
         logits, *aux = out if isinstance(out, tuple) else (out,)
         self.runtime.observe_step(input_ids, attention_mask, position_ids, aux)
         return logits

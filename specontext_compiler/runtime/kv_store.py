@@ -16,12 +16,14 @@ An offloaded layer also keeps on the compute device (its :class:`FastTier`):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
 
 import torch
 
+from ..planning.memory_model import MIGRATION_CHUNK
 from .slots import SlotMap
 
 logger = logging.getLogger(__name__)
@@ -110,6 +112,12 @@ class KVStore:
         self._ring_start = [0] * num_layers  # the oldest position each ring holds valid data for
         self._flushed = [0] * num_layers  # positions [0, flushed) of an offloaded layer are in host memory
         self._staging: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layer_reserve: dict[int, int] = {}  # resident layers sized for fewer tokens than the sequence
+        # Layers on their way to host memory: (host K, host V, tokens copied, copy done on the side stream).
+        self._moving: dict[int, tuple] = {}
+        self.unloaded_slots: set[int] = set()  # offloaded layers whose slots do not hold the slot map yet
+        self._host_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # pinned ahead of a move
+        self.migration_chunk = MIGRATION_CHUNK  # tokens per device-to-host copy of a moving layer
 
     def is_offloaded(self, layer: int) -> bool:
         return layer in self.offloaded
@@ -118,9 +126,12 @@ class KVStore:
         """Where the layer's full KV lives."""
         return torch.device("cpu") if layer in self.offloaded else self.devices[layer]
 
-    def reset(self, reserve_tokens: int = 0, offloaded: tuple[int, ...] | None = None) -> None:
+    def reset(self, reserve_tokens: int = 0, offloaded: tuple[int, ...] | None = None,
+              resident_until: dict[int, int] | None = None) -> None:
         """Forget every stored token; the next append sizes buffers for ``reserve_tokens``. ``offloaded``
-        (None: unchanged) re-places layers; a layer changing tier gets new buffers on its next append."""
+        (None: unchanged) re-places layers; a layer changing tier gets new buffers on its next append.
+        ``resident_until``: resident layers that will move to host memory once the sequence passes that
+        many tokens (the memory manager's schedule); their GPU buffers are sized for exactly that many."""
         if offloaded is not None and frozenset(offloaded) != self.offloaded:
             bad = [layer for layer in offloaded if not 0 <= layer < self.num_layers]
             if bad:
@@ -131,7 +142,11 @@ class KVStore:
             self.fast = {layer: self.fast.get(layer, FastTier()) for layer in self.offloaded}
             if not self.offloaded:
                 self._staging.clear()
+        self._moving.clear()
+        self.unloaded_slots.clear()
+        self._host_buffers.clear()
         self._reserved_tokens = reserve_tokens
+        self._layer_reserve = dict(resident_until or {})
         self._ring_start = [0] * self.num_layers
         self._flushed = [0] * self.num_layers
         self.slot_map.reset()
@@ -148,6 +163,8 @@ class KVStore:
                 if layer.length < length:
                     raise ValueError(f"cannot truncate to {length} tokens: a layer holds {layer.length}")
                 layer.length = length
+        for layer, (host_key, host_value, copied, done) in self._moving.items():
+            self._moving[layer] = (host_key, host_value, min(copied, length), done)  # copy those rows again
         # Ring slots past `length` will be overwritten by different tokens: trust none of the ring.
         self._ring_start = [length] * self.num_layers
         self._flushed = [min(flushed, length) for flushed in self._flushed]
@@ -235,6 +252,86 @@ class KVStore:
         value_buffer[:length].copy_(token_major(entry.value)[:length], non_blocking=True)
         return key_buffer[:length].permute(1, 2, 0, 3), value_buffer[:length].permute(1, 2, 0, 3)
 
+    def begin_migration(self, layer: int, stream: "torch.cuda.Stream | None" = None) -> None:
+        """Start copying a resident layer's stored tokens to a new host buffer, on ``stream`` (a side
+        stream: in the background of decoding) in ``migration_chunk``-token copies (host storage is
+        token-major, so each copy goes through a small device temporary). Tokens are never rewritten,
+        so the copy can start steps before :meth:`migrate_to_host` switches the layer over."""
+        if layer in self.offloaded or layer in self._moving:
+            return
+        entry = self.layers[layer]
+        if entry is None or entry.length == 0:
+            return
+        device = self.devices[layer]
+        host_key, host_value = self._host_buffers.pop(layer, None) or self._new_host_buffers(layer, entry)
+        done = None
+        if stream is not None:
+            written = torch.cuda.Event()
+            written.record(torch.cuda.current_stream(device))
+            stream.wait_event(written)  # every append so far, then the copy
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            self._copy_to_host(entry, host_key, host_value, 0, entry.length)
+        if stream is not None:
+            done = torch.cuda.Event()
+            done.record(stream)
+        self._moving[layer] = (host_key, host_value, entry.length, done)
+
+    def migrate_to_host(self, layer: int, stream: "torch.cuda.Stream | None" = None) -> None:
+        """Switch a resident layer to host memory between two steps, nothing lost or repeated: the
+        tokens stored since :meth:`begin_migration` (all of them if it was not called) are copied, the
+        compute stream waits for the background copy, the ring gets the newest ``window`` tokens from
+        the GPU buffer, and the GPU buffer is freed (the compute stream is ordered after its last
+        reader, so the memory is reusable at once). The layer's slots are filled with the current
+        selection by the next step's prefetch (:attr:`unloaded_slots`)."""
+        if layer in self.offloaded:
+            raise ValueError(f"layer {layer} is already offloaded")
+        entry = self.layers[layer]
+        if entry is not None and entry.length and layer not in self._moving:
+            self.begin_migration(layer, stream)
+        self._layer_reserve.pop(layer, None)
+        self._host_buffers.pop(layer, None)
+        self.offloaded = self.offloaded | {layer}
+        fast = self.fast[layer] = FastTier()
+        if entry is None or entry.length == 0:
+            self.layers[layer] = None  # nothing stored yet: the next append allocates host memory
+            self._moving.pop(layer, None)
+            return
+        length = entry.length
+        device = self.devices[layer]
+        host_key, host_value, copied, done = self._moving.pop(layer)
+        if done is not None:
+            torch.cuda.current_stream(device).wait_event(done)
+        self._copy_to_host(entry, host_key, host_value, copied, length)  # the few newest, on this stream
+        # The ring: the newest tokens at position % window, trusted no further back than the other
+        # offloaded layers' rings (one source mask serves every offloaded layer).
+        batch, heads, _, dim = entry.key.shape
+        others = [self._ring_start[o] for o in self.offloaded if o != layer and self.layers[o] is not None]
+        first = max([length - self.window] + others + [0])
+        positions = torch.arange(first, length, device=device) % self.window
+        fast.ring_key = entry.key.new_empty(batch, heads, self.window, dim)
+        fast.ring_value = entry.value.new_empty(batch, heads, self.window, entry.value.shape[3])
+        fast.ring_key.index_copy_(2, positions, entry.key[:, :, first:length])
+        fast.ring_value.index_copy_(2, positions, entry.value[:, :, first:length])
+        self._ring_start[layer] = first
+        self._flushed[layer] = length
+        self.layers[layer] = LayerKV(host_key.permute(1, 2, 0, 3), host_value.permute(1, 2, 0, 3), length)
+        self.unloaded_slots.add(layer)
+        logger.info("layer %d: KV of %d tokens moved to host memory", layer, length)
+
+    def _new_host_buffers(self, layer: int, like: LayerKV, tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-major host K/V buffers for the layer's whole reservation (pinned when its device is a GPU)."""
+        batch, heads, _, dim = like.key.shape
+        capacity = max(self._reserved_tokens, like.length, tokens)
+        pin = self.devices[layer].type == "cuda"
+        return (torch.empty(capacity, batch, heads, dim, dtype=self.dtype, pin_memory=pin),
+                torch.empty(capacity, batch, heads, like.value.shape[3], dtype=self.dtype, pin_memory=pin))
+
+    def _copy_to_host(self, entry: LayerKV, host_key: torch.Tensor, host_value: torch.Tensor, start: int, end: int) -> None:
+        for begin in range(start, end, self.migration_chunk):
+            stop = min(begin + self.migration_chunk, end)
+            host_key[begin:stop].copy_(entry.key[:, :, begin:stop].permute(2, 0, 1, 3), non_blocking=True)
+            host_value[begin:stop].copy_(entry.value[:, :, begin:stop].permute(2, 0, 1, 3), non_blocking=True)
+
     def ensure_slots(self, layer: int, slots: int) -> FastTier:
         """Slot buffers of at least ``slots`` slots for an offloaded layer (grown, contents dropped)."""
         fast = self.fast[layer]
@@ -270,8 +367,11 @@ class KVStore:
                 f"layer {layer}: append of batch {batch} x {heads} heads onto a stored batch of "
                 f"{tuple(entry.key.shape[:2])}: reset the store between sequences"
             )
-        # The reservation exactly (the memory placement counts it); past it, whole chunks.
-        capacity = self._reserved_tokens if needed <= self._reserved_tokens else self.grow_chunk * math.ceil(needed / self.grow_chunk)
+        # The reservation exactly (the memory plan counts it); past it, whole chunks.
+        reserve = self._reserved_tokens
+        if layer not in self.offloaded:
+            reserve = self._layer_reserve.get(layer, reserve)
+        capacity = reserve if needed <= reserve else self.grow_chunk * math.ceil(needed / self.grow_chunk)
         device = self.tier_device(layer)
         if layer in self.offloaded:
             # Host tier: token-major storage seen as [B, Hkv, capacity, D] (a token's rows are one block),
@@ -292,6 +392,10 @@ class KVStore:
             logger.debug("layer %d: KV buffer grown to %d tokens", layer, capacity)
         entry = LayerKV(new_key, new_value, length)
         self.layers[layer] = entry
+        if layer in self._layer_reserve and layer not in self.offloaded and layer not in self._host_buffers:
+            # It will move to host memory mid-sequence: pin its host buffers now (pinning takes
+            # milliseconds per 100 MB of CPU time, better spent in prefill than between decode steps).
+            self._host_buffers[layer] = self._new_host_buffers(layer, entry)
         return entry
 
     def nbytes(self) -> int:

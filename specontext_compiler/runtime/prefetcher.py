@@ -83,7 +83,7 @@ class Prefetcher:
             # The compute stream, looked up once per step (per-layer lookups cost measurable CPU time).
             self._compute_stream = torch.cuda.current_stream(device)
             ready.record(self._compute_stream)
-            stream = self._streams.setdefault(device, torch.cuda.Stream(device))
+            stream = self.side_stream(device)
             # Made on the compute stream, read on the side stream: keep their memory from early reuse.
             for tensor in (self.plan.slot, self.plan.token, self._source, self._ring_rows):
                 tensor.record_stream(stream)
@@ -123,6 +123,10 @@ class Prefetcher:
         end.record(stream)
         self._waits.append((start, end))
 
+    def side_stream(self, device: torch.device) -> "torch.cuda.Stream":
+        """The device's side stream (loads, and the memory manager's moves to host memory)."""
+        return self._streams.setdefault(device, torch.cuda.Stream(device))
+
     def ensure(self, layer: int) -> None:
         """Before attention reads the slots: prefetch (if the graph did not) and wait."""
         self.prefetch(layer)
@@ -135,18 +139,38 @@ class Prefetcher:
         entry = self.store.layers[layer]
         return entry.key.shape[-1] * entry.key.element_size() + entry.value.shape[-1] * entry.value.element_size()
 
+    def _full_plan(self) -> tuple[torch.Tensor, ...]:
+        """(slot, token, ring row, source, from host, from ring) loading the whole slot map: for a layer
+        that just moved to host memory, whose slots hold nothing yet."""
+        store = self.store
+        mapping = store.slot_map.token
+        batch, heads, slots = mapping.shape
+        slot = torch.arange(slots, device=mapping.device).expand(batch, heads, slots).contiguous()
+        token = mapping.clamp_min(0)
+        in_ring = store.ring_holds(next(iter(store.offloaded)), token)
+        valid = mapping >= 0
+        from_host, from_ring = valid & ~in_ring, valid & in_ring
+        source = from_host.to(torch.int8) + 2 * from_ring.to(torch.int8)
+        return slot, token, token % store.window, source, from_host, from_ring
+
     def _load(self, layer: int) -> None:
         store, plan = self.store, self.plan
         entry = store.layers[layer]
         fast = store.ensure_slots(layer, store.slot_map.slots)
+        slot, token, ring_rows, source, from_host, from_ring = (
+            plan.slot, plan.token, self._ring_rows, self._source, self._from_host, self._from_ring)
+        if layer in store.unloaded_slots:
+            store.unloaded_slots.discard(layer)
+            slot, token, ring_rows, source, from_host, from_ring = self._full_plan()
+            self.h2d_rows = self.h2d_rows + from_host.sum() * self._row_bytes(layer)
         if fast.slot_key.device.type == "cuda":
             # Triton, one launch for K and V from both sources: no host sync; zero-copy from pinned memory.
             gather_from_host_or_ring(entry.key, entry.value, fast.ring_key, fast.ring_value, fast.slot_key,
-                                     fast.slot_value, plan.token, self._ring_rows, self._source, plan.slot)
+                                     fast.slot_value, token, ring_rows, source, slot)
             return
         for host, ring, slots in ((entry.key, fast.ring_key, fast.slot_key), (entry.value, fast.ring_value, fast.slot_value)):
-            gather_rows_reference(host, plan.token, self._from_host, slots, plan.slot)
-            gather_rows_reference(ring, self._ring_rows, self._from_ring, slots, plan.slot)
+            gather_rows_reference(host, token, from_host, slots, slot)
+            gather_rows_reference(ring, ring_rows, from_ring, slots, slot)
 
     def stats(self) -> dict[str, float | int]:
         """Counters since the last reset: bytes moved host -> device, what full reloads would have moved,

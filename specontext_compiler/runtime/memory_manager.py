@@ -1,0 +1,206 @@
+"""The memory manager: applies the memory plan to the KV store and keeps it inside the budget as a
+sequence grows.
+
+Before a sequence, :meth:`MemoryManager.plan` asks the planner (:mod:`specontext_compiler.planning`)
+how one sequence growing from its prompt to prompt + max_new_tokens should be placed: layers resident
+throughout, layers offloaded from the start, and layers that stay on the GPU until the sequence passes
+their length. Before each step, :meth:`before_step` moves the layers whose length the step passes to
+host memory (:meth:`KVStore.migrate_to_host`: ring and slots filled on the device, the copy on the side
+stream in the background). :meth:`run_step` runs a step; if the GPU still runs out of memory, the step
+is rolled back (stored tokens, the retrieval head), the margin doubles, the plan is redone for the rest
+of the sequence (more layers move out at once), and the step runs again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..planning.memory_model import DEFAULT_WORKSPACE, ModelShape, memory_terms
+from ..planning.planner import PeakModel, impossible_budget
+from ..retrieval.selection import resolve_token_budget
+from .attention_runtime import AttentionRuntime
+
+logger = logging.getLogger(__name__)
+
+#: A layer's background copy to host memory starts this many decode steps before it must leave.
+LEAD_STEPS = 32
+
+
+@dataclass
+class Placement:
+    """Where one sequence's KV lives: offloaded from the start, and resident layers that move out later."""
+
+    offloaded: tuple[int, ...]
+    resident_until: dict[int, int]  # layer -> the most tokens it holds on the GPU
+    peak_bytes: int  # the plan's peak for the sequence (at its final length)
+
+
+class MemoryManager:
+    """Keeps the KV placement of one compiled model inside its GPU budget.
+
+    Args:
+        runtime: the attention runtime whose store it places.
+        shape: the memory model's view of the model (weights, KV per token, ...).
+        budget_bytes: the GPU budget.
+        offload: "auto" (plan; migrate as the sequence grows), "none", "all" or layer indices (fixed).
+        token_budget: the sparse token budget (int, fraction, or None for dense).
+        window: recent tokens an offloaded layer keeps on the GPU.
+        prefill_chunk: tokens per prefill step.
+        head_cache_bytes: per context token and sequence, what the retrieval head keeps on the GPU.
+        head_parameter_bytes: the retrieval head's own weights.
+        workspace: the initial margin for allocator fragmentation and library workspaces.
+        max_retries: out-of-memory retries of one step before giving up.
+    """
+
+    def __init__(
+        self,
+        runtime: AttentionRuntime,
+        shape: ModelShape,
+        budget_bytes: int,
+        offload,
+        token_budget,
+        window: int,
+        prefill_chunk: int,
+        head_cache_bytes: int | None = None,
+        head_parameter_bytes: int = 0,
+        workspace: int = DEFAULT_WORKSPACE,
+        max_retries: int = 3,
+    ):
+        self.runtime = runtime
+        self.shape = shape
+        self.budget_bytes = budget_bytes
+        self.offload = offload
+        self.token_budget = token_budget
+        self.window = window
+        self.prefill_chunk = prefill_chunk
+        self.head_cache_bytes = head_cache_bytes
+        self.head_parameter_bytes = head_parameter_bytes
+        self.workspace = workspace
+        self.max_retries = max_retries
+        self.placement: Placement | None = None
+        self.retries = 0  # out-of-memory retries over this manager's life
+        self.migrated: list[tuple[int, int]] = []  # (length, layer) of the current sequence
+        self._batch = 0
+        self._end = 0
+        self._models: dict[tuple, PeakModel] = {}
+
+    def model(self, end: int) -> PeakModel:
+        """The memory model for sequences of ``end`` tokens (the selection size depends on it)."""
+        selected = None if self.token_budget is None else min(end, resolve_token_budget(self.token_budget, end))
+        chunk = self.runtime.store.migration_chunk
+        key = (selected, self.workspace, chunk)
+        if key not in self._models:
+            terms = memory_terms(self.shape, selected, self.window, self.prefill_chunk, workspace=self.workspace,
+                                 head_key_bytes_per_token=self.head_cache_bytes,
+                                 head_parameter_bytes=self.head_parameter_bytes)
+            self._models[key] = PeakModel(self.shape, terms, chunk, selected)
+        return self._models[key]
+
+    # -- before a sequence -----------------------------------------------------------------------------
+    def plan(self, batch: int, prompt: int, end: int) -> Placement:
+        """Place ``batch`` sequences growing from ``prompt`` to ``end`` tokens and apply it to the runtime.
+
+        Raises ValueError, saying what is needed, when the placement cannot fit the budget.
+        """
+        layers = self.shape.num_layers
+        model = self.model(end)
+        if self.offload == "auto":
+            until = model.schedule(batch, prompt, end, self.budget_bytes)
+            if until is None:
+                raise impossible_budget(model, self.budget_bytes, batch, end, prompt=prompt)
+            offloaded = tuple(layer for layer, tokens in enumerate(until) if tokens < prompt)
+            later = {layer: tokens for layer, tokens in enumerate(until) if prompt <= tokens < end}
+            peak = model.peak(batch, end, layers - len(offloaded) - len(later), end, prompt=prompt,
+                              staged=model.staged(until, prompt, end))
+        else:
+            offloaded = {"none": (), "all": tuple(range(layers))}.get(self.offload, self.offload)
+            bad = [layer for layer in offloaded if layer >= layers]
+            if bad:
+                raise ValueError(f"offload lists layers {bad}; the model has layers 0..{layers - 1}")
+            later = {}
+            peak = model.peak(batch, end, layers - len(offloaded), end, prompt=prompt)
+            if peak > self.budget_bytes:
+                raise impossible_budget(model, self.budget_bytes, batch, end, layers - len(offloaded), prompt=prompt)
+        self.placement = Placement(tuple(offloaded), later, peak)
+        self.migrated = []
+        self._batch, self._end = batch, end
+        self.runtime.place(self.placement.offloaded, later)
+        if later:
+            logger.info("memory plan: %d layers offloaded from the start, %d move out as the sequence grows (%s)",
+                        len(offloaded), len(later), ", ".join(f"layer {k} past {v}" for k, v in sorted(later.items())))
+        return self.placement
+
+    # -- during a sequence -----------------------------------------------------------------------------
+    def before_step(self, total: int) -> None:
+        """The next step makes the sequence ``total`` tokens long: move out the layers it would overflow,
+        and start the background copy of those due within :data:`LEAD_STEPS` steps."""
+        if not self.placement or not self.placement.resident_until:
+            return
+        store = self.runtime.store
+        for layer, tokens in sorted(self.placement.resident_until.items(), key=lambda item: -item[1]):
+            if tokens >= total + LEAD_STEPS:
+                continue
+            stream = None
+            if store.devices[layer].type == "cuda":
+                stream = self.runtime.prefetcher.side_stream(store.devices[layer])
+            if tokens >= total:
+                store.begin_migration(layer, stream)
+                continue
+            store.migrate_to_host(layer, stream)
+            del self.placement.resident_until[layer]
+            self.migrated.append((store.length(layer), layer))
+
+    def run_step(self, step: Callable[[], torch.Tensor], total: int) -> torch.Tensor:
+        """Run one step that makes the sequence ``total`` tokens long; on running out of GPU memory, roll
+        it back, re-plan with twice the margin and run it again (at most ``max_retries`` times)."""
+        attempts = 0
+        while True:
+            self.before_step(total)
+            state = self.runtime.snapshot()
+            failure = None
+            try:
+                return step()
+            except torch.OutOfMemoryError as error:
+                failure = error  # handled below, once the failed step's frames (and tensors) are gone
+            attempts += 1
+            self.runtime.rollback(state)
+            if attempts > self.max_retries or self.offload != "auto":
+                raise failure
+            self._replan_after_out_of_memory(state[0], failure)
+
+    def _replan_after_out_of_memory(self, length: int, failure: BaseException) -> None:
+        self.retries += 1
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.workspace *= 2
+        model = self.model(self._end)
+        until = model.schedule(self._batch, max(length, 1), self._end, self.budget_bytes)
+        if until is None:
+            raise impossible_budget(model, self.budget_bytes, self._batch, self._end) from failure
+        store = self.runtime.store
+        # Only ever fewer layers on the GPU: offloaded ones stay put, resident ones leave no later than
+        # planned before, and at once (0) where the new plan has no room for them now.
+        exits = {}
+        for layer, tokens in enumerate(until):
+            if not store.is_offloaded(layer):
+                exit_at = min(self.placement.resident_until.get(layer, self._end), tokens)
+                if exit_at < self._end:
+                    exits[layer] = exit_at
+        self.placement.resident_until = exits
+        logger.warning("out of GPU memory at %d tokens: margin now %.0f MiB; %d layers leave the GPU now",
+                       length, self.workspace / 2**20, sum(1 for tokens in exits.values() if tokens <= length))
+
+
+def head_cache_bytes(head, shape: ModelShape) -> int:
+    """What a retrieval head keeps on the GPU per context token and sequence."""
+    if head is None:
+        return 0
+    from ..retrieval.target_layer_head import TargetLayerHead
+
+    if isinstance(head, TargetLayerHead):
+        return len(head.layers) * shape.kv_layer_token_bytes // 2  # its scoring layers' keys
+    return head.cache_bytes_per_token()
