@@ -32,7 +32,7 @@ def test_terms_match_hand_computed_values():
     assert terms["retrieval_head"].bytes(b, length, resident) == b * length * kv // 2  # one layer's keys
     assert terms["logits"].bytes(b, length, resident) == b * 128256 * (2 + 4)
     assert terms["workspace"].bytes(b, length, resident) == 1000
-    chunk_activations = b * 2048 * (4 * 4096 + 3 * 14336 + 2 * 4096) * 2 + b * 2048 * length + 2 * b * 32 * length * 128 * 2
+    chunk_activations = b * 2048 * (4 * 4096 + 3 * 14336 + 2 * 4096) * 2 + b * 2048 * length * (1 + 2) + 2 * b * 32 * length * 128 * 2
     assert terms["prefill_activations"].bytes(b, length, resident) == chunk_activations
     assert terms["slots"].bytes(b, 1000, resident) == (32 - resident) * b * (1000 + 2) * kv  # selection <= context
     assert str(terms["kv_resident"]).startswith("kv_resident = 4096*B*L*n")  # printable, named expressions

@@ -131,7 +131,7 @@ def memory_terms(
         MemoryTerm(
             "prefill_activations",
             B * chunk * (4 * hidden + 3 * inter + 2 * q_width) * size  # residual, norm, q/attn out; MLP gate/up/act
-            + B * chunk * L  # the chunk's boolean causal mask
+            + B * chunk * L * (1 + size)  # the chunk's boolean causal mask, and SDPA's additive copy of it
             + 2 * B * shape.num_q_heads * L * shape.head_dim * size,  # K/V expanded to the query heads
             "one prefill chunk",
         ),

@@ -252,33 +252,39 @@ class KVStore:
         value_buffer[:length].copy_(token_major(entry.value)[:length], non_blocking=True)
         return key_buffer[:length].permute(1, 2, 0, 3), value_buffer[:length].permute(1, 2, 0, 3)
 
-    def begin_migration(self, layer: int, stream: "torch.cuda.Stream | None" = None) -> None:
-        """Start copying a resident layer's stored tokens to a new host buffer, on ``stream`` (a side
-        stream: in the background of decoding) in ``migration_chunk``-token copies (host storage is
-        token-major, so each copy goes through a small device temporary). Tokens are never rewritten,
-        so the copy can start steps before :meth:`migrate_to_host` switches the layer over."""
-        if layer in self.offloaded or layer in self._moving:
+    def advance_migration(self, layer: int, stream: "torch.cuda.Stream | None" = None, steps_left: int = 1) -> None:
+        """Copy a resident layer that is about to move to host memory a share (1 / ``steps_left``) of its
+        stored tokens not yet copied, on ``stream`` (a side stream: in the background of decoding), in
+        ``migration_chunk``-token copies (host storage is token-major, so each copy goes through a small
+        device temporary). Stored tokens are never rewritten, so copies can run steps before
+        :meth:`migrate_to_host` switches the layer over."""
+        if layer in self.offloaded:
             return
         entry = self.layers[layer]
         if entry is None or entry.length == 0:
             return
         device = self.devices[layer]
-        host_key, host_value = self._host_buffers.pop(layer, None) or self._new_host_buffers(layer, entry)
+        if layer in self._moving:
+            host_key, host_value, copied, _ = self._moving[layer]
+        else:
+            host_key, host_value = self._host_buffers.pop(layer, None) or self._new_host_buffers(layer, entry)
+            copied = 0
+        end = copied + math.ceil((entry.length - copied) / max(1, steps_left))
         done = None
         if stream is not None:
             written = torch.cuda.Event()
             written.record(torch.cuda.current_stream(device))
             stream.wait_event(written)  # every append so far, then the copy
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            self._copy_to_host(entry, host_key, host_value, 0, entry.length)
+            self._copy_to_host(entry, host_key, host_value, copied, end)
         if stream is not None:
             done = torch.cuda.Event()
             done.record(stream)
-        self._moving[layer] = (host_key, host_value, entry.length, done)
+        self._moving[layer] = (host_key, host_value, end, done)
 
     def migrate_to_host(self, layer: int, stream: "torch.cuda.Stream | None" = None) -> None:
         """Switch a resident layer to host memory between two steps, nothing lost or repeated: the
-        tokens stored since :meth:`begin_migration` (all of them if it was not called) are copied, the
+        tokens :meth:`advance_migration` has not copied yet are copied, the
         compute stream waits for the background copy, the ring gets the newest ``window`` tokens from
         the GPU buffer, and the GPU buffer is freed (the compute stream is ordered after its last
         reader, so the memory is reusable at once). The layer's slots are filled with the current
@@ -287,7 +293,7 @@ class KVStore:
             raise ValueError(f"layer {layer} is already offloaded")
         entry = self.layers[layer]
         if entry is not None and entry.length and layer not in self._moving:
-            self.begin_migration(layer, stream)
+            self.advance_migration(layer, stream, steps_left=1)
         self._layer_reserve.pop(layer, None)
         self._host_buffers.pop(layer, None)
         self.offloaded = self.offloaded | {layer}

@@ -84,8 +84,7 @@ class MemoryManager:
         self.placement: Placement | None = None
         self.retries = 0  # out-of-memory retries over this manager's life
         self.migrated: list[tuple[int, int]] = []  # (length, layer) of the current sequence
-        self._batch = 0
-        self._end = 0
+        self._batch = self._prompt = self._end = 0
         self._models: dict[tuple, PeakModel] = {}
 
     def model(self, end: int) -> PeakModel:
@@ -127,7 +126,7 @@ class MemoryManager:
                 raise impossible_budget(model, self.budget_bytes, batch, end, layers - len(offloaded), prompt=prompt)
         self.placement = Placement(tuple(offloaded), later, peak)
         self.migrated = []
-        self._batch, self._end = batch, end
+        self._batch, self._prompt, self._end = batch, prompt, end
         self.runtime.place(self.placement.offloaded, later)
         if later:
             logger.info("memory plan: %d layers offloaded from the start, %d move out as the sequence grows (%s)",
@@ -148,7 +147,8 @@ class MemoryManager:
             if store.devices[layer].type == "cuda":
                 stream = self.runtime.prefetcher.side_stream(store.devices[layer])
             if tokens >= total:
-                store.begin_migration(layer, stream)
+                # Copy in the background, an even share of what is left each step until it must leave.
+                store.advance_migration(layer, stream, steps_left=tokens - total + 1)
                 continue
             store.migrate_to_host(layer, stream)
             del self.placement.resident_until[layer]
@@ -178,7 +178,8 @@ class MemoryManager:
             torch.cuda.empty_cache()
         self.workspace *= 2
         model = self.model(self._end)
-        until = model.schedule(self._batch, max(length, 1), self._end, self.budget_bytes)
+        # The rest of the prompt is still to be prefilled: plan from the later of the two.
+        until = model.schedule(self._batch, max(length, self._prompt), self._end, self.budget_bytes)
         if until is None:
             raise impossible_budget(model, self.budget_bytes, self._batch, self._end) from failure
         store = self.runtime.store
