@@ -272,7 +272,7 @@ def test_out_of_memory_mid_step_rolls_back_replans_and_retries():
     compiled.runtime.store.migration_chunk = CHUNK
     first = compiled.memory.model(90 + new).schedule(1, 90, 90 + new, budget)
     compiled.memory.workspace = 2 * workspace
-    replanned = compiled.memory.model(90 + new).schedule(1, 95, 90 + new, budget)
+    replanned = compiled.memory.model(90 + new).schedule(1, 95, 90 + new, budget, prompt=90)
     compiled.memory.workspace = workspace
     leave_at_once = {layer for layer in range(4) if first[layer] >= 96 and replanned[layer] < 95}
     assert leave_at_once, (first, replanned)

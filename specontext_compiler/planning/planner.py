@@ -104,10 +104,11 @@ class PeakModel:
             low = high
         return found
 
-    def schedule(self, batch: int, start: int, end: int, budget: int) -> list[int] | None:
+    def schedule(self, batch: int, start: int, end: int, budget: int, prompt: int | None = None) -> list[int] | None:
         """Per layer, the most tokens it holds on the GPU while a sequence grows from ``start`` to ``end``
         tokens: ``end`` (resident throughout), a length in [start, end) (migrates to host memory when
         the sequence passes it) or 0 (offloaded from the start). None when nothing fits at ``end``.
+        ``prompt`` (default ``start``): the prompt's length, when planning from mid-sequence.
 
         Greedy from the end: the n(end) first layers stay throughout; each further layer stays as long
         as the buffers actually reserved (earlier layers' capacities + its own), the terms at that length
@@ -119,15 +120,16 @@ class PeakModel:
         during a dense step: every layer is resident through the prefill and leaves after the decode
         turned sparse (past the token budget).
         """
-        unstaged = self._schedule(batch, start, end, budget, staged=False)
+        prompt = start if prompt is None else prompt
+        unstaged = self._schedule(batch, start, end, budget, prompt, staged=False)
         if unstaged is not None and not self.staged(unstaged, start, end):
             return unstaged
-        return self._schedule(batch, start, end, budget, staged=True)
+        return self._schedule(batch, start, end, budget, prompt, staged=True)
 
-    def _schedule(self, batch: int, start: int, end: int, budget: int, staged: bool) -> list[int] | None:
+    def _schedule(self, batch: int, start: int, end: int, budget: int, prompt: int, staged: bool) -> list[int] | None:
         layers = self.shape.num_layers
         always = next((count for count in range(layers, -1, -1)
-                       if self.peak(batch, end, count, end, prompt=start, staged=staged) <= budget), None)
+                       if self.peak(batch, end, count, end, prompt=prompt, staged=staged) <= budget), None)
         if always is None:
             return None
         capacities = [end] * always
@@ -135,7 +137,7 @@ class PeakModel:
         longest = end - 1
         for _ in range(always, layers):
             def fits(length: int) -> bool:
-                peak = self.peak(batch, length, len(capacities) + 1, end, capacities + [length], start, staged)
+                peak = self.peak(batch, length, len(capacities) + 1, end, capacities + [length], prompt, staged)
                 return peak + margin <= budget
 
             if longest < start or not fits(start):

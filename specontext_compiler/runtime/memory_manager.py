@@ -179,7 +179,7 @@ class MemoryManager:
         self.workspace *= 2
         model = self.model(self._end)
         # The rest of the prompt is still to be prefilled: plan from the later of the two.
-        until = model.schedule(self._batch, max(length, self._prompt), self._end, self.budget_bytes)
+        until = model.schedule(self._batch, max(length, self._prompt), self._end, self.budget_bytes, self._prompt)
         if until is None:
             raise impossible_budget(model, self.budget_bytes, self._batch, self._end) from failure
         store = self.runtime.store
