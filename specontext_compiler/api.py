@@ -15,7 +15,6 @@ from .passes import attention_infos, default_passes, run_passes
 from .planning import kv_bytes_per_token, weight_bytes
 from .planning.memory_model import ModelShape
 from .retrieval import build_head
-from .retrieval.selection import resolve_token_budget
 from .runtime.attention_runtime import AttentionRuntime, SparseSettings
 from .runtime.engine import GenerationEngine
 from .runtime.kv_store import KVStore
@@ -40,8 +39,9 @@ def compile(
             ``draft`` (the retrieval head: None for one derived from the target, a homologous model or
             its directory, an EAGLE-3 checkpoint directory, or a calibrated head); ``retrieval_layer``;
             ``selection`` ("retrieval_head", or a baseline: "streaming", "quest", "oracle");
-            ``offload`` ("auto" (default): the first layers that fit stay on the GPU, the rest keep their KV in
-            host memory; "none"; "all"; or a list of layer indices); ``elastic`` (default True: offloaded
+            ``offload`` ("auto" (default): the memory plan, docs/memory.md: the first layers that fit stay on
+            the GPU, others keep their KV in host memory or move there as the sequence grows, and a step
+            that runs out of GPU memory is re-planned and retried; "none"; "all"; or a list of layer indices); ``elastic`` (default True: offloaded
             layers load only what each step's selection adds); ``prefill_chunk`` (new tokens per prefill
             step, default 2048); ``progress`` (prefill bar).
 

@@ -98,13 +98,14 @@ class CompileConfig:
         sink_tokens: first tokens always attended (attention sinks).
         local_window: most recent tokens always attended.
         selection: "retrieval_head" (the method) or a baseline: "streaming", "quest", "oracle".
-        retrieval_layer: scoring layer(s) of the draft-free head, an int or a tuple of ints (None: 1/6 and 5/6
-            of the depth), or the scoring layer of a draft model (an int; None: calibrate's choice or the
+        retrieval_layer: scoring layer(s) of the draft-free head, an int or a tuple of ints (None: 5/6 of
+            the depth), or the scoring layer of a draft model (an int; None: calibrate's choice or the
             draft's last layer).
         draft: None (a head from the target itself), a homologous transformers model or its directory,
             an EAGLE-3 checkpoint directory, or a calibrated head directory (``specontext.calibrate``).
-        offload: where each layer's full KV lives: "none" (GPU), "all" (host memory), "auto" (the first
-            layers that fit the budget stay on the GPU) or a tuple of layer indices to offload.
+        offload: where each layer's full KV lives: "none" (GPU), "all" (host memory), "auto" (the memory
+            plan: the first layers that fit stay on the GPU, others leave as the sequence grows) or a
+            tuple of layer indices to offload.
         elastic: offloaded layers load only the tokens each step's selection adds (False: the whole
             selection every step).
         prefill_chunk: new tokens per prefill step; bounds activation memory on long prompts.

@@ -11,8 +11,10 @@ definition used on the CPU (and by the tests as the reference).
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 
 def gather_rows_reference(src, src_index, valid, dst, dst_index) -> None:
@@ -63,23 +65,37 @@ def _gather_two_sources_kernel(
 
 def gather_from_host_or_ring(host_k, host_v, ring_k, ring_v, dst_k, dst_v, token, ring_row, source, slot) -> None:
     """One launch: ``dst[b, h, slot] = host[b, h, token]`` where ``source`` is 1, ``ring[b, h, ring_row]``
-    where it is 2, nothing where it is 0 (int8 [B, H, M]), for K and V. K and V share shapes/strides."""
-    batch, heads, rows = token.shape
-    if rows == 0:
+    where it is 2, nothing where it is 0 (int8 [B, H, M]), for K and V. K and V share shapes/strides.
+    ``host_k``/``host_v`` may be pinned CPU tensors (read zero-copy over PCIe)."""
+    if token.shape[-1] == 0:
         return
     for tensor in (host_k, host_v, ring_k, ring_v, dst_k, dst_v):
         if tensor.stride(-1) != 1:
             raise ValueError("rows must be contiguous along the last dimension")
     if host_v.stride() != host_k.stride() or ring_v.stride() != ring_k.stride() or dst_v.stride() != dst_k.stride():
         raise ValueError("K and V buffers must share strides")
+    _gather_rows(host_k, host_v, ring_k, ring_v, dst_k, dst_v, token.contiguous(), ring_row.contiguous(),
+                 source.contiguous(), slot.contiguous())
+
+
+@triton_op("specontext::gather_rows", mutates_args=("dst_k", "dst_v"))
+def _gather_rows(
+    host_k: torch.Tensor, host_v: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, dst_k: torch.Tensor,
+    dst_v: torch.Tensor, token: torch.Tensor, ring_row: torch.Tensor, source: torch.Tensor, slot: torch.Tensor,
+) -> None:
+    batch, heads, rows = token.shape
     dim = host_k.shape[-1]
     block_dim = triton.next_power_of_2(dim)
     block_rows = max(1, min(64, 4096 // block_dim))
     grid = (batch * heads, triton.cdiv(rows, block_rows))
-    _gather_two_sources_kernel[grid](
-        host_k, host_v, ring_k, ring_v, dst_k, dst_v,
-        token.contiguous(), ring_row.contiguous(), source.contiguous(), slot.contiguous(), heads, rows,
+    wrap_triton(_gather_two_sources_kernel)[grid](
+        host_k, host_v, ring_k, ring_v, dst_k, dst_v, token, ring_row, source, slot, heads, rows,
         host_k.stride(0), host_k.stride(1), host_k.stride(2), ring_k.stride(0), ring_k.stride(1), ring_k.stride(2),
         dst_k.stride(0), dst_k.stride(1), dst_k.stride(2),
         DIM=dim, BLOCK_ROWS=block_rows, BLOCK_DIM=block_dim,
     )
+
+
+@_gather_rows.register_fake
+def _(host_k, host_v, ring_k, ring_v, dst_k, dst_v, token, ring_row, source, slot) -> None:
+    return None

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import on_triton_path, retrieval_scores
+
 
 class RetrievalHead:
     """Base class: scores past tokens per target KV head."""
@@ -125,6 +127,8 @@ def group_probabilities(
     q [B, Hq, D], keys [B, Hkv, P, D] -> [B, Hkv, P]; ``key_valid`` bool [B, P] masks padding out. Heads of one group share the selection, so a
     token's worth to the group is the attention mass its heads give it.
     """
+    if on_triton_path(q, keys):
+        return retrieval_scores(q, keys, scale, key_valid)  # the same function, fused (kernels/retrieval_scores.py)
     batch, q_heads, dim = q.shape
     kv_heads = keys.shape[1]
     grouped = q.view(batch, kv_heads, q_heads // kv_heads, dim).to(keys.dtype)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kernels import on_triton_path
+from ..kernels import sparse_decode_attention as triton_sparse_decode_attention
 from ..retrieval.base import RetrievalHead, group_probabilities
 from ..retrieval.selection import resolve_token_budget, select_tokens
 from .kv_store import KVStore
@@ -303,6 +305,9 @@ class AttentionRuntime:
             key_valid = None if self.padding_free else torch.cat([self._key_valid, self._key_valid.new_ones(q.shape[0], 1)], -1)
             self._record_recall(layer, q, keys, torch.cat([positions, newest], -1), scale, key_valid,
                                 torch.cat([self.store.slot_map.valid(), torch.ones_like(newest, dtype=torch.bool)], -1))
+        if on_triton_path(q):
+            return triton_sparse_decode_attention(q[:, :, 0], fast.slot_key, fast.slot_value, None, scale=scale,
+                                                  valid=self.prefetcher.slot_valid, softcap=softcap)[:, :, None]
         return grouped_decode_attention(q, fast.slot_key, fast.slot_value, self.prefetcher.slot_valid, scale, softcap)
 
     def _sparse(self, layer, q, keys, values, indices, scale, softcap):
@@ -318,6 +323,9 @@ class AttentionRuntime:
         valid = None if key_valid is None else key_valid[:, None, :].expand(batch, kv_heads, -1).gather(2, positions)
         if self.measure_recall:
             self._record_recall(layer, q, keys, positions, scale, key_valid)
+        if on_triton_path(q):
+            return triton_sparse_decode_attention(q[:, :, 0], keys, values, positions, scale=scale, valid=valid,
+                                                  softcap=softcap)[:, :, None]
         return sparse_decode_attention(q, keys, values, positions, valid, scale, softcap)
 
     def _record_recall(self, layer, q, keys, positions, scale, key_valid, counted=None):

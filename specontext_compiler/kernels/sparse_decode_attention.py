@@ -1,0 +1,233 @@
+"""Sparse-gather decode attention: one query per head over the K/V rows a selection names.
+
+``sparse_decode_attention(q, k, v, indices)`` computes, for every batch row b and query head h of KV
+group g = h // (Hq / Hkv),
+
+    out[b, h] = softmax(scale * q[b, h] . k[b, g, indices[b, g]]^T) @ v[b, g, indices[b, g]]
+
+without materialising the gathered rows: each program reads its rows straight from the KV cache (any
+strides; the runtime's resident buffers, or an offloaded layer's slot buffers with ``indices=None``).
+A KV head's whole query group is one [G, D] block against each block of gathered keys, so every K/V
+row is read once per group, not once per query head. Split-K: the selection is cut into ``splits``
+parts handled by separate programs (enough programs to fill the GPU at batch 1), each writing a partial
+(running max, sum of exponentials, weighted V); a second kernel merges them. Decode attention is
+bandwidth-bound: the bytes are the selected rows, ``2 * B * Hkv * K * D * itemsize``.
+
+``valid`` (bool [B, Hkv, K]) masks padded entries; ``softcap`` applies Gemma 2's logit soft-capping.
+:func:`sparse_decode_attention_reference` is the float64-capable torch definition.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+
+def sparse_decode_attention_reference(q, k, v, indices=None, *, scale=None, valid=None, softcap=0.0):
+    """Pure torch: q [B, Hq, D], k/v [B, Hkv, T, D], indices [B, Hkv, K] (None: every row), valid bool
+    [B, Hkv, K] or None -> [B, Hq, Dv] in q's dtype (computed in float32, or float64 for float64 inputs)."""
+    batch, q_heads, dim = q.shape
+    kv_heads = k.shape[1]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = dim ** -0.5 if scale is None else scale
+    if indices is not None:
+        index = indices.long()
+        k = k.gather(2, index[..., None].expand(-1, -1, -1, k.shape[-1]))
+        v = v.gather(2, index[..., None].expand(-1, -1, -1, v.shape[-1]))
+    grouped = q.view(batch, kv_heads, q_heads // kv_heads, dim).to(compute)
+    logits = torch.matmul(grouped, k.to(compute).transpose(-1, -2)) * scale  # [B, Hkv, G, K]
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.matmul(probs, v.to(compute)).reshape(batch, q_heads, v.shape[-1]).to(q.dtype)
+
+
+@triton.jit
+def _partial_kernel(
+    Q, K, V, IDX, VALID, M_OUT, L_OUT, ACC_OUT,
+    sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, si_b, si_h, sm_b, sm_h,
+    kv_heads, selected, per_split, scale, softcap,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr,
+    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (bh // kv_heads).to(tl.int64)
+    h = (bh % kv_heads).to(tl.int64)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b * sq_b + (h * GROUP + g)[:, None] * sq_h + d[None, :],
+                mask=(g < GROUP)[:, None] & (d < DIM)[None, :], other=0.0)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    denom = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    start = split * per_split
+    stop = tl.minimum(start + per_split, selected)
+    for offset in range(0, per_split, BLOCK_N):
+        n = start + offset + tl.arange(0, BLOCK_N)
+        live = n < stop
+        if HAS_INDEX:
+            row = tl.load(IDX + b * si_b + h * si_h + n, mask=live, other=0).to(tl.int64)
+        else:
+            row = n.to(tl.int64)
+        if HAS_VALID:
+            live = live & (tl.load(VALID + b * si_b + h * si_h + n, mask=live, other=0) != 0)
+        k = tl.load(K + b * sk_b + h * sk_h + row[:, None] * sk_t + d[None, :],
+                    mask=live[:, None] & (d < DIM)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N], float32
+        if SOFTCAP:
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))  # tanh(s / cap) * cap
+        s = tl.where(live[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no live key yet: keep exp() finite
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        v = tl.load(V + b * sv_b + h * sv_h + row[:, None] * sv_t + dv[None, :],
+                    mask=live[:, None] & (dv < DIM_V)[None, :], other=0.0)
+        denom = denom * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    part = (b * sm_b + h * sm_h + split) * BLOCK_G + g
+    tl.store(M_OUT + part, m)
+    tl.store(L_OUT + part, denom)
+    tl.store(ACC_OUT + part[:, None] * BLOCK_DV + dv[None, :], acc)
+
+
+@triton.jit
+def _merge_kernel(
+    M_IN, L_IN, ACC_IN, OUT, so_b, so_h, kv_heads, splits,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = (bh // kv_heads).to(tl.int64)
+    h = (bh % kv_heads).to(tl.int64)
+    g = tl.arange(0, BLOCK_G)
+    dv = tl.arange(0, BLOCK_DV)
+    base = bh.to(tl.int64) * splits
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for split in range(0, splits):
+        m = tl.maximum(m, tl.load(M_IN + (base + split) * BLOCK_G + g))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    denom = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    for split in range(0, splits):
+        part = (base + split) * BLOCK_G + g
+        weight = tl.exp(tl.load(M_IN + part) - m_safe)
+        denom += tl.load(L_IN + part) * weight
+        acc += tl.load(ACC_IN + part[:, None] * BLOCK_DV + dv[None, :]) * weight[:, None]
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+    tl.store(OUT + b * so_b + (h * GROUP + g)[:, None] * so_h + dv[None, :], out.to(OUT.dtype.element_ty),
+             mask=(g < GROUP)[:, None] & (dv < DIM_V)[None, :])
+
+
+def _splits(batch_heads: int, selected: int, block_n: int, device: torch.device) -> int:
+    """Enough programs to fill a GPU (~4 per SM of an H100) without cutting parts below one block; on
+    the CPU (the Triton interpreter, tests) two, so the split merge is still exercised."""
+    wanted = max(1, -(-528 // batch_heads)) if device.type == "cuda" else 2
+    return max(1, min(wanted, -(-selected // block_n)))
+
+
+@triton_op("specontext::sparse_decode_attention", mutates_args=("out",))
+def _sparse_decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor | None, valid: torch.Tensor | None,
+    out: torch.Tensor, scale: float, softcap: float, splits: int,
+) -> None:
+    batch, q_heads, dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    dim_v = v.shape[-1]
+    selected = k.shape[2] if indices is None else indices.shape[-1]
+    if selected == 0:
+        out.zero_()
+        return
+    block_g = max(16, triton.next_power_of_2(group))
+    block_d, block_dv = max(16, triton.next_power_of_2(dim)), max(16, triton.next_power_of_2(dim_v))
+    block_n = 64 if q.device.type == "cuda" else 16
+    splits = splits or _splits(batch * kv_heads, selected, block_n, q.device)
+    per_split = block_n * -(-selected // (splits * block_n))
+    splits = -(-selected // per_split)
+    m = torch.empty(batch, kv_heads, splits, block_g, dtype=torch.float32, device=q.device)
+    denom = torch.empty_like(m)
+    acc = torch.empty(batch, kv_heads, splits, block_g, block_dv, dtype=torch.float32, device=q.device)
+    index = indices if indices is not None else m  # unused when HAS_INDEX is False
+    mask = valid.view(torch.uint8) if valid is not None else m
+    if indices is not None and valid is not None and valid.stride() != indices.stride():
+        raise ValueError("valid and indices must share strides")
+    wrap_triton(_partial_kernel)[(batch * kv_heads, splits)](
+        q, k, v, index, mask, m, denom, acc,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        index.stride(0) if indices is not None else (mask.stride(0) if valid is not None else 0),
+        index.stride(1) if indices is not None else (mask.stride(1) if valid is not None else 0),
+        m.stride(0) // block_g, m.stride(1) // block_g,
+        kv_heads, selected, per_split, scale, softcap,
+        GROUP=group, BLOCK_G=block_g, DIM=dim, DIM_V=dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_N=block_n,
+        HAS_INDEX=indices is not None, HAS_VALID=valid is not None, SOFTCAP=bool(softcap),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=3 if q.device.type == "cuda" else 1,
+    )
+    wrap_triton(_merge_kernel)[(batch * kv_heads,)](
+        m, denom, acc, out, out.stride(0), out.stride(1), kv_heads, splits,
+        GROUP=group, BLOCK_G=block_g, DIM_V=dim_v, BLOCK_DV=block_dv,
+    )
+
+
+@_sparse_decode_attention.register_fake
+def _(q, k, v, indices, valid, out, scale, softcap, splits):
+    return None
+
+
+def sparse_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor | None,
+    *,
+    scale: float | None = None,
+    valid: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    splits: int = 0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton sparse-gather decode attention (see the module docstring).
+
+    q [B, Hq, D]; k/v [B, Hkv, T, D] (last dimension contiguous); indices int32/int64 [B, Hkv, K]
+    positions on the token axis, shared by each KV head's query group (None: all T rows, for slot
+    buffers); valid bool [B, Hkv, K] (or [B, Hkv, T] with no indices) or None; ``splits`` (0: chosen to
+    fill the GPU); ``out``: a contiguous [B, Hq, Dv] buffer to write (default: a new one). Returns it.
+    """
+    if q.dim() != 3 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"expected q [B, Hq, D] and k/v [B, Hkv, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    batch, q_heads, dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != dim or v.shape[:3] != k.shape[:3] or q_heads % k.shape[1]:
+        raise ValueError(f"shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         "(Hq must be a multiple of Hkv)")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one of float32, float16, bfloat16; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if indices is not None:
+        if indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"indices must be int32 or int64; got {indices.dtype}")
+        if indices.shape[:2] != k.shape[:2]:
+            raise ValueError(f"indices {tuple(indices.shape)} must be [B, Hkv, K] for k {tuple(k.shape)}")
+        indices = indices.contiguous()
+    width = k.shape[2] if indices is None else indices.shape[2]
+    if valid is not None:
+        if valid.dtype != torch.bool or valid.shape != (*k.shape[:2], width):
+            raise ValueError(f"valid must be bool [B, Hkv, {width}]; got {valid.dtype} {tuple(valid.shape)}")
+        valid = valid.contiguous()
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("k and v rows must be contiguous along the last dimension")
+    q = q.contiguous()
+    scale = dim ** -0.5 if scale is None else float(scale)
+    if out is None:
+        out = q.new_empty(batch, q_heads, v.shape[-1])
+    elif out.shape != (batch, q_heads, v.shape[-1]) or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {(batch, q_heads, v.shape[-1])}")
+    _sparse_decode_attention(q, k, v, indices, valid, out, scale, float(softcap), int(splits))
+    return out
