@@ -145,3 +145,18 @@ def test_kernels_are_opaque_custom_ops_with_fake_implementations():
         scores = torch.empty(2, 2, 100)
         torch.ops.specontext.retrieval_scores(q, k, None, scores, 0.125)
     assert out.shape == (2, 8, 64) and scores.shape == (2, 2, 100)
+
+
+def test_registered_ops_compute_what_the_eager_path_computes():
+    """The eager path launches the kernels directly; the registered ops (what a traced graph calls) run
+    the same launches through wrap_triton."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(1, 8, 32, generator=g), torch.randn(1, 2, 40, 32, generator=g), torch.randn(1, 2, 40, 32, generator=g)
+    indices = torch.randint(0, 40, (1, 2, 17), generator=g)
+    eager = sparse_decode_attention(q, k, v, indices)
+    out = torch.full_like(eager, POISON)
+    torch.ops.specontext.sparse_decode_attention(q, k, v, indices, None, out, 32 ** -0.5, 0.0, 0)
+    torch.testing.assert_close(out, eager)
+    scores = torch.full((1, 2, 40), POISON)
+    torch.ops.specontext.retrieval_scores(q, k, None, scores, 0.25)
+    torch.testing.assert_close(scores, retrieval_scores(q, k, 0.25))

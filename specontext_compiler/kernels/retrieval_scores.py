@@ -105,6 +105,15 @@ def _probabilities_kernel(
 @triton_op("specontext::retrieval_scores", mutates_args=("out",))
 def _retrieval_scores(q: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor | None, out: torch.Tensor,
                       scale: float) -> None:
+    _launch(q, keys, key_valid, out, scale, wrap_triton)
+
+
+def _direct(kernel):
+    return kernel
+
+
+def _launch(q, keys, key_valid, out, scale, launcher) -> None:
+    """Both passes; ``launcher``: ``wrap_triton`` inside the registered op, the kernel itself when eager."""
     batch, q_heads, dim = q.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads
@@ -122,7 +131,7 @@ def _retrieval_scores(q: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tens
     denom = torch.empty_like(m)
     valid = key_valid.view(torch.uint8) if key_valid is not None else m
     grid = (batch * kv_heads, splits)
-    wrap_triton(_logits_kernel)[grid](
+    launcher(_logits_kernel)[grid](
         q, keys, valid, logits, m, denom,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         valid.stride(0) if key_valid is not None else 0, logits.stride(0), logits.stride(1),
@@ -130,7 +139,7 @@ def _retrieval_scores(q: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tens
         GROUP=group, BLOCK_G=block_g, DIM=dim, BLOCK_D=block_d, BLOCK_N=block_n, HAS_VALID=key_valid is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    wrap_triton(_probabilities_kernel)[grid](
+    launcher(_probabilities_kernel)[grid](
         logits, m, denom, out, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), kv_heads, length,
         per_split, GROUP=group, BLOCK_G=block_g, BLOCK_N=block_n,
     )
@@ -165,7 +174,11 @@ def retrieval_scores(q: torch.Tensor, keys: torch.Tensor, scale: float, key_vali
         out = torch.empty(shape, dtype=torch.float32, device=keys.device)
     elif out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor of shape {shape}")
-    _retrieval_scores(q.to(keys.dtype).contiguous(), keys, key_valid, out, float(scale))
+    q = q.to(keys.dtype).contiguous()
+    if type(q) is torch.Tensor and not torch.compiler.is_compiling():
+        _launch(q, keys, key_valid, out, float(scale), _direct)
+    else:  # traced: the registered op, opaque to the graph
+        _retrieval_scores(q, keys, key_valid, out, float(scale))
     return out
 
 

@@ -134,11 +134,34 @@ def _splits(batch_heads: int, selected: int, block_n: int, device: torch.device)
     return max(1, min(wanted, -(-selected // block_n)))
 
 
+def _direct(kernel):
+    return kernel
+
+
+_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, batch: int, kv_heads: int, splits: int, block_g: int, block_dv: int):
+    """The split partials (running max, sum, weighted V), kept per shape: no allocation per call (and
+    fixed addresses for CUDA graphs). Reuse is ordered by the stream, like every kernel's."""
+    key = (device, batch, kv_heads, splits, block_g, block_dv)
+    if key not in _WORKSPACE:
+        m = torch.empty(batch, kv_heads, splits, block_g, dtype=torch.float32, device=device)
+        _WORKSPACE[key] = (m, torch.empty_like(m), torch.empty(*m.shape, block_dv, dtype=torch.float32, device=device))
+    return _WORKSPACE[key]
+
+
 @triton_op("specontext::sparse_decode_attention", mutates_args=("out",))
 def _sparse_decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor | None, valid: torch.Tensor | None,
     out: torch.Tensor, scale: float, softcap: float, splits: int,
 ) -> None:
+    _launch(q, k, v, indices, valid, out, scale, softcap, splits, wrap_triton)
+
+
+def _launch(q, k, v, indices, valid, out, scale, softcap, splits, launcher) -> None:
+    """Both kernels; ``launcher`` is ``wrap_triton`` inside the registered op (traceable) or the kernel
+    itself on the eager path (no dispatcher in between: decode calls this once per layer per step)."""
     batch, q_heads, dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
@@ -153,14 +176,12 @@ def _sparse_decode_attention(
     splits = splits or _splits(batch * kv_heads, selected, block_n, q.device)
     per_split = block_n * -(-selected // (splits * block_n))
     splits = -(-selected // per_split)
-    m = torch.empty(batch, kv_heads, splits, block_g, dtype=torch.float32, device=q.device)
-    denom = torch.empty_like(m)
-    acc = torch.empty(batch, kv_heads, splits, block_g, block_dv, dtype=torch.float32, device=q.device)
+    m, denom, acc = _workspace(q.device, batch, kv_heads, splits, block_g, block_dv)
     index = indices if indices is not None else m  # unused when HAS_INDEX is False
     mask = valid.view(torch.uint8) if valid is not None else m
     if indices is not None and valid is not None and valid.stride() != indices.stride():
         raise ValueError("valid and indices must share strides")
-    wrap_triton(_partial_kernel)[(batch * kv_heads, splits)](
+    launcher(_partial_kernel)[(batch * kv_heads, splits)](
         q, k, v, index, mask, m, denom, acc,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         index.stride(0) if indices is not None else (mask.stride(0) if valid is not None else 0),
@@ -172,7 +193,7 @@ def _sparse_decode_attention(
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=3 if q.device.type == "cuda" else 1,
     )
-    wrap_triton(_merge_kernel)[(batch * kv_heads,)](
+    launcher(_merge_kernel)[(batch * kv_heads,)](
         m, denom, acc, out, out.stride(0), out.stride(1), kv_heads, splits,
         GROUP=group, BLOCK_G=block_g, DIM_V=dim_v, BLOCK_DV=block_dv,
     )
@@ -229,5 +250,8 @@ def sparse_decode_attention(
         out = q.new_empty(batch, q_heads, v.shape[-1])
     elif out.shape != (batch, q_heads, v.shape[-1]) or out.dtype != q.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {(batch, q_heads, v.shape[-1])}")
-    _sparse_decode_attention(q, k, v, indices, valid, out, scale, float(softcap), int(splits))
+    if type(q) is torch.Tensor and not torch.compiler.is_compiling():
+        _launch(q, k, v, indices, valid, out, scale, float(softcap), int(splits), _direct)
+    else:  # traced (torch.compile, export): the registered op, opaque to the graph
+        _sparse_decode_attention(q, k, v, indices, valid, out, scale, float(softcap), int(splits))
     return out

@@ -1,0 +1,289 @@
+"""The Triton kernels on the GPU, in one run (needs CUDA):
+
+    PYTHONPATH=. python benchmarks/kernels.py --out kernels_h100
+
+1. Ceilings measured here: HBM (a 2 GiB device-to-device copy, bytes read + written) and pinned
+   host->GPU copy bandwidth.
+2. bf16 correctness against float64 references (GQA ratios 1, 4, 7, 8; Llama-3.1-8B heads), outputs
+   poisoned with NaN before each call.
+3. Sparse decode attention, Llama-3.1-8B heads (32 q / 8 kv, D=128, bf16), a 32K-token cache, K =
+   512..8192 selected rows, B = 1..32: the kernel's time and achieved bandwidth (selected K/V rows +
+   indices + q + out, over the measured HBM bandwidth), against torch.gather + SDPA(enable_gqa) and
+   the runtime's torch path (gather + one grouped SDPA block per KV head), both gather included; SDPA
+   alone over pre-gathered rows is listed too. triton.testing.do_bench (L2 flushed before each run), median.
+4. Host-row gather: the runtime's zero-copy kernel, 4 KiB rows from pinned memory, vs the pinned copy.
+5. Retrieval scoring + top-k (P = 32K, 128K keys; B = 1, 4) against torch (group_probabilities + topk).
+6. The runtime with and without the kernels: float32 tokens (offloaded and resident, kernels on, vs the
+   torch path) and decode ms/step on the Llama-3.1-8B shape at 32K.
+
+Writes JSON under benchmarks/results/ (and $OUT when set) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+RESULTS = Path(__file__).parent / "results"
+HQ, HKV, DIM = 32, 8, 128
+
+
+def bench(fn) -> float:
+    """Median seconds of an eager call (triton.testing.do_bench: events, L2 flushed before every run):
+    includes the CPU's launch overhead whenever it exceeds the GPU time."""
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+
+
+def bench_graph(fn) -> float:
+    """Median seconds of the GPU work alone: ``fn`` captured in a CUDA graph and replayed
+    (triton.testing.do_bench_cudagraph), as the decode step will run under CUDA graphs."""
+    import triton
+
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") / 1e3
+
+
+def hbm_bandwidth() -> float:
+    src = torch.empty(1 << 30, dtype=torch.int16, device="cuda").random_()
+    dst = torch.empty_like(src)
+    seconds = bench(lambda: dst.copy_(src))
+    return 2 * src.nbytes / seconds
+
+
+def correctness() -> list[dict]:
+    from specontext_compiler.kernels import (retrieval_scores, retrieval_scores_reference, sparse_decode_attention,
+                                             sparse_decode_attention_reference)
+
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for ratio, kv_heads, length, selected, dim in [(1, 4, 3001, 777, 64), (4, 2, 4097, 1023, 128), (7, 1, 999, 333, 128),
+                                                   (8, 2, 8191, 2047, 128), (4, 8, 32768, 2048, 128)]:
+        b = 2
+        q = torch.randn(b, kv_heads * ratio, dim, device="cuda", generator=g).bfloat16()
+        k = torch.randn(b, kv_heads, length, dim, device="cuda", generator=g).bfloat16()
+        v = torch.randn(b, kv_heads, length, dim, device="cuda", generator=g).bfloat16()
+        idx = torch.rand(b, kv_heads, length, device="cuda", generator=g).topk(selected, dim=-1).indices
+        valid = torch.rand(b, kv_heads, selected, device="cuda", generator=g) > 0.1
+        out = torch.full((b, kv_heads * ratio, dim), float("nan"), device="cuda", dtype=torch.bfloat16)
+        sparse_decode_attention(q, k, v, idx, valid=valid, out=out)
+        ref = sparse_decode_attention_reference(q.double(), k.double(), v.double(), idx, valid=valid)
+        attention_error = float((out.double() - ref).norm() / ref.norm())
+        scores = torch.full((b, kv_heads, length), float("nan"), device="cuda")
+        retrieval_scores(q, k, dim ** -0.5, out=scores)
+        scores_ref = retrieval_scores_reference(q.double(), k.double(), dim ** -0.5)
+        scores_error = float((scores.double() - scores_ref).norm() / scores_ref.norm())
+        rows.append({"gqa_ratio": ratio, "kv_heads": kv_heads, "length": length, "selected": selected, "dim": dim,
+                     "attention_rel_error": attention_error, "scores_rel_error": scores_error,
+                     "no_nan": not bool(out.isnan().any() or scores.isnan().any())})
+        print(f"bf16 check ratio {ratio} ({kv_heads * ratio}q/{kv_heads}kv, D={dim}, T={length}, K={selected}): "
+              f"attention {attention_error:.2e}, scores {scores_error:.2e}, written {rows[-1]['no_nan']}", flush=True)
+    return rows
+
+
+def attention_grid(hbm: float, batches, selections, length: int = 32768) -> list[dict]:
+    from specontext_compiler.kernels import sparse_decode_attention
+    from specontext_compiler.runtime.attention_runtime import sparse_decode_attention as runtime_torch_path
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    top = max(batches)
+    cache_k = torch.randn(top, HKV, length, DIM, device="cuda", generator=g, dtype=torch.bfloat16)
+    cache_v = torch.randn(top, HKV, length, DIM, device="cuda", generator=g, dtype=torch.bfloat16)
+    rows = []
+    for batch in batches:
+        k, v = cache_k[:batch], cache_v[:batch]
+        q = torch.randn(batch, HQ, DIM, device="cuda", generator=g, dtype=torch.bfloat16)
+        for selected in selections:
+            idx = torch.rand(batch, HKV, length, device="cuda", generator=g).topk(selected, dim=-1).indices
+            out = torch.empty(batch, HQ, DIM, device="cuda", dtype=torch.bfloat16)
+            expand = idx[..., None].expand(-1, -1, -1, DIM)
+
+            def torch_gather_sdpa():
+                ks, vs = k.gather(2, expand), v.gather(2, expand)
+                return F.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True)
+
+            def triton_call():
+                return sparse_decode_attention(q, k, v, idx, out=out)
+
+            def runtime_torch():
+                return runtime_torch_path(q[:, :, None], k, v, idx, None, DIM ** -0.5)
+
+            pregathered = (k.gather(2, expand), v.gather(2, expand))
+
+            def sdpa_alone():
+                return F.scaled_dot_product_attention(q[:, :, None], *pregathered, enable_gqa=True)
+
+            moved = 2 * batch * HKV * selected * DIM * 2 + idx.numel() * idx.element_size() + 2 * q.nbytes
+            row = {"batch": batch, "selected": selected, "bytes": moved}
+            for name, fn in [("triton", triton_call), ("torch_gather_sdpa", torch_gather_sdpa),
+                             ("runtime_torch_path", runtime_torch), ("sdpa_on_pregathered", sdpa_alone)]:
+                row[f"{name}_us"] = 1e6 * bench(fn)
+                row[f"{name}_graph_us"] = 1e6 * bench_graph(fn)
+            row["triton_gbps"] = moved / row["triton_us"] * 1e-3
+            row["triton_graph_gbps"] = moved / row["triton_graph_us"] * 1e-3
+            row["share_of_hbm"] = row["triton_gbps"] * 1e9 / hbm
+            row["share_of_hbm_graph"] = row["triton_graph_gbps"] * 1e9 / hbm
+            for mode in ("", "_graph"):
+                row[f"speedup_vs_gather_sdpa{mode}"] = row[f"torch_gather_sdpa{mode}_us"] / row[f"triton{mode}_us"]
+                row[f"speedup_vs_runtime_torch{mode}"] = row[f"runtime_torch_path{mode}_us"] / row[f"triton{mode}_us"]
+            rows.append(row)
+            print(f"attention B={batch:>2} K={selected:>4} | eager: triton {row['triton_us']:7.1f} us "
+                  f"({100 * row['share_of_hbm']:5.1f}% HBM), gather+SDPA {row['torch_gather_sdpa_us']:7.1f}, runtime torch "
+                  f"{row['runtime_torch_path_us']:7.1f} | graph: triton {row['triton_graph_us']:7.1f} us "
+                  f"{row['triton_graph_gbps']:7.1f} GB/s ({100 * row['share_of_hbm_graph']:5.1f}% HBM), gather+SDPA "
+                  f"{row['torch_gather_sdpa_graph_us']:7.1f} ({row['speedup_vs_gather_sdpa_graph']:4.2f}x), runtime torch "
+                  f"{row['runtime_torch_path_graph_us']:7.1f} ({row['speedup_vs_runtime_torch_graph']:4.2f}x), SDPA alone "
+                  f"{row['sdpa_on_pregathered_graph_us']:7.1f}", flush=True)
+    return rows
+
+
+def scoring(hbm: float) -> list[dict]:
+    from specontext_compiler.kernels import retrieval_top_k, use_kernels
+    from specontext_compiler.retrieval.base import group_probabilities
+
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(2)
+    from specontext_compiler.kernels import retrieval_scores
+
+    for batch, length in [(1, 32768), (1, 131072), (4, 32768), (4, 131072)]:
+        q = torch.randn(batch, HQ, DIM, device="cuda", generator=g, dtype=torch.bfloat16)
+        keys = torch.randn(batch, HKV, length, DIM, device="cuda", generator=g, dtype=torch.bfloat16)
+        use_kernels(False)  # group_probabilities: the torch path
+        calls = {"triton_scores": lambda: retrieval_scores(q, keys, DIM ** -0.5),
+                 "torch_scores": lambda: group_probabilities(q, keys, DIM ** -0.5),
+                 "triton_topk": lambda: retrieval_top_k(q, keys, 2048, DIM ** -0.5),
+                 "torch_topk": lambda: torch.topk(group_probabilities(q, keys, DIM ** -0.5), 2048, dim=-1).indices}
+        row = {"batch": batch, "keys": length}
+        for name, fn in calls.items():
+            row[f"{name}_us"] = 1e6 * bench(fn)
+            row[f"{name}_graph_us"] = 1e6 * bench_graph(fn)
+        use_kernels(True)
+        moved = keys.nbytes + 2 * batch * HQ * length * 4 + batch * HKV * length * 4
+        row["bytes"] = moved
+        row["triton_scores_share_of_hbm_graph"] = moved / (row["triton_scores_graph_us"] * 1e-6) / hbm
+        rows.append(row)
+        print(f"scoring B={batch} P={length:>6} (graph us): triton {row['triton_scores_graph_us']:7.1f} "
+              f"({100 * row['triton_scores_share_of_hbm_graph']:4.1f}% HBM), torch {row['torch_scores_graph_us']:7.1f}; "
+              f"+top-2048: triton {row['triton_topk_graph_us']:7.1f}, torch {row['torch_topk_graph_us']:7.1f} | eager "
+              f"+top-2048: triton {row['triton_topk_us']:7.1f}, torch {row['torch_topk_us']:7.1f}", flush=True)
+    return rows
+
+
+def runtime_check() -> dict:
+    """float32: the runtime with the kernels (resident and offloaded) against the torch path."""
+    import specontext
+    from specontext_compiler.kernels import use_kernels
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=8192)
+    model = LlamaForCausalLM(config).to("cuda", torch.float32).eval()
+    ids = torch.randint(5, 1000, (2, 4096), generator=torch.Generator().manual_seed(3)).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :700] = 0
+    results = {}
+    outputs = {}
+    for kernels, offload in [(False, "none"), (True, "none"), (True, "all")]:
+        use_kernels(kernels)
+        compiled = specontext.compile(model, "8GB", token_budget=256, offload=offload, progress=False)
+        compiled.runtime.store.fill_value = 1e4
+        outputs[(kernels, offload)] = compiled.generate(
+            ids, attention_mask=mask, max_new_tokens=48, min_new_tokens=48, do_sample=False, pad_token_id=0,
+            return_dict_in_generate=True, output_logits=True)
+    use_kernels(True)
+    reference = outputs[(False, "none")]
+    for key, out in outputs.items():
+        same = bool(torch.equal(out.sequences, reference.sequences))
+        diff = max(float((a - b).abs().max()) for a, b in zip(out.logits, reference.logits)) if same else None
+        results[f"kernels={key[0]}/offload={key[1]}"] = {"identical_tokens": same, "max_logit_diff": diff}
+        print(f"runtime float32 kernels={key[0]} offload={key[1]}: identical tokens {same}, max logit diff {diff}", flush=True)
+    return results
+
+
+def runtime_decode(context: int = 32768, new: int = 33, repeats: int = 2) -> list[dict]:
+    import specontext
+    from benchmarks.offload import llama_8b_random
+    from specontext_compiler.kernels import use_kernels
+
+    model = llama_8b_random()
+    ids = torch.randint(10, 120000, (1, context), generator=torch.Generator().manual_seed(1)).cuda()
+    compiled = {offload: specontext.compile(model, "80GB", token_budget=2048, offload=offload, progress=False)
+                for offload in ("none", "all")}
+    times: dict[tuple, list[float]] = {}
+    for _ in range(repeats):
+        for kernels in (True, False):
+            use_kernels(kernels)
+            for offload, runner in compiled.items():
+                runner.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+                times.setdefault((kernels, offload), []).append(runner.stats["ms_per_step"])
+    use_kernels(True)
+    rows = []
+    for (kernels, offload), runs in times.items():
+        rows.append({"kernels": kernels, "offload": offload, "ms_per_step": statistics.median(runs), "runs": runs})
+        print(f"decode 8B 32K offload={offload:>4} kernels={kernels!s:>5}: {statistics.median(runs):.2f} ms/step "
+              f"(runs {', '.join(f'{t:.1f}' for t in runs)})", flush=True)
+    del compiled, model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="kernels_gpu")
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--selections", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["check", "attention", "gather", "scoring", "runtime"])
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
+    payload = {"command": "PYTHONPATH=. python benchmarks/kernels.py", "date": datetime.date.today().isoformat(),
+               "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    import triton
+
+    payload["triton"] = triton.__version__
+    hbm = hbm_bandwidth()
+    payload["hbm_bytes_per_s"] = hbm
+    print(f"HBM (device copy, read + write): {hbm / 1e9:.0f} GB/s", flush=True)
+    if "check" not in args.skip:
+        payload["bf16_check"] = correctness()
+    if "attention" not in args.skip:
+        payload["attention"] = attention_grid(hbm, args.batches, args.selections)
+        big = [r for r in payload["attention"] if r["batch"] * r["selected"] >= 16384]
+        for mode in ("", "_graph"):
+            payload[f"attention_min_share_of_hbm_b_k_16k{mode}"] = min(r[f"share_of_hbm{mode}"] for r in big)
+            payload[f"attention_min_speedup_vs_gather_sdpa{mode}"] = min(r[f"speedup_vs_gather_sdpa{mode}"] for r in payload["attention"])
+            payload[f"attention_min_speedup_vs_runtime_torch{mode}"] = min(r[f"speedup_vs_runtime_torch{mode}"] for r in payload["attention"])
+            print(f"attention{mode or ' (eager)'}: lowest share of HBM where B*K >= 16K "
+                  f"{payload[f'attention_min_share_of_hbm_b_k_16k{mode}']:.3f}; lowest speedup vs gather+SDPA "
+                  f"{payload[f'attention_min_speedup_vs_gather_sdpa{mode}']:.2f}x, vs the runtime's torch path "
+                  f"{payload[f'attention_min_speedup_vs_runtime_torch{mode}']:.2f}x", flush=True)
+    if "gather" not in args.skip:
+        from benchmarks.offload import gather_bandwidth
+
+        payload["gather"] = gather_bandwidth()
+        for r in payload["gather"]:
+            print(f"gather {r['row_bytes']:>5} B rows: {r['gbps']:6.1f} GB/s = {100 * r['share_of_copy']:5.1f}% of the "
+                  f"pinned copy ({r['pinned_copy_gbps']:.1f} GB/s), bit-exact {r['bit_exact']}", flush=True)
+    if "scoring" not in args.skip:
+        payload["scoring"] = scoring(hbm)
+    if "runtime" not in args.skip:
+        payload["runtime_check"] = runtime_check()
+        payload["runtime_decode"] = runtime_decode()
+    RESULTS.mkdir(exist_ok=True)
+    text = json.dumps(payload, indent=2)
+    (RESULTS / f"{args.out}.json").write_text(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], f"{args.out}.json").write_text(text)
+    print(f"wrote {RESULTS / (args.out + '.json')}")
+
+
+if __name__ == "__main__":
+    main()
