@@ -144,6 +144,44 @@ def attention_grid(hbm: float, batches, selections, length: int = 32768) -> list
     return rows
 
 
+def tune(hbm: float, cases=((1, 8192), (2, 8192), (4, 4096), (8, 2048), (16, 1024), (32, 512), (32, 8192)),
+         length: int = 32768) -> list[dict]:
+    """CUDA-graph time of the attention kernel for each launch configuration, per (B, K)."""
+    import itertools
+
+    from specontext_compiler.kernels import sparse_decode_attention
+    from specontext_compiler.kernels.sparse_decode_attention import GPU_CONFIG
+
+    default = dict(GPU_CONFIG)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    top = max(b for b, _ in cases)
+    cache_k = torch.randn(top, HKV, length, DIM, device="cuda", generator=g, dtype=torch.bfloat16)
+    cache_v = torch.randn(top, HKV, length, DIM, device="cuda", generator=g, dtype=torch.bfloat16)
+    rows = []
+    for batch, selected in cases:
+        k, v = cache_k[:batch], cache_v[:batch]
+        q = torch.randn(batch, HQ, DIM, device="cuda", generator=g, dtype=torch.bfloat16)
+        idx = torch.rand(batch, HKV, length, device="cuda", generator=g).topk(selected, dim=-1).indices
+        out = torch.empty(batch, HQ, DIM, device="cuda", dtype=torch.bfloat16)
+        moved = 2 * batch * HKV * selected * DIM * 2 + idx.numel() * idx.element_size() + 2 * q.nbytes
+        results = []
+        for block_n, programs, warps, stages in itertools.product((32, 64, 128), (528, 1056, 2112), (4, 8), (2, 3, 4)):
+            GPU_CONFIG.update(block_n=block_n, programs=programs, num_warps=warps, num_stages=stages)
+            try:
+                seconds = bench_graph(lambda: sparse_decode_attention(q, k, v, idx, out=out))
+            except Exception as error:  # out of shared memory for this combination: skip it
+                results.append({"config": dict(GPU_CONFIG), "error": str(error)[:120]})
+                continue
+            results.append({"config": dict(GPU_CONFIG), "us": 1e6 * seconds, "share_of_hbm": moved / seconds / hbm})
+        GPU_CONFIG.update(default)
+        ok = sorted((r for r in results if "us" in r), key=lambda r: r["us"])
+        rows.append({"batch": batch, "selected": selected, "best": ok[:5], "all": results})
+        print(f"tune B={batch:>2} K={selected:>4}: best {ok[0]['config']} {ok[0]['us']:.1f} us "
+              f"({100 * ok[0]['share_of_hbm']:.1f}% HBM); default "
+              f"{next(r['us'] for r in ok if r['config'] == default):.1f} us", flush=True)
+    return rows
+
+
 def scoring(hbm: float) -> list[dict]:
     from specontext_compiler.kernels import retrieval_top_k, use_kernels
     from specontext_compiler.retrieval.base import group_probabilities
@@ -241,6 +279,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--selections", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--skip", nargs="*", default=[], choices=["check", "attention", "gather", "scoring", "runtime"])
+    parser.add_argument("--tune", action="store_true", help="only sweep the attention kernel's launch parameters")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
@@ -252,6 +291,9 @@ def main() -> None:
     hbm = hbm_bandwidth()
     payload["hbm_bytes_per_s"] = hbm
     print(f"HBM (device copy, read + write): {hbm / 1e9:.0f} GB/s", flush=True)
+    if args.tune:
+        payload["tune"] = tune(hbm)
+        args.skip = ["check", "attention", "gather", "scoring", "runtime"]
     if "check" not in args.skip:
         payload["bf16_check"] = correctness()
     if "attention" not in args.skip:

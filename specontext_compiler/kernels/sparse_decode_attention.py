@@ -127,10 +127,14 @@ def _merge_kernel(
              mask=(g < GROUP)[:, None] & (dv < DIM_V)[None, :])
 
 
+#: GPU launch parameters: rows per block, programs to aim for (split-K), warps, pipeline stages.
+GPU_CONFIG = {"block_n": 64, "programs": 528, "num_warps": 4, "num_stages": 3}
+
+
 def _splits(batch_heads: int, selected: int, block_n: int, device: torch.device) -> int:
-    """Enough programs to fill a GPU (~4 per SM of an H100) without cutting parts below one block; on
-    the CPU (the Triton interpreter, tests) two, so the split merge is still exercised."""
-    wanted = max(1, -(-528 // batch_heads)) if device.type == "cuda" else 2
+    """Enough programs to fill the GPU (``GPU_CONFIG["programs"]``) without cutting parts below one
+    block; on the CPU (the Triton interpreter, tests) two, so the split merge is still exercised."""
+    wanted = max(1, -(-GPU_CONFIG["programs"] // batch_heads)) if device.type == "cuda" else 2
     return max(1, min(wanted, -(-selected // block_n)))
 
 
@@ -172,7 +176,8 @@ def _launch(q, k, v, indices, valid, out, scale, softcap, splits, launcher) -> N
         return
     block_g = max(16, triton.next_power_of_2(group))
     block_d, block_dv = max(16, triton.next_power_of_2(dim)), max(16, triton.next_power_of_2(dim_v))
-    block_n = 64 if q.device.type == "cuda" else 16
+    on_gpu = q.device.type == "cuda"
+    block_n = GPU_CONFIG["block_n"] if on_gpu else 16
     splits = splits or _splits(batch * kv_heads, selected, block_n, q.device)
     per_split = block_n * -(-selected // (splits * block_n))
     splits = -(-selected // per_split)
@@ -191,7 +196,7 @@ def _launch(q, k, v, indices, valid, out, scale, softcap, splits, launcher) -> N
         GROUP=group, BLOCK_G=block_g, DIM=dim, DIM_V=dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_N=block_n,
         HAS_INDEX=indices is not None, HAS_VALID=valid is not None, SOFTCAP=bool(softcap),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=3 if q.device.type == "cuda" else 1,
+        num_warps=GPU_CONFIG["num_warps"] if on_gpu else 4, num_stages=GPU_CONFIG["num_stages"] if on_gpu else 1,
     )
     launcher(_merge_kernel)[(batch * kv_heads,)](
         m, denom, acc, out, out.stride(0), out.stride(1), kv_heads, splits,
