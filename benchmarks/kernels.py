@@ -145,7 +145,7 @@ def attention_grid(hbm: float, batches, selections, length: int = 32768) -> list
 
 
 def tune(hbm: float, cases=((1, 8192), (2, 8192), (4, 4096), (8, 2048), (16, 1024), (32, 512), (32, 8192)),
-         length: int = 32768) -> list[dict]:
+         length: int = 32768, block_n=(32, 64, 128), programs=(528, 1056, 2112), warps=(4, 8), stages=(2, 3, 4)) -> list[dict]:
     """CUDA-graph time of the attention kernel for each launch configuration, per (B, K)."""
     import itertools
 
@@ -165,8 +165,8 @@ def tune(hbm: float, cases=((1, 8192), (2, 8192), (4, 4096), (8, 2048), (16, 102
         out = torch.empty(batch, HQ, DIM, device="cuda", dtype=torch.bfloat16)
         moved = 2 * batch * HKV * selected * DIM * 2 + idx.numel() * idx.element_size() + 2 * q.nbytes
         results = []
-        for block_n, programs, warps, stages in itertools.product((32, 64, 128), (528, 1056, 2112), (4, 8), (2, 3, 4)):
-            GPU_CONFIG.update(block_n=block_n, programs=programs, num_warps=warps, num_stages=stages)
+        for n, p, w, st in itertools.product(block_n, programs, warps, stages):
+            GPU_CONFIG.update(block_n=n, programs=p, num_warps=w, num_stages=st)
             try:
                 seconds = bench_graph(lambda: sparse_decode_attention(q, k, v, idx, out=out))
             except Exception as error:  # out of shared memory for this combination: skip it
@@ -177,8 +177,7 @@ def tune(hbm: float, cases=((1, 8192), (2, 8192), (4, 4096), (8, 2048), (16, 102
         ok = sorted((r for r in results if "us" in r), key=lambda r: r["us"])
         rows.append({"batch": batch, "selected": selected, "best": ok[:5], "all": results})
         print(f"tune B={batch:>2} K={selected:>4}: best {ok[0]['config']} {ok[0]['us']:.1f} us "
-              f"({100 * ok[0]['share_of_hbm']:.1f}% HBM); default "
-              f"{next(r['us'] for r in ok if r['config'] == default):.1f} us", flush=True)
+              f"({100 * ok[0]['share_of_hbm']:.1f}% HBM)", flush=True)
     return rows
 
 
@@ -297,6 +296,20 @@ def main() -> None:
     if "check" not in args.skip:
         payload["bf16_check"] = correctness()
     if "attention" not in args.skip:
+        # The split-K target (programs) is chosen here, on this GPU, by the worst case over B x K = 16K+.
+        from specontext_compiler.kernels.sparse_decode_attention import GPU_CONFIG
+
+        payload["programs_sweep"] = tune(hbm, block_n=(GPU_CONFIG["block_n"],), programs=(528, 1056, 2112),
+                                         warps=(GPU_CONFIG["num_warps"],), stages=(GPU_CONFIG["num_stages"],))
+        worst = {}
+        for row in payload["programs_sweep"]:
+            best = row["best"][0]["us"]
+            for r in row["all"]:
+                if "us" in r:
+                    worst[r["config"]["programs"]] = max(worst.get(r["config"]["programs"], 0), r["us"] / best)
+        GPU_CONFIG["programs"] = min(worst, key=worst.get)
+        payload["gpu_config"] = dict(GPU_CONFIG)
+        print(f"launch parameters: {GPU_CONFIG}", flush=True)
         payload["attention"] = attention_grid(hbm, args.batches, args.selections)
         big = [r for r in payload["attention"] if r["batch"] * r["selected"] >= 16384]
         for mode in ("", "_graph"):

@@ -80,6 +80,15 @@ def test_slot_buffers_without_indices_and_soft_capping(ratio):
         assert relative_error(out, ref) < 1e-4
 
 
+def test_many_splits_merge_in_chunks():
+    """More splits than the merge reads at once (16): the merge's running rescale across chunks."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(1, 4, 16, generator=g), torch.randn(1, 1, 400, 16, generator=g), torch.randn(1, 1, 400, 16, generator=g)
+    indices = torch.randperm(400, generator=g)[:350].view(1, 1, 350)
+    out = sparse_decode_attention(q, k, v, indices, splits=21, out=torch.full((1, 4, 16), POISON))
+    assert relative_error(out, sparse_decode_attention_reference(q.double(), k.double(), v.double(), indices)) < 1e-4
+
+
 def test_sparse_decode_attention_reads_strided_caches():
     """The KV store's buffers are views with spare capacity ([B, Hkv, capacity, D] sliced to the length)."""
     g = torch.Generator().manual_seed(1)

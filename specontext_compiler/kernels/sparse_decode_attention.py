@@ -10,7 +10,7 @@ strides; the runtime's resident buffers, or an offloaded layer's slot buffers wi
 A KV head's whole query group is one [G, D] block against each block of gathered keys, so every K/V
 row is read once per group, not once per query head. Split-K: the selection is cut into ``splits``
 parts handled by separate programs (enough programs to fill the GPU at batch 1), each writing a partial
-(running max, sum of exponentials, weighted V); a second kernel merges them. Decode attention is
+(running max, sum of exponentials, weighted V); a second kernel, one program per query head, merges them. Decode attention is
 bandwidth-bound: the bytes are the selected rows, ``2 * B * Hkv * K * D * itemsize``.
 
 ``valid`` (bool [B, Hkv, K]) masks padded entries; ``softcap`` applies Gemma 2's logit soft-capping.
@@ -95,40 +95,46 @@ def _partial_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     part = (b * sm_b + h * sm_h + split) * BLOCK_G + g
-    tl.store(M_OUT + part, m)
-    tl.store(L_OUT + part, denom)
-    tl.store(ACC_OUT + part[:, None] * BLOCK_DV + dv[None, :], acc)
+    real = g < GROUP  # padded query rows are never merged: not written
+    tl.store(M_OUT + part, m, mask=real)
+    tl.store(L_OUT + part, denom, mask=real)
+    tl.store(ACC_OUT + part[:, None] * BLOCK_DV + dv[None, :], acc, mask=real[:, None])
 
 
 @triton.jit
 def _merge_kernel(
-    M_IN, L_IN, ACC_IN, OUT, so_b, so_h, kv_heads, splits,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    M_IN, L_IN, ACC_IN, OUT, so_b, so_h, q_heads, splits,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    b = (bh // kv_heads).to(tl.int64)
-    h = (bh % kv_heads).to(tl.int64)
-    g = tl.arange(0, BLOCK_G)
+    # One program per query head: its partials of every split, BLOCK_S splits per load.
+    bq = tl.program_id(0)
+    b = (bq // q_heads).to(tl.int64)
+    head = bq % q_heads
+    bh = b * (q_heads // GROUP) + head // GROUP  # the head's (batch, KV head) row of partials
+    g = head % GROUP
     dv = tl.arange(0, BLOCK_DV)
-    base = bh.to(tl.int64) * splits
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    for split in range(0, splits):
-        m = tl.maximum(m, tl.load(M_IN + (base + split) * BLOCK_G + g))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    denom = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-    for split in range(0, splits):
-        part = (base + split) * BLOCK_G + g
-        weight = tl.exp(tl.load(M_IN + part) - m_safe)
-        denom += tl.load(L_IN + part) * weight
-        acc += tl.load(ACC_IN + part[:, None] * BLOCK_DV + dv[None, :]) * weight[:, None]
-    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
-    tl.store(OUT + b * so_b + (h * GROUP + g)[:, None] * so_h + dv[None, :], out.to(OUT.dtype.element_ty),
-             mask=(g < GROUP)[:, None] & (dv < DIM_V)[None, :])
+    m = tl.full([1], float("-inf"), tl.float32)
+    denom = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    for first in range(0, splits, BLOCK_S):
+        s = first + tl.arange(0, BLOCK_S)
+        live = s < splits
+        part = (bh * splits + s) * BLOCK_G + g
+        m_part = tl.load(M_IN + part, mask=live, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(m_part, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        weight = tl.exp(m_part - m_safe)
+        scale_old = tl.exp(m - m_safe)
+        denom = denom * scale_old + tl.sum(tl.load(L_IN + part, mask=live, other=0.0) * weight, 0)
+        block = tl.load(ACC_IN + part[:, None] * BLOCK_DV + dv[None, :], mask=live[:, None], other=0.0)
+        acc = acc * scale_old + tl.sum(block * weight[:, None], 0)
+        m = m_new
+    out = acc / tl.where(denom > 0, denom, 1.0)
+    tl.store(OUT + b * so_b + head * so_h + dv, out.to(OUT.dtype.element_ty), mask=dv < DIM_V)
 
 
 #: GPU launch parameters: rows per block, programs to aim for (split-K), warps, pipeline stages.
-GPU_CONFIG = {"block_n": 64, "programs": 528, "num_warps": 4, "num_stages": 3}
+GPU_CONFIG = {"block_n": 32, "programs": 528, "num_warps": 4, "num_stages": 3}  # H100 sweep, docs/kernels.md
 
 
 def _splits(batch_heads: int, selected: int, block_n: int, device: torch.device) -> int:
@@ -198,9 +204,9 @@ def _launch(q, k, v, indices, valid, out, scale, softcap, splits, launcher) -> N
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=GPU_CONFIG["num_warps"] if on_gpu else 4, num_stages=GPU_CONFIG["num_stages"] if on_gpu else 1,
     )
-    launcher(_merge_kernel)[(batch * kv_heads,)](
-        m, denom, acc, out, out.stride(0), out.stride(1), kv_heads, splits,
-        GROUP=group, BLOCK_G=block_g, DIM_V=dim_v, BLOCK_DV=block_dv,
+    launcher(_merge_kernel)[(batch * q_heads,)](
+        m, denom, acc, out, out.stride(0), out.stride(1), q_heads, splits,
+        GROUP=group, BLOCK_G=block_g, DIM_V=dim_v, BLOCK_DV=block_dv, BLOCK_S=16,
     )
 
 
