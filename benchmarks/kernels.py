@@ -303,7 +303,7 @@ def main() -> None:
         # The split-K target (programs) is chosen here, on this GPU, by the worst case over B x K = 16K+.
         from specontext_compiler.kernels.sparse_decode_attention import GPU_CONFIG
 
-        payload["programs_sweep"] = tune(hbm, block_n=(GPU_CONFIG["block_n"],), programs=(528, 1056, 2112),
+        payload["programs_sweep"] = tune(hbm, block_n=(GPU_CONFIG["block_n"],), programs=(256, 528, 1056),
                                          warps=(GPU_CONFIG["num_warps"],), stages=(GPU_CONFIG["num_stages"],))
         worst = {}
         for row in payload["programs_sweep"]:

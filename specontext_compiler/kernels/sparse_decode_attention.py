@@ -10,7 +10,8 @@ strides; the runtime's resident buffers, or an offloaded layer's slot buffers wi
 A KV head's whole query group is one [G, D] block against each block of gathered keys, so every K/V
 row is read once per group, not once per query head. Split-K: the selection is cut into ``splits``
 parts handled by separate programs (enough programs to fill the GPU at batch 1), each writing a partial
-(running max, sum of exponentials, weighted V); a second kernel, one program per query head, merges them. Decode attention is
+(running max, sum of exponentials, weighted V); a second kernel, one program per query head, merges them
+(with one split, the first kernel writes the output itself). Decode attention is
 bandwidth-bound: the bytes are the selected rows, ``2 * B * Hkv * K * D * itemsize``.
 
 ``valid`` (bool [B, Hkv, K]) masks padded entries; ``softcap`` applies Gemma 2's logit soft-capping.
@@ -49,12 +50,12 @@ def sparse_decode_attention_reference(q, k, v, indices=None, *, scale=None, vali
 
 @triton.jit
 def _partial_kernel(
-    Q, K, V, IDX, VALID, M_OUT, L_OUT, ACC_OUT,
-    sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, si_b, si_h, sm_b, sm_h,
+    Q, K, V, IDX, VALID, M_OUT, L_OUT, ACC_OUT, OUT,
+    sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, si_b, si_h, sm_b, sm_h, so_b, so_h,
     kv_heads, selected, per_split, scale, softcap,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr,
-    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, FINAL: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -94,11 +95,16 @@ def _partial_kernel(
         denom = denom * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
-    part = (b * sm_b + h * sm_h + split) * BLOCK_G + g
     real = g < GROUP  # padded query rows are never merged: not written
-    tl.store(M_OUT + part, m, mask=real)
-    tl.store(L_OUT + part, denom, mask=real)
-    tl.store(ACC_OUT + part[:, None] * BLOCK_DV + dv[None, :], acc, mask=real[:, None])
+    if FINAL:  # one split: normalise and write the output, no merge launch
+        out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+        tl.store(OUT + b * so_b + (h * GROUP + g)[:, None] * so_h + dv[None, :], out.to(OUT.dtype.element_ty),
+                 mask=real[:, None] & (dv < DIM_V)[None, :])
+    else:
+        part = (b * sm_b + h * sm_h + split) * BLOCK_G + g
+        tl.store(M_OUT + part, m, mask=real)
+        tl.store(L_OUT + part, denom, mask=real)
+        tl.store(ACC_OUT + part[:, None] * BLOCK_DV + dv[None, :], acc, mask=real[:, None])
 
 
 @triton.jit
@@ -193,17 +199,19 @@ def _launch(q, k, v, indices, valid, out, scale, softcap, splits, launcher) -> N
     if indices is not None and valid is not None and valid.stride() != indices.stride():
         raise ValueError("valid and indices must share strides")
     launcher(_partial_kernel)[(batch * kv_heads, splits)](
-        q, k, v, index, mask, m, denom, acc,
+        q, k, v, index, mask, m, denom, acc, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         index.stride(0) if indices is not None else (mask.stride(0) if valid is not None else 0),
         index.stride(1) if indices is not None else (mask.stride(1) if valid is not None else 0),
-        m.stride(0) // block_g, m.stride(1) // block_g,
+        m.stride(0) // block_g, m.stride(1) // block_g, out.stride(0), out.stride(1),
         kv_heads, selected, per_split, scale, softcap,
         GROUP=group, BLOCK_G=block_g, DIM=dim, DIM_V=dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_N=block_n,
         HAS_INDEX=indices is not None, HAS_VALID=valid is not None, SOFTCAP=bool(softcap),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FINAL=splits == 1,
         num_warps=GPU_CONFIG["num_warps"] if on_gpu else 4, num_stages=GPU_CONFIG["num_stages"] if on_gpu else 1,
     )
+    if splits == 1:
+        return
     launcher(_merge_kernel)[(batch * q_heads,)](
         m, denom, acc, out, out.stride(0), out.stride(1), q_heads, splits,
         GROUP=group, BLOCK_G=block_g, DIM_V=dim_v, BLOCK_DV=block_dv, BLOCK_S=16,
