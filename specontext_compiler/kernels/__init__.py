@@ -7,9 +7,11 @@ fake implementation) and each with a pure-torch reference:
 * :func:`retrieval_scores` / :func:`retrieval_top_k` — the retrieval head's per-group attention mass
   over its key cache, and the top-k per group.
 
-On a CPU they run in the Triton interpreter (``TRITON_INTERPRET=1``, tests); the runtime calls them on
-CUDA tensors only, unless switched off (``use_kernels(False)`` or ``SPECONTEXT_KERNELS=0``: the torch
-paths, for comparison).
+On a CPU they run in the Triton interpreter (``TRITON_INTERPRET=1``, tests). The runtime's decode
+attention and retrieval scoring use them on CUDA tensors when switched on (``use_kernels(True)`` or
+``SPECONTEXT_KERNELS=1``); off by default, because measured on the H100 (docs/kernels.md) they are
+2.5-9x faster on the GPU but Triton's per-launch CPU cost makes the eager decode loop, which is
+launch-bound at batch 1, slower. The row gather is always used on CUDA.
 """
 
 import os
@@ -20,11 +22,12 @@ from .gather_rows import gather_from_host_or_ring, gather_rows_reference
 from .retrieval_scores import retrieval_scores, retrieval_scores_reference, retrieval_top_k
 from .sparse_decode_attention import sparse_decode_attention, sparse_decode_attention_reference
 
-_enabled = os.environ.get("SPECONTEXT_KERNELS", "1") != "0"
+_enabled = os.environ.get("SPECONTEXT_KERNELS", "0") == "1"
 
 
 def use_kernels(enabled: bool) -> None:
-    """Let the runtime use the Triton kernels on CUDA tensors (True, the default) or the torch paths."""
+    """Let the runtime use the Triton attention and scoring kernels on CUDA tensors (True) or the torch
+    paths (False, the default)."""
     global _enabled
     _enabled = bool(enabled)
 
