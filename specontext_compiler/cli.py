@@ -85,7 +85,8 @@ def _plan(args: argparse.Namespace) -> int:
     from specontext_compiler.planning.known_models import load_config
 
     config = load_config(args.model)
-    plan = specontext.plan_memory(config, args.budget, args.context, batch=args.batch, token_budget=args.token_budget)
+    plan = specontext.plan_memory(config, args.budget, args.context, batch=args.batch, token_budget=args.token_budget,
+                                  prompt=args.prompt)
     print(plan.table())
     if args.png:
         plan.plot(args.png)
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--context", type=int, required=True, help="tokens per sequence (prompt + generated)")
     plan.add_argument("--batch", type=int, default=1)
     plan.add_argument("--token-budget", type=_token_budget, default=DEFAULT_TOKEN_BUDGET)
+    plan.add_argument("--prompt", type=int, help="also plan one sequence growing from this many tokens (which layers leave when)")
     plan.add_argument("--png", help="also plot placement and memory against the context length")
     plan.set_defaults(func=_plan)
     return parser

@@ -150,5 +150,7 @@ def test_cli_plan(tmp_path, capsys):
     LlamaConfig(**LLAMA_8B).save_pretrained(tmp_path / "cfg")
     assert main(["plan", "--model", str(tmp_path / "cfg"), "--budget", "80GB", "--context", "8192", "--batch", "4"]) == 0
     assert "32 of 32" in capsys.readouterr().out
+    assert main(["plan", "--model", "llama-3.1-8b", "--budget", "23.9GB", "--context", "131072", "--prompt", "65536"]) == 0
+    assert "growing from a 65536-token prompt" in capsys.readouterr().out
     assert main(["plan", "--model", "llama-3.1-8b", "--budget", "10GB", "--context", "8192"]) == 2
     assert "needs at least" in capsys.readouterr().err
