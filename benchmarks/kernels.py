@@ -303,15 +303,16 @@ def main() -> None:
         # The split-K target (programs) is chosen here, on this GPU, by the worst case over B x K = 16K+.
         from specontext_compiler.kernels.sparse_decode_attention import GPU_CONFIG
 
-        payload["programs_sweep"] = tune(hbm, block_n=(GPU_CONFIG["block_n"],), programs=(256, 528, 1056),
-                                         warps=(GPU_CONFIG["num_warps"],), stages=(GPU_CONFIG["num_stages"],))
+        payload["programs_sweep"] = tune(hbm, block_n=(GPU_CONFIG["block_n"],), programs=(528, 792, 1056),
+                                         warps=(GPU_CONFIG["num_warps"],), stages=(2, 3))
         worst = {}
         for row in payload["programs_sweep"]:
             best = row["best"][0]["us"]
             for r in row["all"]:
                 if "us" in r:
-                    worst[r["config"]["programs"]] = max(worst.get(r["config"]["programs"], 0), r["us"] / best)
-        GPU_CONFIG["programs"] = min(worst, key=worst.get)
+                    key = (r["config"]["programs"], r["config"]["num_stages"])
+                    worst[key] = max(worst.get(key, 0), r["us"] / best)
+        GPU_CONFIG["programs"], GPU_CONFIG["num_stages"] = min(worst, key=worst.get)
         payload["gpu_config"] = dict(GPU_CONFIG)
         print(f"launch parameters: {GPU_CONFIG}", flush=True)
         payload["attention"] = attention_grid(hbm, args.batches, args.selections)

@@ -144,9 +144,10 @@ GPU_CONFIG = {"block_n": 32, "programs": 528, "num_warps": 4, "num_stages": 3}  
 
 
 def _splits(batch_heads: int, selected: int, block_n: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU (``GPU_CONFIG["programs"]``) without cutting parts below one
-    block; on the CPU (the Triton interpreter, tests) two, so the split merge is still exercised."""
-    wanted = max(1, -(-GPU_CONFIG["programs"] // batch_heads)) if device.type == "cuda" else 2
+    """At most ``GPU_CONFIG["programs"]`` programs (one wave on the GPU: a second, partial wave costs
+    more than it adds), parts no smaller than one block; on the CPU (the Triton interpreter, tests) two,
+    so the split merge is still exercised."""
+    wanted = max(1, GPU_CONFIG["programs"] // batch_heads) if device.type == "cuda" else 2
     return max(1, min(wanted, -(-selected // block_n)))
 
 
