@@ -168,8 +168,8 @@ class MemoryManager:
                 failure = error  # handled below, once the failed step's frames (and tensors) are gone
             attempts += 1
             self.runtime.rollback(state)
-            if attempts > self.max_retries or self.offload != "auto":
-                raise failure
+            if attempts > self.max_retries or self.offload != "auto" or self.placement is None:
+                raise failure  # a fixed placement (or steps run outside generate) is not re-planned
             self._replan_after_out_of_memory(state[0], failure)
 
     def _replan_after_out_of_memory(self, length: int, failure: BaseException) -> None:
