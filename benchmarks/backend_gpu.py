@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import time
-from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.results_file import write_results
 
 
 def main() -> None:
@@ -69,11 +66,7 @@ def main() -> None:
           f"{sparse['identical_tokens']}; SDPA calls rewritten per graph {counts}", flush=True)
     payload = {"command": "PYTHONPATH=.:tests python benchmarks/backend_gpu.py", "date": datetime.date.today().isoformat(),
                "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "dense": rows, "sparse_generate": sparse}
-    RESULTS.mkdir(exist_ok=True)
-    text = json.dumps(payload, indent=2)
-    (RESULTS / f"{args.out}.json").write_text(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"{args.out}.json").write_text(text)
+    write_results(payload, args.out)
 
 
 if __name__ == "__main__":

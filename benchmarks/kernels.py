@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import statistics
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.results_file import write_results
 HQ, HKV, DIM = 32, 8, 128
 
 
@@ -337,12 +334,7 @@ def main() -> None:
     if "runtime" not in args.skip:
         payload["runtime_check"] = runtime_check()
         payload["runtime_decode"] = runtime_decode()
-    RESULTS.mkdir(exist_ok=True)
-    text = json.dumps(payload, indent=2)
-    (RESULTS / f"{args.out}.json").write_text(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"{args.out}.json").write_text(text)
-    print(f"wrote {RESULTS / (args.out + '.json')}")
+    write_results(payload, args.out)
 
 
 if __name__ == "__main__":

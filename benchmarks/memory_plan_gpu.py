@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.results_file import write_results
 CONFIGS = [(24, 8192, 1), (24, 32768, 1), (24, 131072, 1), (40, 32768, 4), (80, 131072, 1), (80, 32768, 4)]
 
 
@@ -238,12 +235,7 @@ def main() -> None:
         payload["out_of_memory"] = out_of_memory_recovery(model)
     if "placement" not in args.skip:
         payload["placement"] = which_layers_stay(model)
-    RESULTS.mkdir(exist_ok=True)
-    text = json.dumps(payload, indent=2)
-    (RESULTS / f"{args.out}.json").write_text(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"{args.out}.json").write_text(text)
-    print(f"wrote {RESULTS / (args.out + '.json')}")
+    write_results(payload, args.out)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.results_file import write_results
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
                 rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -238,7 +237,7 @@ def main() -> None:
             print(f"gather {r['row_bytes']:>5} B rows: {r['gbps']:6.1f} GB/s = {100 * r['share_of_copy']:5.1f}% of the "
                   f"pinned copy ({r['pinned_copy_gbps']:.1f} GB/s), bit-exact {r['bit_exact']}", flush=True)
     if "decode" in args.skip and "prefill" in args.skip and not args.profile:
-        return finish(payload, args.out)
+        return write_results(payload, args.out)
     model = llama_8b_random()
     if "decode" not in args.skip:
         payload["decode"] = decode(model, args.context, args.new_tokens, args.token_budget)
@@ -259,16 +258,7 @@ def main() -> None:
         r = payload["long_prefill"]
         print(f"prefill {r['context']} tokens, all offloaded: peak {r['peak_bytes'] / 1e9:.2f} GB of budget "
               f"{r['budget_bytes'] / 1e9:.0f} GB, {r['prefill_seconds']:.1f} s")
-    finish(payload, args.out)
-
-
-def finish(payload: dict, out: str) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    text = json.dumps(payload, indent=2)
-    (RESULTS / f"{out}.json").write_text(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"{out}.json").write_text(text)
-    print(f"wrote {RESULTS / (out + '.json')}")
+    write_results(payload, args.out)
 
 
 if __name__ == "__main__":
