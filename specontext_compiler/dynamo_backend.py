@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .retrieval.base import group_probabilities
 from .retrieval.selection import select_tokens
+from .runtime.attention_runtime import last_query_keys, sparse_decode_attention
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def dynamo_attention(
 
 
 def _attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, token_budget, sink_tokens, local_window):
-    batch, q_heads, q_len, dim = q.shape
+    batch, _, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     if q_len != 1 or kv_len <= token_budget:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
@@ -54,19 +55,13 @@ def _attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, token_budget, s
     scale = dim ** -0.5 if scale is None else scale
     key_valid = torch.ones(batch, kv_len, dtype=torch.bool, device=q.device)
     if attn_mask is not None:
-        row = attn_mask.expand(batch, -1, 1, kv_len)[:, 0, 0]
-        key_valid = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+        key_valid = last_query_keys(attn_mask.expand(batch, -1, 1, kv_len))
     past = kv_len - 1  # the newest key is the step's own token: always attended
     scores = group_probabilities(q[:, :, 0], k[:, :, :past], scale, key_valid[:, :past])
     indices = select_tokens(scores, key_valid[:, :past], token_budget - 1, sink_tokens, local_window)
-    newest = indices.new_full((batch, kv_heads, 1), past)
-    positions = torch.cat([indices, newest], dim=-1)
-    expand = positions[..., None].expand(-1, -1, -1, dim)
-    k_sel, v_sel = k.gather(2, expand), v.gather(2, positions[..., None].expand(-1, -1, -1, v.shape[-1]))
+    positions = torch.cat([indices, indices.new_full((batch, kv_heads, 1), past)], dim=-1)
     valid = key_valid[:, None, :].expand(batch, kv_heads, kv_len).gather(2, positions)
-    grouped = q.view(batch, kv_heads, q_heads // kv_heads, dim)
-    out = F.scaled_dot_product_attention(grouped, k_sel, v_sel, attn_mask=valid[:, :, None, :], scale=scale)
-    return out.reshape(batch, q_heads, 1, v.shape[-1])
+    return sparse_decode_attention(q, k, v, positions, valid, scale)  # the runtime's torch path
 
 
 @dynamo_attention.register_fake
