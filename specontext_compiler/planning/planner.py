@@ -75,10 +75,12 @@ class PeakModel:
         ring = self.parts(batch, length, self.shape.num_layers - 1)["ring"]
         return ring + batch * min(self.migration_chunk, length) * self.shape.kv_layer_token_bytes // 2
 
-    def resident_layers(self, batch: int, length: int, budget: int) -> int | None:
-        """The most layers that can stay resident (None: not even with every layer offloaded)."""
+    def resident_layers(self, batch: int, length: int, budget: int, prompt: int | None = None,
+                        staged: bool = True) -> int | None:
+        """The most layers that can stay resident at ``length`` tokens (None: not even with every layer
+        offloaded); ``prompt``/``staged`` as in :meth:`parts`."""
         for count in range(self.shape.num_layers, -1, -1):
-            if self.peak(batch, length, count) <= budget:
+            if self.peak(batch, length, count, prompt=prompt, staged=staged) <= budget:
                 return count
         return None
 
@@ -128,8 +130,7 @@ class PeakModel:
 
     def _schedule(self, batch: int, start: int, end: int, budget: int, prompt: int, staged: bool) -> list[int] | None:
         layers = self.shape.num_layers
-        always = next((count for count in range(layers, -1, -1)
-                       if self.peak(batch, end, count, end, prompt=prompt, staged=staged) <= budget), None)
+        always = self.resident_layers(batch, end, budget, prompt, staged)
         if always is None:
             return None
         capacities = [end] * always
@@ -202,8 +203,9 @@ class MemoryPlan:
         rows = [f"memory plan: batch {self.batch} x {self.context} tokens, token budget {self.token_budget}, "
                 f"budget {format_bytes(self.budget_bytes)}",
                 f"GPU-resident layers: {self.resident} of {self.num_layers}"]
+        parts = self.breakdown()
         for term in self.terms:
-            rows.append(f"  {term.name:<20} {format_bytes(self.breakdown()[term.name]):>10}  {term.what}")
+            rows.append(f"  {term.name:<20} {format_bytes(parts[term.name]):>10}  {term.what}")
         rows.append(f"  {'peak':<20} {format_bytes(self.peak_bytes):>10}  held terms + the larger activation term")
         for length, resident in self.thresholds:
             rows.append(f"  past {length} tokens: {resident} resident layers")
@@ -302,8 +304,7 @@ def plan_memory(
     terms = memory_terms(shape, token_budget, window, prefill_chunk, workspace=workspace,
                          head_key_bytes_per_token=head_key_bytes_per_token, head_parameter_bytes=head_parameter_bytes)
     model = PeakModel(shape, terms, token_budget=token_budget)
-    resident = next((count for count in range(shape.num_layers, -1, -1)
-                     if model.peak(batch, context, count, prompt=prompt) <= budget_bytes), None)
+    resident = model.resident_layers(batch, context, budget_bytes, prompt)
     if resident is None:
         raise impossible_budget(model, budget_bytes, batch, context, prompt=prompt)
     until = None if prompt is None else model.schedule(batch, prompt, context, budget_bytes)
