@@ -267,7 +267,7 @@ class KVStore:
         if layer in self._moving:
             host_key, host_value, copied, _ = self._moving[layer]
         else:
-            host_key, host_value = self._host_buffers.pop(layer, None) or self._new_host_buffers(layer, entry)
+            host_key, host_value = self._host_buffers.pop(layer, None) or self._host_buffers_like(layer, entry)
             copied = 0
         end = copied + math.ceil((entry.length - copied) / max(1, steps_left))
         done = None
@@ -324,13 +324,19 @@ class KVStore:
         self.unloaded_slots.add(layer)
         logger.info("layer %d: KV of %d tokens moved to host memory", layer, length)
 
-    def _new_host_buffers(self, layer: int, like: LayerKV, tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token-major host K/V buffers for the layer's whole reservation (pinned when its device is a GPU)."""
-        batch, heads, _, dim = like.key.shape
-        capacity = max(self._reserved_tokens, like.length, tokens)
+    def _new_host_buffers(self, layer: int, capacity: int, batch: int, heads: int, key_dim: int,
+                          value_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-major [capacity, B, Hkv, D] host K/V buffers (a token's rows are one block), pinned when
+        the layer computes on a GPU (asynchronous copies, zero-copy reads)."""
         pin = self.devices[layer].type == "cuda"
-        return (torch.empty(capacity, batch, heads, dim, dtype=self.dtype, pin_memory=pin),
-                torch.empty(capacity, batch, heads, like.value.shape[3], dtype=self.dtype, pin_memory=pin))
+        return (torch.empty(capacity, batch, heads, key_dim, dtype=self.dtype, pin_memory=pin),
+                torch.empty(capacity, batch, heads, value_dim, dtype=self.dtype, pin_memory=pin))
+
+    def _host_buffers_like(self, layer: int, entry: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host buffers for a resident layer's whole reservation, to move it to host memory."""
+        batch, heads, _, key_dim = entry.key.shape
+        capacity = max(self._reserved_tokens, entry.length)
+        return self._new_host_buffers(layer, capacity, batch, heads, key_dim, entry.value.shape[3])
 
     def _copy_to_host(self, entry: LayerKV, host_key: torch.Tensor, host_value: torch.Tensor, start: int, end: int) -> None:
         for begin in range(start, end, self.migration_chunk):
@@ -380,11 +386,9 @@ class KVStore:
         capacity = reserve if needed <= reserve else self.grow_chunk * math.ceil(needed / self.grow_chunk)
         device = self.tier_device(layer)
         if layer in self.offloaded:
-            # Host tier: token-major storage seen as [B, Hkv, capacity, D] (a token's rows are one block),
-            # pinned once here when the compute device is a GPU (asynchronous copies, zero-copy reads).
-            pin = self.devices[layer].type == "cuda"
-            new_key = torch.empty(capacity, batch, heads, key.shape[3], dtype=self.dtype, pin_memory=pin).permute(1, 2, 0, 3)
-            new_value = torch.empty(capacity, batch, heads, value.shape[3], dtype=self.dtype, pin_memory=pin).permute(1, 2, 0, 3)
+            # Host tier: token-major storage seen as [B, Hkv, capacity, D], pinned once here.
+            host_key, host_value = self._new_host_buffers(layer, capacity, batch, heads, key.shape[3], value.shape[3])
+            new_key, new_value = host_key.permute(1, 2, 0, 3), host_value.permute(1, 2, 0, 3)
         else:
             new_key = torch.empty(batch, heads, capacity, key.shape[3], dtype=self.dtype, device=device)
             new_value = torch.empty(batch, heads, capacity, value.shape[3], dtype=self.dtype, device=device)
@@ -401,7 +405,7 @@ class KVStore:
         if layer in self._layer_reserve and layer not in self.offloaded and layer not in self._host_buffers:
             # It will move to host memory mid-sequence: pin its host buffers now (pinning takes
             # milliseconds per 100 MB of CPU time, better spent in prefill than between decode steps).
-            self._host_buffers[layer] = self._new_host_buffers(layer, entry)
+            self._host_buffers[layer] = self._host_buffers_like(layer, entry)
         return entry
 
     def nbytes(self) -> int:
