@@ -66,12 +66,7 @@ class Prefetcher:
             self.selected += indices.numel()
         # Where each row comes from, the same for every offloaded layer (all hold `past` tokens and the
         # same ring span): computed once here, not per layer.
-        in_ring = store.ring_holds(next(iter(store.offloaded)), self.plan.token)
-        self._from_host = self.plan.valid & ~in_ring
-        self._from_ring = self.plan.valid & in_ring
-        self._ring_rows = self.plan.token % store.window
-        # For the one-launch GPU gather: 0 skip, 1 host, 2 ring.
-        self._source = self._from_host.to(torch.int8) + 2 * self._from_ring.to(torch.int8)
+        self._from_host, self._from_ring, self._ring_rows, self._source = self._row_sources(self.plan.token, self.plan.valid)
         row_bytes = sum(self._row_bytes(layer) for layer in store.offloaded)
         self.h2d_rows = self.h2d_rows + self._from_host.sum() * row_bytes
         # A full reload brings the whole selection (even the window the ring holds) every step.
@@ -139,19 +134,23 @@ class Prefetcher:
         entry = self.store.layers[layer]
         return entry.key.shape[-1] * entry.key.element_size() + entry.value.shape[-1] * entry.value.element_size()
 
+    def _row_sources(self, token: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(from host, from ring, ring row, source) of rows to load: where each valid row comes from, the
+        same for every offloaded layer (all hold the same tokens and ring span). ``source`` is what the
+        one-launch GPU gather reads: 0 skip, 1 host, 2 ring."""
+        in_ring = self.store.ring_holds(next(iter(self.store.offloaded)), token)
+        from_host, from_ring = valid & ~in_ring, valid & in_ring
+        return from_host, from_ring, token % self.store.window, from_host.to(torch.int8) + 2 * from_ring.to(torch.int8)
+
     def _full_plan(self) -> tuple[torch.Tensor, ...]:
         """(slot, token, ring row, source, from host, from ring) loading the whole slot map: for a layer
         that just moved to host memory, whose slots hold nothing yet."""
-        store = self.store
-        mapping = store.slot_map.token
+        mapping = self.store.slot_map.token
         batch, heads, slots = mapping.shape
         slot = torch.arange(slots, device=mapping.device).expand(batch, heads, slots).contiguous()
         token = mapping.clamp_min(0)
-        in_ring = store.ring_holds(next(iter(store.offloaded)), token)
-        valid = mapping >= 0
-        from_host, from_ring = valid & ~in_ring, valid & in_ring
-        source = from_host.to(torch.int8) + 2 * from_ring.to(torch.int8)
-        return slot, token, token % store.window, source, from_host, from_ring
+        from_host, from_ring, ring_rows, source = self._row_sources(token, mapping >= 0)
+        return slot, token, ring_rows, source, from_host, from_ring
 
     def _load(self, layer: int) -> None:
         store, plan = self.store, self.plan
