@@ -102,12 +102,14 @@ def test_a_growing_sequence_is_planned_within_the_budget_at_every_length(config,
     assert sum(1 for tokens in until if tokens == context) == plan.resident and plan.peak_bytes <= budget
     leaving = [tokens for tokens in until if prompt <= tokens < context]
     assert len(set(leaving)) == len(leaving)
+    if not plan.staged:  # no staging buffer only if no dense step (prefill, context <= 2048) runs offloaded
+        assert all(tokens == context or tokens >= max(prompt, 2048) for tokens in until)
     margin = model.migration_bytes(batch, context)
     for length in sorted({prompt, (prompt + context) // 2, context - 1, context, *leaving}):
         if not prompt <= length <= context:
             continue
         resident = [tokens for tokens in until if tokens >= length]
-        peak = model.peak(batch, length, len(resident), context, resident, prompt)
+        peak = model.peak(batch, length, len(resident), context, resident, prompt, plan.staged)
         assert peak + (margin if length in leaving else 0) <= budget, (length, resident)  # a move's transient
 
 

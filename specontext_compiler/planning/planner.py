@@ -173,6 +173,7 @@ class MemoryPlan:
     resident_until: list[int] | None = None
     prompt: int | None = None
     model: PeakModel = field(default=None, repr=False)
+    staged: bool = True  # a dense step runs with a layer offloaded (the staging buffer is held)
 
     @property
     def gpu_layers(self) -> list[int]:
@@ -193,11 +194,11 @@ class MemoryPlan:
 
     def breakdown(self) -> dict[str, int]:
         """Each term's bytes at ``context`` tokens (prefill activations at the prompt's length, if given)."""
-        return self.model.parts(self.batch, self.context, self.resident, prompt=self.prompt)
+        return self.model.parts(self.batch, self.context, self.resident, prompt=self.prompt, staged=self.staged)
 
     @property
     def peak_bytes(self) -> int:
-        return self.model.peak(self.batch, self.context, self.resident, prompt=self.prompt)
+        return self.model.peak(self.batch, self.context, self.resident, prompt=self.prompt, staged=self.staged)
 
     def table(self) -> str:
         rows = [f"memory plan: batch {self.batch} x {self.context} tokens, token budget {self.token_budget}, "
@@ -304,9 +305,16 @@ def plan_memory(
     terms = memory_terms(shape, token_budget, window, prefill_chunk, workspace=workspace,
                          head_key_bytes_per_token=head_key_bytes_per_token, head_parameter_bytes=head_parameter_bytes)
     model = PeakModel(shape, terms, token_budget=token_budget)
-    resident = model.resident_layers(batch, context, budget_bytes, prompt)
+    if prompt is None:
+        until, staged = None, True
+        resident = model.resident_layers(batch, context, budget_bytes)
+    else:
+        # A growing sequence: the schedule says what stays on the GPU to the end (and whether a staging
+        # buffer is needed at all), so the plan's resident layers and peak are the schedule's.
+        until = model.schedule(batch, prompt, context, budget_bytes)
+        staged = until is None or model.staged(until, prompt, context)
+        resident = None if until is None else sum(1 for tokens in until if tokens == context)
     if resident is None:
         raise impossible_budget(model, budget_bytes, batch, context, prompt=prompt)
-    until = None if prompt is None else model.schedule(batch, prompt, context, budget_bytes)
     return MemoryPlan(budget_bytes, batch, context, token_budget, shape.num_layers, resident, terms,
-                      model.thresholds(batch, budget_bytes, context), until, prompt, model)
+                      model.thresholds(batch, budget_bytes, context), until, prompt, model, staged)
