@@ -10,7 +10,10 @@
    512..8192 selected rows, B = 1..32: the kernel's time and achieved bandwidth (selected K/V rows +
    indices + q + out, over the measured HBM bandwidth), against torch.gather + SDPA(enable_gqa) and
    the runtime's torch path (gather + one grouped SDPA block per KV head), both gather included; SDPA
-   alone over pre-gathered rows is listed too. triton.testing.do_bench (L2 flushed before each run), median.
+   alone over pre-gathered rows is listed too. Medians of: eager calls (triton.testing.do_bench, L2
+   flushed, CPU launch cost included when it exceeds the GPU's), CUDA-graph replays (GPU time, as decode
+   runs under CUDA graphs), and graph replays with L2 emptied by a 256 MB read before each call. The
+   size floor: a torch device copy and a sum of the same sizes, timed the same ways.
 4. Host-row gather: the runtime's zero-copy kernel, 4 KiB rows from pinned memory, vs the pinned copy.
 5. Retrieval scoring + top-k (P = 32K, 128K keys; B = 1, 4) against torch (group_probabilities + topk).
 6. The runtime with and without the kernels: float32 tokens (offloaded and resident, kernels on, vs the
@@ -48,6 +51,20 @@ def bench_graph(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") / 1e3
 
 
+_FLUSH: list[torch.Tensor] = []
+
+
+def bench_graph_cold(fn) -> float:
+    """Like :func:`bench_graph` with L2 emptied before every call: a 256 MB read is captured ahead of
+    ``fn`` and its own time (measured alone) subtracted. Replays on the same inputs otherwise find part
+    of a working set under the H100's 50 MB L2 still there, which overstates HBM bandwidth."""
+    if not _FLUSH:  # read, not written: a written flush leaves dirty lines whose write-back the call would pay
+        _FLUSH.append(torch.ones(64 << 20, dtype=torch.float32, device="cuda"))
+    flush = _FLUSH[0]
+    both = bench_graph(lambda: (flush.sum(), fn()))
+    return both - bench_graph(flush.sum)
+
+
 def hbm_bandwidth() -> float:
     src = torch.empty(1 << 30, dtype=torch.int16, device="cuda").random_()
     dst = torch.empty_like(src)
@@ -58,6 +75,7 @@ def hbm_bandwidth() -> float:
 def correctness() -> list[dict]:
     from specontext_compiler.kernels import (retrieval_scores, retrieval_scores_reference, sparse_decode_attention,
                                              sparse_decode_attention_reference)
+    from specontext_compiler.kernels.sparse_decode_attention import _WORKSPACE
 
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -69,17 +87,25 @@ def correctness() -> list[dict]:
         v = torch.randn(b, kv_heads, length, dim, device="cuda", generator=g).bfloat16()
         idx = torch.rand(b, kv_heads, length, device="cuda", generator=g).topk(selected, dim=-1).indices
         valid = torch.rand(b, kv_heads, selected, device="cuda", generator=g) > 0.1
-        out = torch.full((b, kv_heads * ratio, dim), float("nan"), device="cuda", dtype=torch.bfloat16)
-        sparse_decode_attention(q, k, v, idx, valid=valid, out=out)
         ref = sparse_decode_attention_reference(q.double(), k.double(), v.double(), idx, valid=valid)
-        attention_error = float((out.double() - ref).norm() / ref.norm())
+        attention_error, written = 0.0, True
+        # Split-K as chosen (the merge kernel) and one split (the first kernel writes the output), outputs
+        # and split partials poisoned before each call.
+        for splits in (0, 1):
+            for partials in _WORKSPACE.values():
+                for buffer in partials:
+                    buffer.fill_(float("nan"))
+            out = torch.full((b, kv_heads * ratio, dim), float("nan"), device="cuda", dtype=torch.bfloat16)
+            sparse_decode_attention(q, k, v, idx, valid=valid, out=out, splits=splits)
+            attention_error = max(attention_error, float((out.double() - ref).norm() / ref.norm()))
+            written = written and not bool(out.isnan().any())
         scores = torch.full((b, kv_heads, length), float("nan"), device="cuda")
         retrieval_scores(q, k, dim ** -0.5, out=scores)
         scores_ref = retrieval_scores_reference(q.double(), k.double(), dim ** -0.5)
         scores_error = float((scores.double() - scores_ref).norm() / scores_ref.norm())
         rows.append({"gqa_ratio": ratio, "kv_heads": kv_heads, "length": length, "selected": selected, "dim": dim,
                      "attention_rel_error": attention_error, "scores_rel_error": scores_error,
-                     "no_nan": not bool(out.isnan().any() or scores.isnan().any())})
+                     "no_nan": written and not bool(scores.isnan().any())})
         print(f"bf16 check ratio {ratio} ({kv_heads * ratio}q/{kv_heads}kv, D={dim}, T={length}, K={selected}): "
               f"attention {attention_error:.2e}, scores {scores_error:.2e}, written {rows[-1]['no_nan']}", flush=True)
     return rows
@@ -123,6 +149,8 @@ def attention_grid(hbm: float, batches, selections, length: int = 32768) -> list
                              ("runtime_torch_path", runtime_torch), ("sdpa_on_pregathered", sdpa_alone)]:
                 row[f"{name}_us"] = 1e6 * bench(fn)
                 row[f"{name}_graph_us"] = 1e6 * bench_graph(fn)
+            row["triton_cold_graph_us"] = 1e6 * bench_graph_cold(triton_call)
+            row["share_of_hbm_cold_graph"] = moved / (row["triton_cold_graph_us"] * 1e-6) / hbm
             row["triton_gbps"] = moved / row["triton_us"] * 1e-3
             row["triton_graph_gbps"] = moved / row["triton_graph_us"] * 1e-3
             row["share_of_hbm"] = row["triton_gbps"] * 1e9 / hbm
@@ -134,7 +162,8 @@ def attention_grid(hbm: float, batches, selections, length: int = 32768) -> list
             print(f"attention B={batch:>2} K={selected:>4} | eager: triton {row['triton_us']:7.1f} us "
                   f"({100 * row['share_of_hbm']:5.1f}% HBM), gather+SDPA {row['torch_gather_sdpa_us']:7.1f}, runtime torch "
                   f"{row['runtime_torch_path_us']:7.1f} | graph: triton {row['triton_graph_us']:7.1f} us "
-                  f"{row['triton_graph_gbps']:7.1f} GB/s ({100 * row['share_of_hbm_graph']:5.1f}% HBM), gather+SDPA "
+                  f"{row['triton_graph_gbps']:7.1f} GB/s ({100 * row['share_of_hbm_graph']:5.1f}% HBM; L2 emptied "
+                  f"{100 * row['share_of_hbm_cold_graph']:5.1f}%), gather+SDPA "
                   f"{row['torch_gather_sdpa_graph_us']:7.1f} ({row['speedup_vs_gather_sdpa_graph']:4.2f}x), runtime torch "
                   f"{row['runtime_torch_path_graph_us']:7.1f} ({row['speedup_vs_runtime_torch_graph']:4.2f}x), SDPA alone "
                   f"{row['sdpa_on_pregathered_graph_us']:7.1f}", flush=True)
@@ -142,7 +171,8 @@ def attention_grid(hbm: float, batches, selections, length: int = 32768) -> list
 
 
 def tune(hbm: float, cases=((1, 8192), (2, 8192), (4, 4096), (8, 2048), (16, 1024), (32, 512), (32, 8192)),
-         length: int = 32768, block_n=(32, 64, 128), programs=(528, 1056, 2112), warps=(4, 8), stages=(2, 3, 4)) -> list[dict]:
+         length: int = 32768, block_n=(32, 64, 128), programs=(264, 396, 528, 1056), warps=(4, 8),
+         stages=(2, 3, 4), pdl=(True,), merge_loads=(16,), merge_warps=(4,)) -> list[dict]:
     """CUDA-graph time of the attention kernel for each launch configuration, per (B, K)."""
     import itertools
 
@@ -162,8 +192,10 @@ def tune(hbm: float, cases=((1, 8192), (2, 8192), (4, 4096), (8, 2048), (16, 102
         out = torch.empty(batch, HQ, DIM, device="cuda", dtype=torch.bfloat16)
         moved = 2 * batch * HKV * selected * DIM * 2 + idx.numel() * idx.element_size() + 2 * q.nbytes
         results = []
-        for n, p, w, st in itertools.product(block_n, programs, warps, stages):
-            GPU_CONFIG.update(block_n=n, programs=p, num_warps=w, num_stages=st)
+        for n, p, w, st, dependent, loads, mw in itertools.product(block_n, programs, warps, stages, pdl, merge_loads,
+                                                                    merge_warps):
+            GPU_CONFIG.update(block_n=n, programs=p, num_warps=w, num_stages=st, pdl=dependent,
+                              merge_splits_per_load=loads, merge_warps=mw)
             try:
                 seconds = bench_graph(lambda: sparse_decode_attention(q, k, v, idx, out=out))
             except Exception as error:  # out of shared memory for this combination: skip it
@@ -175,6 +207,30 @@ def tune(hbm: float, cases=((1, 8192), (2, 8192), (4, 4096), (8, 2048), (16, 102
         rows.append({"batch": batch, "selected": selected, "best": ok[:5], "all": results})
         print(f"tune B={batch:>2} K={selected:>4}: best {ok[0]['config']} {ok[0]['us']:.1f} us "
               f"({100 * ok[0]['share_of_hbm']:.1f}% HBM)", flush=True)
+    return rows
+
+
+def size_floor(hbm: float, sizes_mb=(34, 68, 136, 272, 545)) -> list[dict]:
+    """What plain torch kernels reach at the attention grid's sizes, timed the same way: a device copy
+    moving n bytes (n/2 read, n/2 written) and a sum reading n bytes. A call's fixed cost (launch, the
+    first loads' latency, the last wave's tail) is a visible share of a ~30 us kernel."""
+    rows = []
+    for mb in sizes_mb:
+        n = mb * 1_000_000
+        src = torch.ones(n // 4, dtype=torch.int16, device="cuda")
+        dst = torch.empty_like(src)
+        data = torch.ones(n // 4, dtype=torch.float32, device="cuda")
+        row = {"megabytes": mb}
+        for name, fn, moved in [("copy", lambda: dst.copy_(src), 2 * src.nbytes), ("sum", data.sum, data.nbytes)]:
+            row[f"{name}_graph_us"] = 1e6 * bench_graph(fn)
+            row[f"{name}_share_of_hbm_graph"] = moved / (row[f"{name}_graph_us"] * 1e-6) / hbm
+            row[f"{name}_cold_graph_us"] = 1e6 * bench_graph_cold(fn)
+            row[f"{name}_share_of_hbm_cold_graph"] = moved / (row[f"{name}_cold_graph_us"] * 1e-6) / hbm
+        rows.append(row)
+        print(f"size floor {mb:>4} MB: copy {row['copy_graph_us']:6.1f} us ({100 * row['copy_share_of_hbm_graph']:5.1f}% "
+              f"HBM; L2 emptied {100 * row['copy_share_of_hbm_cold_graph']:5.1f}%), sum {row['sum_graph_us']:6.1f} us "
+              f"({100 * row['sum_share_of_hbm_graph']:5.1f}%; L2 emptied {100 * row['sum_share_of_hbm_cold_graph']:5.1f}%)",
+              flush=True)
     return rows
 
 
@@ -278,7 +334,8 @@ def main() -> None:
     parser.add_argument("--out", default="kernels_gpu")
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--selections", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["check", "attention", "gather", "scoring", "runtime"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["check", "attention", "gather", "scoring", "runtime", "decode"])
     parser.add_argument("--tune", action="store_true", help="only sweep the attention kernel's launch parameters")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -293,27 +350,29 @@ def main() -> None:
     print(f"HBM (device copy, read + write): {hbm / 1e9:.0f} GB/s", flush=True)
     if args.tune:
         payload["tune"] = tune(hbm)
-        args.skip = ["check", "attention", "gather", "scoring", "runtime"]
+        args.skip = ["check", "attention", "gather", "scoring", "runtime", "decode"]
     if "check" not in args.skip:
         payload["bf16_check"] = correctness()
     if "attention" not in args.skip:
-        # The split-K target (programs) is chosen here, on this GPU, by the worst case over B x K = 16K+.
         from specontext_compiler.kernels.sparse_decode_attention import GPU_CONFIG
 
-        payload["programs_sweep"] = tune(hbm, block_n=(GPU_CONFIG["block_n"],), programs=(528, 792, 1056),
-                                         warps=(GPU_CONFIG["num_warps"],), stages=(2, 3))
-        worst = {}
-        for row in payload["programs_sweep"]:
-            best = row["best"][0]["us"]
-            for r in row["all"]:
-                if "us" in r:
-                    key = (r["config"]["programs"], r["config"]["num_stages"])
-                    worst[key] = max(worst.get(key, 0), r["us"] / best)
-        GPU_CONFIG["programs"], GPU_CONFIG["num_stages"] = min(worst, key=worst.get)
-        payload["gpu_config"] = dict(GPU_CONFIG)
+        payload["gpu_config"] = dict(GPU_CONFIG)  # as shipped: the grid measures what the runtime runs
+        payload["size_floor"] = size_floor(hbm)
+        payload["merge_sweep"] = tune(hbm, block_n=(GPU_CONFIG["block_n"],), programs=(GPU_CONFIG["programs"],),
+                                      warps=(GPU_CONFIG["num_warps"],), stages=(GPU_CONFIG["num_stages"],),
+                                      pdl=(False, True), merge_loads=(16, 64), merge_warps=(1, 2, 4))
+        for row in payload["merge_sweep"]:
+            times = {(r["config"]["pdl"], r["config"]["merge_splits_per_load"], r["config"]["merge_warps"]): r["us"]
+                     for r in row["all"]}
+            print(f"merge B={row['batch']:>2} K={row['selected']:>4} (us; launch, splits per load, warps): "
+                  + ", ".join(f"{'PDL' if d else 'after'}/{sl}/{mw} {t:.1f}" for (d, sl, mw), t in times.items()),
+                  flush=True)
         print(f"launch parameters: {GPU_CONFIG}", flush=True)
         payload["attention"] = attention_grid(hbm, args.batches, args.selections)
         big = [r for r in payload["attention"] if r["batch"] * r["selected"] >= 16384]
+        payload["attention_min_share_of_hbm_b_k_16k_cold_graph"] = min(r["share_of_hbm_cold_graph"] for r in big)
+        print(f"attention (graph, L2 emptied): lowest share of HBM where B*K >= 16K "
+              f"{payload['attention_min_share_of_hbm_b_k_16k_cold_graph']:.3f}", flush=True)
         for mode in ("", "_graph"):
             payload[f"attention_min_share_of_hbm_b_k_16k{mode}"] = min(r[f"share_of_hbm{mode}"] for r in big)
             payload[f"attention_min_speedup_vs_gather_sdpa{mode}"] = min(r[f"speedup_vs_gather_sdpa{mode}"] for r in payload["attention"])
@@ -333,6 +392,7 @@ def main() -> None:
         payload["scoring"] = scoring(hbm)
     if "runtime" not in args.skip:
         payload["runtime_check"] = runtime_check()
+    if "decode" not in args.skip:
         payload["runtime_decode"] = runtime_decode()
     write_results(payload, args.out)
 

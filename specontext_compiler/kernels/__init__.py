@@ -10,7 +10,7 @@ fake implementation) and each with a pure-torch reference:
 On a CPU they run in the Triton interpreter (``TRITON_INTERPRET=1``, tests). The runtime's decode
 attention and retrieval scoring use them on CUDA tensors when switched on (``use_kernels(True)`` or
 ``SPECONTEXT_KERNELS=1``); off by default, because measured on the H100 (docs/kernels.md) they are
-2.5-9x faster on the GPU but Triton's per-launch CPU cost makes the eager decode loop, which is
+3-11x faster than the torch paths in GPU time but Triton's per-launch CPU cost makes the eager decode loop, which is
 launch-bound at batch 1, slower. The row gather is always used on CUDA.
 """
 

@@ -11,7 +11,8 @@ A KV head's whole query group is one [G, D] block against each block of gathered
 row is read once per group, not once per query head. Split-K: the selection is cut into ``splits``
 parts handled by separate programs (enough programs to fill the GPU at batch 1), each writing a partial
 (running max, sum of exponentials, weighted V); a second kernel, one program per query head, merges them
-(with one split, the first kernel writes the output itself). Decode attention is
+(on Hopper and later launched early, programmatic dependent launch, so its launch overlaps the first
+kernel); with one split the first kernel writes the output itself. Decode attention is
 bandwidth-bound: the bytes are the selected rows, ``2 * B * Hkv * K * D * itemsize``.
 
 ``valid`` (bool [B, Hkv, K]) masks padded entries; ``softcap`` applies Gemma 2's logit soft-capping.
@@ -25,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 def sparse_decode_attention_reference(q, k, v, indices=None, *, scale=None, valid=None, softcap=0.0):
@@ -55,8 +57,10 @@ def _partial_kernel(
     kv_heads, selected, per_split, scale, softcap,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr,
-    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, FINAL: tl.constexpr,
+    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, FINAL: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # let the merge kernel's programs start now (they wait for this grid before reading)
+        gdc_launch_dependents()
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // kv_heads).to(tl.int64)
@@ -111,8 +115,11 @@ def _partial_kernel(
 def _merge_kernel(
     M_IN, L_IN, ACC_IN, OUT, so_b, so_h, q_heads, splits,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # One program per query head: its partials of every split, BLOCK_S splits per load.
+    if PDL:  # launched early (programmatic dependent launch): wait until every partial is written
+        gdc_wait()
     bq = tl.program_id(0)
     b = (bq // q_heads).to(tl.int64)
     head = bq % q_heads
@@ -139,20 +146,36 @@ def _merge_kernel(
     tl.store(OUT + b * so_b + head * so_h + dv, out.to(OUT.dtype.element_ty), mask=dv < DIM_V)
 
 
-#: GPU launch parameters: rows per block, programs to aim for (split-K), warps, pipeline stages.
-GPU_CONFIG = {"block_n": 32, "programs": 528, "num_warps": 4, "num_stages": 3}  # H100 sweep, docs/kernels.md
+#: GPU launch parameters: rows per block (with several splits; with one), programs to aim for (split-K),
+#: warps, pipeline stages; the merge: launched early (programmatic dependent launch), splits read per
+#: load, warps (one load of up to 64 splits by one warp measured fastest: the merge is latency-bound).
+#: From the H100 sweeps (`benchmarks/kernels.py`, docs/kernels.md).
+GPU_CONFIG = {"block_n": 32, "block_n_one_split": 64, "programs": 528, "num_warps": 4, "num_stages": 3, "pdl": True,
+              "merge_splits_per_load": 64, "merge_warps": 1}
 
 
 def _splits(batch_heads: int, selected: int, block_n: int, device: torch.device) -> int:
     """At most ``GPU_CONFIG["programs"]`` programs (one wave on the GPU: a second, partial wave costs
-    more than it adds), parts no smaller than one block; on the CPU (the Triton interpreter, tests) two,
-    so the split merge is still exercised."""
-    wanted = max(1, GPU_CONFIG["programs"] // batch_heads) if device.type == "cuda" else 2
-    return max(1, min(wanted, -(-selected // block_n)))
+    more than it adds), parts no smaller than one block; no split where only two would fit (measured: two
+    halve each program's rows but add the merge launch, 34.1 vs 29.5 us at B=32, K=512); on the CPU (the
+    Triton interpreter, tests) two, so the split merge is still exercised."""
+    if device.type != "cuda":
+        return max(1, min(2, -(-selected // block_n)))
+    wanted = GPU_CONFIG["programs"] // batch_heads
+    return 1 if wanted <= 2 else min(wanted, -(-selected // block_n))
 
 
 def _direct(kernel):
     return kernel
+
+
+_CAPABILITY: dict[torch.device, tuple[int, int]] = {}
+
+
+def _has_pdl(device: torch.device) -> bool:
+    if device not in _CAPABILITY:
+        _CAPABILITY[device] = torch.cuda.get_device_capability(device)
+    return GPU_CONFIG["pdl"] and _CAPABILITY[device][0] >= 9
 
 
 _WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -192,9 +215,14 @@ def _launch(q, k, v, indices, valid, out, scale, softcap, splits, launcher) -> N
     on_gpu = q.device.type == "cuda"
     block_n = GPU_CONFIG["block_n"] if on_gpu else 16
     splits = splits or _splits(batch * kv_heads, selected, block_n, q.device)
+    if splits == 1 and on_gpu:  # one program walks all K rows: longer blocks keep more bytes in flight
+        block_n = GPU_CONFIG["block_n_one_split"]
     per_split = block_n * -(-selected // (splits * block_n))
     splits = -(-selected // per_split)
     m, denom, acc = _workspace(q.device, batch, kv_heads, splits, block_g, block_dv)
+    # Programmatic dependent launch (Hopper and later, direct launches): the merge kernel's launch and
+    # start overlap the first kernel instead of following it (a few us of a ~30 us call).
+    pdl = splits > 1 and launcher is _direct and on_gpu and _has_pdl(q.device)
     index = indices if indices is not None else m  # unused when HAS_INDEX is False
     mask = valid.view(torch.uint8) if valid is not None else m
     if indices is not None and valid is not None and valid.stride() != indices.stride():
@@ -208,14 +236,16 @@ def _launch(q, k, v, indices, valid, out, scale, softcap, splits, launcher) -> N
         kv_heads, selected, per_split, scale, softcap,
         GROUP=group, BLOCK_G=block_g, DIM=dim, DIM_V=dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_N=block_n,
         HAS_INDEX=indices is not None, HAS_VALID=valid is not None, SOFTCAP=bool(softcap),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FINAL=splits == 1,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FINAL=splits == 1, PDL=pdl,
         num_warps=GPU_CONFIG["num_warps"] if on_gpu else 4, num_stages=GPU_CONFIG["num_stages"] if on_gpu else 1,
     )
     if splits == 1:
         return
     launcher(_merge_kernel)[(batch * q_heads,)](
         m, denom, acc, out, out.stride(0), out.stride(1), q_heads, splits,
-        GROUP=group, BLOCK_G=block_g, DIM_V=dim_v, BLOCK_DV=block_dv, BLOCK_S=16,
+        GROUP=group, BLOCK_G=block_g, DIM_V=dim_v, BLOCK_DV=block_dv, PDL=pdl,
+        BLOCK_S=min(GPU_CONFIG["merge_splits_per_load"], triton.next_power_of_2(splits)) if on_gpu else 16,
+        num_warps=GPU_CONFIG["merge_warps"] if on_gpu else 4, **({"launch_pdl": True} if pdl else {}),
     )
 
 
