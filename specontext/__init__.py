@@ -1,10 +1,12 @@
 """SpeContext: fast long-context decoding of Hugging Face LLMs under a GPU memory budget.
 
-``specontext.compile(model, budget="24GB")`` returns a model with ``generate`` and ``__call__``.
+``specontext.compile(model, budget="24GB")`` returns a model with ``generate`` and ``__call__``;
+``specontext.export(compiled, path)`` writes it to a directory and ``specontext.load(path)`` runs it again.
 This package only re-exports the public API of :mod:`specontext_compiler`.
 """
 
 from specontext_compiler import (
+    ArtifactError,
     SUPPORTED_FAMILIES,
     CalibratedHead,
     CalibrationReport,
@@ -13,11 +15,16 @@ from specontext_compiler import (
     __version__,
     calibrate,
     compile,
+    export,
+    load,
     parse_budget,
     plan_memory,
 )
 
 __all__ = [
+    "ArtifactError",
+    "export",
+    "load",
     "SUPPORTED_FAMILIES",
     "CalibratedHead",
     "CalibrationReport",

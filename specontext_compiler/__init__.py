@@ -4,6 +4,7 @@ The implementation package. Users import :mod:`specontext`, which re-exports the
 """
 
 from .api import SpeContextModel, compile
+from .artifact import ArtifactError, export, load
 from .retrieval.calibrate import CalibratedHead, CalibrationReport, calibrate
 from .capture import SUPPORTED_FAMILIES
 from .config import parse_budget
@@ -15,6 +16,9 @@ __version__ = "0.1.0"
 _register_dynamo_backend()  # torch.compile(..., backend="specontext"); the entry point covers fresh processes
 
 __all__ = [
+    "ArtifactError",
+    "export",
+    "load",
     "MemoryPlan",
     "plan_memory",
     "SUPPORTED_FAMILIES",

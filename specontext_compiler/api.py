@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .capture import CapturedStep, check_supported, export_step, shadow_model
+from .capture import CapturedStep, bound_data_dependent_sizes, check_supported, export_step, shadow_model
 from .config import DEFAULT_TOKEN_BUDGET, CompileConfig, format_bytes
 from .passes import attention_infos, default_passes, run_passes
 from .planning import kv_bytes_per_token, weight_bytes
@@ -66,47 +66,69 @@ class SpeContextModel:
         started = time.perf_counter()
         self.config = config
         self.model = shadow_model(model)
-        self.hf_config = self.model.config
+        self.generation_config = self.model.generation_config
         embeddings = self.model.get_input_embeddings().weight
-        self.device = embeddings.device
-        self.dtype = embeddings.dtype
-        self.vocab_size = int(embeddings.shape[0])
-        self.max_positions = getattr(self.hf_config, "max_position_embeddings", None)
-        self.weight_bytes = weight_bytes(self.model)
-        self.kv_bytes_per_token = kv_bytes_per_token(self.hf_config, self.dtype)
-
-        self.head = None
-        sparse = None
+        head = None
         if config.token_budget is not None:
-            sparse = SparseSettings(config.token_budget, config.sink_tokens, config.local_window)
-            self.head = build_head(config, self.model)
-        self.step = self._capture(last_only=True)
-        self._step_all: CapturedStep | None = None
-        self.layers = attention_infos(self.step.graph_module)
-        # The recent ring holds the window plus the token before it: every always-attended recent token.
-        self.window = config.local_window + 1
-        store = KVStore(len(self.layers), [self.device] * len(self.layers), self.dtype, window=self.window, elastic=config.elastic)
-        self.runtime = AttentionRuntime(store, sparse, self.head)
-        shape = ModelShape.from_model(self.model)
-        self.memory = MemoryManager(
-            self.runtime, shape, config.budget_bytes, config.offload, config.token_budget, self.window,
-            config.prefill_chunk, head_cache_bytes(self.head, shape),
-            0 if self.head is None else self.head.parameter_count() * embeddings.element_size(),
-        )
-        self.engine = GenerationEngine(
-            self.step.program.module(), self.runtime, self.device, config.prefill_chunk, config.progress,
-            self.kv_bytes_per_token, self.memory,
-        )
+            head = build_head(config, self.model)
+        self.head = head  # _capture reads the head's auxiliary layers (EAGLE-3)
+        step = self._capture(last_only=True)
+        self._assemble(self.model.config, step, head, embeddings.device, embeddings.dtype, int(embeddings.shape[0]),
+                       weight_bytes(self.model))
         logger.info(
             "compiled %s: %d attention layers, weights %s, KV %s/token, in %.1f s",
             type(model).__name__, len(self.layers), format_bytes(self.weight_bytes),
             format_bytes(self.kv_bytes_per_token), time.perf_counter() - started,
         )
 
+    @classmethod
+    def from_parts(cls, config: CompileConfig, hf_config, generation_config, step: CapturedStep, head,
+                   device: torch.device, dtype: torch.dtype, vocab_size: int, weights: int) -> "SpeContextModel":
+        """A compiled model from an already transformed step (``specontext.load``): no HF model object."""
+        self = cls.__new__(cls)
+        self.config = config
+        self.model = None
+        self.generation_config = generation_config
+        self._assemble(hf_config, step, head, device, dtype, vocab_size, weights)
+        return self
+
+    def _assemble(self, hf_config, step: CapturedStep, head, device, dtype, vocab_size: int, weights: int) -> None:
+        """The runtime around a transformed step: KV store, attention runtime, memory manager, engine."""
+        config = self.config
+        self.hf_config = hf_config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.vocab_size = vocab_size
+        self.max_positions = getattr(hf_config, "max_position_embeddings", None)
+        self.weight_bytes = weights
+        self.kv_bytes_per_token = kv_bytes_per_token(hf_config, dtype)
+        self.head = head
+        sparse = None
+        if config.token_budget is not None:
+            sparse = SparseSettings(config.token_budget, config.sink_tokens, config.local_window)
+        self.step = step
+        self._step_all: CapturedStep | None = None
+        self.layers = attention_infos(self.step.graph_module)
+        # The recent ring holds the window plus the token before it: every always-attended recent token.
+        self.window = config.local_window + 1
+        store = KVStore(len(self.layers), [self.device] * len(self.layers), self.dtype, window=self.window, elastic=config.elastic)
+        self.runtime = AttentionRuntime(store, sparse, self.head)
+        shape = ModelShape.from_config(hf_config, dtype, weights)
+        self.memory = MemoryManager(
+            self.runtime, shape, config.budget_bytes, config.offload, config.token_budget, self.window,
+            config.prefill_chunk, head_cache_bytes(self.head, shape),
+            0 if self.head is None else self.head.parameter_count() * torch.empty((), dtype=dtype).element_size(),
+        )
+        self.engine = GenerationEngine(
+            self.step.program.module(), self.runtime, self.device, config.prefill_chunk, config.progress,
+            self.kv_bytes_per_token, self.memory,
+        )
+
     def _capture(self, last_only: bool) -> CapturedStep:
         aux_layers = self.head.aux_layers if self.head is not None else ()
         step = export_step(self.model, last_only=last_only, aux_layers=aux_layers)
         run_passes(step.graph_module, default_passes(sparse=self.config.token_budget is not None))
+        bound_data_dependent_sizes(step.program)
         return step
 
     @property
@@ -167,7 +189,7 @@ class SpeContextModel:
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
         extras = {name: kwargs.pop(name) for name in EXTRA_GENERATE_KWARGS if name in kwargs}
         settings = resolve_generation_config(
-            self.model.generation_config, extras.get("generation_config"), input_ids.shape[1], kwargs, self.max_positions
+            self.generation_config, extras.get("generation_config"), input_ids.shape[1], kwargs, self.max_positions
         )
         total = input_ids.shape[1] + settings.max_new_tokens
         if self.max_positions is not None and total > self.max_positions:
@@ -190,6 +212,9 @@ class SpeContextModel:
         """A forward over a fresh sequence; ``.logits`` is [B, T, V] like an HF forward."""
         if kwargs:
             raise TypeError(f"SpeContextModel.__call__ takes input_ids and attention_mask; got {sorted(kwargs)}")
+        if self.model is None:
+            raise TypeError("this model was loaded from an exported artifact, which holds the step that generate and "
+                            "replay run (last-position logits); the full-logits forward needs specontext.compile(model)")
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
         self._check_budget(input_ids.shape[0], input_ids.shape[1], input_ids.shape[1])
         if self._step_all is None:
@@ -198,8 +223,13 @@ class SpeContextModel:
         logits = self.engine.forward(self._step_all_fn, input_ids, attention_mask)
         return CausalLMOutputWithPast(logits=logits)
 
+    def _model_name(self) -> str:
+        if self.model is not None:
+            return type(self.model).__name__
+        return (getattr(self.hf_config, "architectures", None) or [self.hf_config.model_type])[0]
+
     def __repr__(self) -> str:
         return (
-            f"SpeContextModel({type(self.model).__name__}, layers={len(self.layers)}, "
+            f"SpeContextModel({self._model_name()}, layers={len(self.layers)}, "
             f"budget={format_bytes(self.config.budget_bytes)}, token_budget={self.config.token_budget})"
         )

@@ -221,3 +221,19 @@ def export_step(model: PreTrainedModel, last_only: bool, aux_layers: tuple[int, 
         )
     logger.info("exported %s step: %d graph nodes", "last-logits" if last_only else "all-logits", len(program.graph.nodes))
     return CapturedStep(program, last_only, aux_layers)
+
+
+#: The largest token count a step's data-dependent sizes take (the exported total-token bound).
+MAX_TOKENS = 1 << 22
+
+
+def bound_data_dependent_sizes(program: torch.export.ExportedProgram) -> None:
+    """Give every data-dependent size the passes introduced (the retrieval's selection width, an unbacked
+    symbol of ``specontext::retrieve``'s output) a range in the program: ``torch.export.load`` needs one
+    per symbol, and the passes edit the graph, not the program's range table."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+    from torch.utils._sympy.value_ranges import ValueRanges
+
+    for node in program.graph.nodes:
+        for symbol in free_unbacked_symbols(node.meta.get("val")):
+            program.range_constraints.setdefault(symbol, ValueRanges(0, MAX_TOKENS))

@@ -1,6 +1,8 @@
 """The ``specontext`` command.
 
 ``specontext generate --model PATH_OR_GGUF --prompt-file F --budget 24GB`` streams a completion;
+``specontext export --model PATH --budget 24GB --out DIR`` compiles and writes an artifact (``generate
+--model DIR`` and ``specontext.load`` run it); ``specontext plan`` prints a memory plan;
 ``specontext info`` prints versions and the device.
 """
 
@@ -60,8 +62,14 @@ def _generate(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise SystemExit(f"error: prompt file {str(prompt_path)!r} is empty")
     offload = args.offload if args.offload in ("auto", "none", "all") else _layers(args.offload)
-    model, tokenizer = load_model(args.model)
-    fast = specontext.compile(model, args.budget, token_budget=args.token_budget, offload=offload)
+    if (Path(args.model) / "manifest.json").is_file():  # an exported artifact (specontext export)
+        fast = specontext.load(args.model, budget=args.budget)
+        tokenizer = fast.tokenizer
+        if tokenizer is None:
+            raise ValueError(f"artifact {args.model!r} was exported without a tokenizer; export it with one")
+    else:
+        model, tokenizer = load_model(args.model)
+        fast = specontext.compile(model, args.budget, token_budget=args.token_budget, offload=offload)
     if args.chat and tokenizer.chat_template:
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -91,6 +99,18 @@ def _plan(args: argparse.Namespace) -> int:
     if args.png:
         plan.plot(args.png)
         print(f"wrote {args.png}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import specontext
+    from specontext_compiler.models import load_model
+
+    offload = args.offload if args.offload in ("auto", "none", "all") else _layers(args.offload)
+    model, tokenizer = load_model(args.model)
+    compiled = specontext.compile(model, args.budget, token_budget=args.token_budget, offload=offload)
+    path = specontext.export(compiled, args.out, tokenizer=tokenizer)
+    print(f"exported {compiled} to {path}")
     return 0
 
 
@@ -138,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--prompt", type=int, help="also plan one sequence growing from this many tokens (which layers leave when)")
     plan.add_argument("--png", help="also plot placement and memory against the context length")
     plan.set_defaults(func=_plan)
+
+    export = sub.add_parser("export", help="compile a model and write it to a directory (specontext.load reads it)")
+    export.add_argument("--model", required=True, help='model directory, .gguf file, or "smollm2" (the packaged GGUF)')
+    export.add_argument("--budget", default="24GB", help="GPU memory budget, e.g. 24GB (default)")
+    export.add_argument("--out", required=True, help="the directory to write (must not exist or be empty)")
+    export.add_argument("--token-budget", type=_token_budget, default=DEFAULT_TOKEN_BUDGET)
+    export.add_argument("--offload", default="auto", help="auto (default), none, all, or comma-separated layer indices")
+    export.set_defaults(func=_export)
     return parser
 
 

@@ -47,3 +47,15 @@ def test_generate_bad_input_is_one_line_error(tiny_model_dir, tmp_path, capsys):
     assert "error: --offload '1,x'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="does not exist"):
         main(["generate", "--model", str(tiny_model_dir), "--prompt-file", str(tmp_path / "missing.txt")])
+
+
+def test_export_then_generate_from_the_artifact(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "artifact"
+    assert main(["export", "--model", str(tiny_model_dir), "--budget", "1GB", "--out", str(out), "--token-budget", "8"]) == 0
+    assert (out / "manifest.json").is_file() and (out / "tokenizer").is_dir()
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Tell me about the river valley and its orchards.")
+    assert main(["generate", "--model", str(out), "--prompt-file", str(prompt), "--max-new-tokens", "5", "--budget", "2GB"]) == 0
+    assert "5 new" in capsys.readouterr().err
+    assert main(["export", "--model", str(tiny_model_dir), "--out", str(out)]) == 2  # not empty: one clear line
+    assert "not an empty directory" in capsys.readouterr().err
