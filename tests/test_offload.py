@@ -286,6 +286,12 @@ def test_out_of_memory_mid_step_rolls_back_replans_and_retries():
     compiled.runtime.observers.append(run_out_of_memory)
     out = compiled.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
     assert failed and compiled.memory.retries == 1 and compiled.memory.workspace == 2 * workspace
+    # The placement's peak is the re-plan's: the doubled margin, and the layers resident at the end.
+    model_after = compiled.memory.model(90 + new)
+    until = [0 if compiled.runtime.store.is_offloaded(layer) else 90 + new for layer in range(4)]
+    assert compiled.memory.placement.peak_bytes == model_after.peak(
+        1, 90 + new, until.count(90 + new), 90 + new, prompt=90, staged=model_after.staged(until, 90, 90 + new))
+    assert compiled.memory.placement.peak_bytes <= budget
     assert {layer for length, layer in compiled.memory.migrated if length == 95} == leave_at_once
     assert torch.equal(out, expected)
 

@@ -192,6 +192,11 @@ class MemoryManager:
                 if exit_at < self._end:
                     exits[layer] = exit_at
         self.placement.resident_until = exits
+        # The plan's peak, for the sequence's placement as it now stands (the doubled margin included).
+        until_now = [0 if store.is_offloaded(layer) else exits.get(layer, self._end) for layer in range(len(until))]
+        self.placement.peak_bytes = model.peak(
+            self._batch, self._end, sum(1 for tokens in until_now if tokens >= self._end), self._end,
+            prompt=self._prompt, staged=model.staged(until_now, self._prompt, self._end))
         logger.warning("out of GPU memory at %d tokens: margin now %.0f MiB; %d layers leave the GPU now",
                        length, self.workspace / 2**20, sum(1 for tokens in exits.values() if tokens <= length))
 
