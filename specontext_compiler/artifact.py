@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .capture import CapturedStep, bound_data_dependent_sizes
+from .capture import CapturedStep
 from .config import CompileConfig, format_bytes
 
 logger = logging.getLogger(__name__)
@@ -135,8 +135,7 @@ def export(compiled, path: str | Path, tokenizer=None) -> Path:
     head, head_tensors = _head_description(compiled.head)  # refuse an unsupported head before writing anything
     path.mkdir(parents=True, exist_ok=True)
 
-    program = compiled.step.program
-    bound_data_dependent_sizes(program)
+    program = compiled.step.program  # its data-dependent sizes were bounded when it was captured
     saved_inputs = program._example_inputs
     program._example_inputs = None  # torch.export.load unpickles sample inputs: store none
     try:
