@@ -53,7 +53,6 @@ def _generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     import specontext
-    from specontext_compiler.models import load_model
 
     prompt_path = Path(args.prompt_file)
     if not prompt_path.is_file():
@@ -61,15 +60,13 @@ def _generate(args: argparse.Namespace) -> int:
     prompt = prompt_path.read_text()
     if not prompt.strip():
         raise SystemExit(f"error: prompt file {str(prompt_path)!r} is empty")
-    offload = args.offload if args.offload in ("auto", "none", "all") else _layers(args.offload)
     if (Path(args.model) / "manifest.json").is_file():  # an exported artifact (specontext export)
         fast = specontext.load(args.model, budget=args.budget)
         tokenizer = fast.tokenizer
         if tokenizer is None:
             raise ValueError(f"artifact {args.model!r} was exported without a tokenizer; export it with one")
     else:
-        model, tokenizer = load_model(args.model)
-        fast = specontext.compile(model, args.budget, token_budget=args.token_budget, offload=offload)
+        fast, tokenizer = _compile(args)
     if args.chat and tokenizer.chat_template:
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -102,13 +99,21 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
+def _compile(args: argparse.Namespace):
+    """The model ``--model`` names, compiled with ``--budget``, ``--token-budget`` and ``--offload``; and
+    its tokenizer."""
     import specontext
     from specontext_compiler.models import load_model
 
     offload = args.offload if args.offload in ("auto", "none", "all") else _layers(args.offload)
     model, tokenizer = load_model(args.model)
-    compiled = specontext.compile(model, args.budget, token_budget=args.token_budget, offload=offload)
+    return specontext.compile(model, args.budget, token_budget=args.token_budget, offload=offload), tokenizer
+
+
+def _export(args: argparse.Namespace) -> int:
+    import specontext
+
+    compiled, tokenizer = _compile(args)
     path = specontext.export(compiled, args.out, tokenizer=tokenizer)
     print(f"exported {compiled} to {path}")
     return 0
@@ -130,6 +135,15 @@ def _token_budget(text: str) -> int | float | None:
         return float(text)
 
 
+def _add_compile_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """--model and the compile options, shared by generate and export."""
+    parser.add_argument("--model", required=True, help=model_help)
+    parser.add_argument("--budget", default="24GB", help="GPU memory budget, e.g. 24GB (default)")
+    parser.add_argument("--token-budget", type=_token_budget, default=DEFAULT_TOKEN_BUDGET,
+                        help=f"tokens attended per step: an int, a fraction in (0, 1], or none for dense (default {DEFAULT_TOKEN_BUDGET})")
+    parser.add_argument("--offload", default="auto", help="auto (default), none, all, or comma-separated layer indices")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specontext", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -139,12 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
 
     gen = sub.add_parser("generate", help="stream a completion of a prompt file")
-    gen.add_argument("--model", required=True, help='model directory, .gguf file, or "smollm2" (the packaged GGUF)')
+    _add_compile_arguments(gen, "model directory, .gguf file, \"smollm2\" (the packaged GGUF), or an exported directory")
     gen.add_argument("--prompt-file", required=True)
-    gen.add_argument("--budget", default="24GB", help="GPU memory budget, e.g. 24GB (default)")
-    gen.add_argument("--token-budget", type=_token_budget, default=DEFAULT_TOKEN_BUDGET,
-                     help=f"tokens attended per step: an int, a fraction in (0, 1], or none for dense (default {DEFAULT_TOKEN_BUDGET})")
-    gen.add_argument("--offload", default="auto", help="auto (default), none, all, or comma-separated layer indices")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="do not apply the chat template")
     gen.set_defaults(func=_generate)
@@ -160,11 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=_plan)
 
     export = sub.add_parser("export", help="compile a model and write it to a directory (specontext.load reads it)")
-    export.add_argument("--model", required=True, help='model directory, .gguf file, or "smollm2" (the packaged GGUF)')
-    export.add_argument("--budget", default="24GB", help="GPU memory budget, e.g. 24GB (default)")
+    _add_compile_arguments(export, "model directory, .gguf file, or \"smollm2\" (the packaged GGUF)")
     export.add_argument("--out", required=True, help="the directory to write (must not exist or be empty)")
-    export.add_argument("--token-budget", type=_token_budget, default=DEFAULT_TOKEN_BUDGET)
-    export.add_argument("--offload", default="auto", help="auto (default), none, all, or comma-separated layer indices")
     export.set_defaults(func=_export)
     return parser
 
