@@ -22,18 +22,25 @@ made again for the device and budget given (each ``generate`` plans its own sequ
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
+import os
 import platform
 import re
-import zipfile
+import stat
+import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
+from .artifact_safety import UnsafeProgram
+from .artifact_safety import check_program_archive as check_archive
 from .capture import CapturedStep
-from .config import CompileConfig, format_bytes
+from .config import CompileConfig, format_bytes, parse_budget
 
 logger = logging.getLogger(__name__)
 
@@ -100,22 +107,33 @@ def _head_description(head) -> tuple[dict, dict[str, torch.Tensor]]:
     )
 
 
-def _head_from_description(description: dict, tensors: dict[str, torch.Tensor], file: Path):
+HEADS = {  # head.json: kind -> {key: (check, what is accepted)}
+    "none": {}, "streaming": {}, "oracle": {},
+    "quest": {"page_size": (lambda v: _is_int(v) and v > 0, "a positive integer")},
+    "target_layer": {
+        "layers": (lambda v: isinstance(v, list) and v and all(_is_int(i) and i >= 0 for i in v), "layer indices"),
+        "prefill_prior": (lambda v: isinstance(v, bool), "true or false"),
+        "query_weight": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    },
+}
+
+
+def _head_from_description(description: dict, tensors: dict[str, torch.Tensor], file: Path, layers: int | None):
     from .retrieval import OracleTopK, QuestPages, StreamingLLM, TargetLayerHead
 
     kind = description.get("kind")
-    if kind == "none":
-        return None
+    if kind not in HEADS:
+        raise ArtifactError(file, f"unknown retrieval head kind {kind!r}; accepted: {', '.join(HEADS)}")
+    for key, (accepts, what) in HEADS[kind].items():
+        if key not in description or not accepts(description[key]):
+            raise ArtifactError(file, f"{key} is {description.get(key, 'missing')!r}; accepted: {what}")
     if kind == "target_layer":
+        if layers is not None and max(description["layers"]) >= layers:
+            raise ArtifactError(file, f"layers {description['layers']} name a layer the model's {layers} lack")
         return TargetLayerHead(tuple(description["layers"]), prefill_prior=description["prefill_prior"],
                                query_weight=description["query_weight"])
-    if kind == "streaming":
-        return StreamingLLM()
-    if kind == "quest":
-        return QuestPages(description["page_size"])
-    if kind == "oracle":
-        return OracleTopK()
-    raise ArtifactError(file, f"unknown retrieval head kind {kind!r}")
+    return {"none": lambda: None, "streaming": StreamingLLM, "oracle": OracleTopK,
+            "quest": lambda: QuestPages(description["page_size"])}[kind]()
 
 
 # -- export -------------------------------------------------------------------------------------------------
@@ -189,17 +207,23 @@ def _plan(compiled):
 def read_manifest(path: str | Path) -> dict:
     """The manifest of the artifact at ``path`` after checking the format and export-schema versions and
     every listed file's size and sha256 (raises :class:`ArtifactError`)."""
-    path = Path(path)
+    manifest, files = _open_checked(Path(path))
+    for handle in files.values():
+        handle.close()
+    return manifest
+
+
+def _open_checked(path: Path) -> tuple[dict, dict[str, BinaryIO]]:
+    """The manifest, and every file it lists opened once for reading and checked: a regular file (no
+    symbolic links on the way), the listed size and sha256. Later reads use these handles, so a file
+    swapped after the check is never read."""
     if not path.is_dir():
         raise ArtifactError(path, "no such artifact directory")
     manifest_file = path / MANIFEST
-    if not manifest_file.is_file():
+    if not manifest_file.is_file() or manifest_file.is_symlink():
         raise ArtifactError(manifest_file, "missing: not a specontext artifact (export writes manifest.json last)")
-    try:
-        manifest = json.loads(manifest_file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ArtifactError(manifest_file, f"not valid JSON ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    manifest = _parse_json(manifest_file.read_bytes(), manifest_file)
+    if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise ArtifactError(manifest_file, f"not a {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(manifest_file, f"format version {manifest.get('format_version')!r} written by specontext "
@@ -210,65 +234,102 @@ def read_manifest(path: str | Path) -> dict:
         raise ArtifactError(path / PROGRAM, (
             f"exported with torch {manifest.get('torch')} (export schema {schema}); this torch {here['torch']} reads "
             f"export schema {here['export_schema'][0]}.x: the program cannot be loaded; export it again with this torch"))
-    for name, entry in manifest["files"].items():
-        file = path / name
-        if ".." in Path(name).parts or Path(name).is_absolute():
-            raise ArtifactError(manifest_file, f"lists a file outside the artifact: {name!r}")
-        if not file.is_file():
-            raise ArtifactError(file, "missing")
-        size = file.stat().st_size
-        if size != entry.get("bytes"):
-            raise ArtifactError(file, f"truncated or changed: {size} bytes, the manifest says {entry.get('bytes')}")
-        if _sha256(file) != entry.get("sha256"):
-            raise ArtifactError(file, "damaged: its sha256 differs from the manifest's")
     for required in (PROGRAM, "config.json", "generation_config.json", "head.json", "options.json"):
         if required not in manifest["files"]:
             raise ArtifactError(path / required, "not listed in the manifest")
-    unlisted = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
-                      if p.is_file() and p.relative_to(path).as_posix() not in manifest["files"] and p.name != MANIFEST)
+    files: dict[str, BinaryIO] = {}
+    try:
+        for name, entry in manifest["files"].items():
+            files[name] = _open_listed(path, name, entry, manifest_file)
+    except BaseException:
+        for handle in files.values():
+            handle.close()
+        raise
+    unlisted = sorted(Path(folder, name).relative_to(path).as_posix() for folder, _, names in os.walk(path)
+                      for name in names if Path(folder, name).relative_to(path).as_posix() not in manifest["files"])
+    unlisted = [name for name in unlisted if name != MANIFEST]
     if unlisted:
         logger.warning("%s: files not in the manifest are ignored (never read): %s", path, ", ".join(unlisted))
-    return manifest
+    return manifest, files
 
 
-_ARCHIVE_ENTRY = re.compile(
-    r"(models/[\w.-]+\.json|data/weights/weight_\d+|data/weights/model_weights_config\.json|data/constants/tensor_\d+"
-    r"|data/constants/model_constants_config\.json|data/sample_inputs/[\w.-]+|archive_format|archive_version|byteorder"
-    r"|\.data/version|\.data/serialization_id)"
-)
-
-
-def check_program_archive(file: Path) -> None:
-    """Refuse a ``.pt2`` archive that ``torch.export.load`` would unpickle anything from: sample inputs,
-    weights or constants flagged as pickles, custom or opaque objects, legacy ``.pt`` payloads, or any
-    entry outside the layout ``torch.export.save`` writes for a plain program."""
+def _open_listed(path: Path, name, entry, manifest_file: Path) -> BinaryIO:
+    parts = Path(name).parts if isinstance(name, str) else ()
+    if not parts or Path(name).is_absolute() or any(part in ("..", ".") for part in parts) or "\\" in name:
+        raise ArtifactError(manifest_file, f"lists a file outside the artifact or not a plain relative path: {name!r}")
+    if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str):
+        raise ArtifactError(manifest_file, f"the entry for {name!r} lacks its bytes and sha256")
+    file = path / name
+    for depth in range(1, len(parts) + 1):  # no link anywhere below the artifact's directory
+        if (path.joinpath(*parts[:depth])).is_symlink():
+            raise ArtifactError(path.joinpath(*parts[:depth]), "is a symbolic link; an artifact's files are read "
+                                                                "only as regular files inside its directory")
     try:
-        archive = zipfile.ZipFile(file)
-    except (zipfile.BadZipFile, OSError) as error:
-        raise ArtifactError(file, f"not a readable torch.export archive ({error})") from None
-    with archive:
-        for info in archive.infolist():
-            name = info.filename.split("/", 1)[1] if "/" in info.filename else info.filename
-            if info.is_dir():
-                continue
-            if not _ARCHIVE_ENTRY.fullmatch(name):
-                raise ArtifactError(file, f"unexpected archive entry {name!r} (only weights, constants, JSON and "
-                                          "version records are accepted: loading never unpickles)")
-            if name.startswith("data/sample_inputs/") and info.file_size:
-                raise ArtifactError(file, f"{name} holds pickled sample inputs ({info.file_size} bytes); specontext "
-                                          "artifacts store none, and loading never unpickles")
-            if name.endswith("_config.json"):
-                try:
-                    config = json.loads(archive.read(info))
-                except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                    raise ArtifactError(file, f"{name} is not valid JSON ({error})") from None
-                for key, entry in (config.get("config") or {}).items():
-                    if entry.get("use_pickle") or not str(entry.get("path_name", "")).startswith(("weight_", "tensor_")):
-                        raise ArtifactError(file, f"{name}: {key!r} is stored as a pickle or an object, not raw "
-                                                  "tensor bytes; loading never unpickles")
+        descriptor = os.open(file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise ArtifactError(file, "missing") from None
+    except OSError as error:
+        raise ArtifactError(file, f"cannot be opened as a regular file ({error.strerror})") from None
+    handle = os.fdopen(descriptor, "rb")
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise ArtifactError(file, "not a regular file")
+        if status.st_size != entry["bytes"]:
+            raise ArtifactError(file, f"truncated or changed: {status.st_size} bytes, the manifest says {entry['bytes']}")
+        digest = hashlib.sha256()
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+        if digest.hexdigest() != entry["sha256"]:
+            raise ArtifactError(file, "damaged: its sha256 differs from the manifest's")
+        handle.seek(0)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def check_program_archive(file: Path | str) -> None:
+    """Refuse (:class:`ArtifactError`) a ``.pt2`` archive that ``torch.export.load`` could run code from:
+    pickles, expressions it evaluates, guards it executes, targets it calls (``artifact_safety``)."""
+    with open(file, "rb") as handle:
+        _check_program(handle, Path(file))
+
+
+def _check_program(handle: BinaryIO, file: Path) -> None:
+    try:
+        check_archive(handle)
+    except UnsafeProgram as error:
+        raise ArtifactError(file, f"{error}; loading never unpickles, evaluates or calls what an artifact "
+                                  "names beyond operators and size expressions") from None
 
 
 # -- load ---------------------------------------------------------------------------------------------------
+DTYPES = ("float32", "float16", "bfloat16")
+OPTIONS = {  # options.json: key -> (check, what is accepted)
+    "budget_bytes": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "token_budget": (lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null"),
+    "sink_tokens": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "local_window": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "selection": (lambda v: isinstance(v, str), "a string"),
+    "offload": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(_is_int(i) for i in v)),
+                "a mode or a list of layer indices"),
+    "elastic": (lambda v: isinstance(v, bool), "true or false"),
+    "prefill_chunk": (lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null"),
+    "last_only": (lambda v: isinstance(v, bool), "true or false"),
+    "aux_layers": (lambda v: isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v), "a list of layer indices"),
+    "device": (lambda v: isinstance(v, str), "a device name"),
+    "dtype": (lambda v: v in DTYPES, " or ".join(DTYPES)),
+    "vocab_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "weight_bytes": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+}
+TOKENIZER_FILE = re.compile(r"tokenizer/[\w.-]+\.(json|txt|model|jinja)")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def load(path: str | Path, device: str | torch.device | None = None, budget: int | str | None = None):
     """A runnable compiled model (``generate``, ``replay``) from an artifact written by :func:`export`.
 
@@ -276,35 +337,59 @@ def load(path: str | Path, device: str | torch.device | None = None, budget: int
     machine lacks); ``budget``: the GPU memory budget (default: the exported one). The memory plan is
     made for them. The model's tokenizer, if exported, is ``.tokenizer``.
     """
+    path = Path(path)
+    manifest, files = _open_checked(path)
+    with contextlib.ExitStack() as stack:
+        for handle in files.values():
+            stack.callback(handle.close)
+        return _load_checked(path, manifest, files, device, budget)
+
+
+def _load_checked(path: Path, manifest: dict, files: dict[str, BinaryIO], device, budget):
     from transformers import AutoConfig, GenerationConfig
 
     from .api import SpeContextModel
 
-    path = Path(path)
-    manifest = read_manifest(path)
-    check_program_archive(path / PROGRAM)
+    program_file = files[PROGRAM]
+    _check_program(program_file, path / PROGRAM)
     here = versions()
     if manifest.get("torch") != here["torch"] or manifest.get("transformers") != here["transformers"]:
         logger.info("%s: exported with torch %s / transformers %s, loading with torch %s / transformers %s",
                     path, manifest.get("torch"), manifest.get("transformers"), here["torch"], here["transformers"])
-    options = _read_json(path / "options.json")
-    hf_dict = _read_json(path / "config.json")
+    options = _read_json(files, path, "options.json")
+    for key, (accepts, what) in OPTIONS.items():
+        if key not in options or not accepts(options[key]):
+            raise ArtifactError(path / "options.json", f"{key} is {options.get(key, 'missing')!r}; accepted: {what}")
     try:
-        hf_config = AutoConfig.for_model(**hf_dict)
-        generation_config = GenerationConfig.from_dict(_read_json(path / "generation_config.json"))
-    except (ValueError, TypeError, KeyError) as error:
+        hf_config = AutoConfig.for_model(**_read_json(files, path, "config.json"))
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
         raise ArtifactError(path / "config.json", f"not a usable transformers config ({error})") from None
+    try:
+        generation_config = GenerationConfig.from_dict(_read_json(files, path, "generation_config.json"))
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ArtifactError(path / "generation_config.json", f"not a usable generation config ({error})") from None
     tensors = {}
-    if (path / HEAD_TENSORS).is_file() and HEAD_TENSORS in manifest["files"]:
-        from safetensors.torch import load_file
+    if HEAD_TENSORS in files:
+        from safetensors.torch import load as load_safetensors
 
         try:
-            tensors = load_file(str(path / HEAD_TENSORS))
+            tensors = load_safetensors(files[HEAD_TENSORS].read())
         except Exception as error:  # safetensors raises its own error types for a bad header
             raise ArtifactError(path / HEAD_TENSORS, f"not a readable safetensors file ({error})") from error
-    head = _head_from_description(_read_json(path / "head.json"), tensors, path / "head.json")
-
-    exported_on = torch.device(options["device"])
+    layers = getattr(hf_config, "num_hidden_layers", None)
+    head = _head_from_description(_read_json(files, path, "head.json"), tensors, path / "head.json", layers)
+    try:
+        exported_on = torch.device(options["device"])
+        config = CompileConfig.from_arguments(
+            options["budget_bytes"], options["token_budget"], sink_tokens=options["sink_tokens"],
+            local_window=options["local_window"], selection=options["selection"],
+            offload=options["offload"] if isinstance(options["offload"], str) else tuple(options["offload"]),
+            elastic=options["elastic"], prefill_chunk=options["prefill_chunk"],
+        )
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise ArtifactError(path / "options.json", str(error)) from None
+    if budget is not None:  # the caller's budget: a bad one is the caller's ValueError, not the artifact's
+        config = dataclasses.replace(config, budget_bytes=parse_budget(budget))
     if device is None:
         device = exported_on if exported_on.type != "cuda" or torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
@@ -312,17 +397,11 @@ def load(path: str | Path, device: str | torch.device | None = None, budget: int
         raise ValueError(f"device={str(device)!r} but this machine has no CUDA device; accepted: 'cpu'")
     if device.type == "cuda" and device.index is None:  # the runtime keys streams by indexed device
         device = torch.device("cuda", torch.cuda.current_device())
-    config = CompileConfig.from_arguments(
-        options["budget_bytes"] if budget is None else budget, options["token_budget"],
-        sink_tokens=options["sink_tokens"], local_window=options["local_window"], selection=options["selection"],
-        offload=options["offload"] if isinstance(options["offload"], str) else tuple(options["offload"]),
-        elastic=options["elastic"], prefill_chunk=options["prefill_chunk"],
-    )
     if options["weight_bytes"] > config.budget_bytes:
         raise ValueError(f"budget is too small: the model needs at least {format_bytes(options['weight_bytes'])} for "
                          f"its weights alone, plus its KV cache; budget is {format_bytes(config.budget_bytes)}")
     try:
-        program = torch.export.load(path / PROGRAM)
+        program = torch.export.load(program_file)
     except Exception as error:  # a version skew surfaces here as any error type: name it and the versions
         raise ArtifactError(path / PROGRAM, (
             f"torch.export.load failed under torch {here['torch']} (exported with torch {manifest.get('torch')}): "
@@ -332,11 +411,10 @@ def load(path: str | Path, device: str | torch.device | None = None, budget: int
 
         program = move_to_device_pass(program, device)
     _annotate(program)
-    step = CapturedStep(program, bool(options["last_only"]), tuple(options["aux_layers"]))
-    dtype = getattr(torch, options["dtype"])
-    compiled = SpeContextModel.from_parts(config, hf_config, generation_config, step, head, device, dtype,
-                                          int(options["vocab_size"]), int(options["weight_bytes"]))
-    compiled.tokenizer = _load_tokenizer(path, manifest)
+    step = CapturedStep(program, options["last_only"], tuple(options["aux_layers"]))
+    compiled = SpeContextModel.from_parts(config, hf_config, generation_config, step, head, device,
+                                          getattr(torch, options["dtype"]), options["vocab_size"], options["weight_bytes"])
+    compiled.tokenizer = _load_tokenizer(path, files)
     logger.info("loaded %s from %s on %s", compiled, path, device)
     return compiled
 
@@ -348,16 +426,41 @@ def _annotate(program: torch.export.ExportedProgram) -> None:
     annotate_attention(program.graph_module)
 
 
-def _read_json(file: Path) -> dict:
+def _parse_json(data: bytes, file: Path) -> dict:
     try:
-        return json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise ArtifactError(file, f"not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ArtifactError(file, f"holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
-def _load_tokenizer(path: Path, manifest: dict):
-    if not any(name.startswith("tokenizer/") for name in manifest["files"]):
+def _read_json(files: dict[str, BinaryIO], path: Path, name: str) -> dict:
+    return _parse_json(files[name].read(), path / name)
+
+
+def _load_tokenizer(path: Path, files: dict[str, BinaryIO]):
+    """The exported tokenizer, read from a private copy of the listed files only, never running code."""
+    names = [name for name in files if name.startswith("tokenizer/")]
+    if not names:
         return None
+    for name in names:
+        if not TOKENIZER_FILE.fullmatch(name):
+            raise ArtifactError(path / name, "not a tokenizer file specontext reads (tokenizer/*.json, .txt, .model, "
+                                             ".jinja: loading never runs code from an artifact)")
+    if "tokenizer/tokenizer_config.json" in files:
+        settings = _parse_json(files["tokenizer/tokenizer_config.json"].read(), path / "tokenizer/tokenizer_config.json")
+        files["tokenizer/tokenizer_config.json"].seek(0)
+        if "auto_map" in settings:
+            raise ArtifactError(path / "tokenizer/tokenizer_config.json", "asks for tokenizer code (auto_map); "
+                                "loading never runs code from an artifact")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    with tempfile.TemporaryDirectory(prefix="specontext-tokenizer-") as folder:
+        for name in names:
+            Path(folder, Path(name).name).write_bytes(files[name].read())
+        try:
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        except Exception as error:  # transformers raises many types for a bad tokenizer: name the folder
+            raise ArtifactError(path / "tokenizer", f"not a loadable tokenizer ({type(error).__name__}: {error})") from error

@@ -86,14 +86,45 @@ def test_round_trip_other_families_dense_and_sparse(family, tmp_path):
         assert torch.equal(specontext.load(path).generate(ids, attention_mask=mask, **GENERATE), expected)
 
 
-def test_tokenizer_travels_with_the_artifact(smollm2, tmp_path):
+@pytest.fixture(scope="module")
+def with_tokenizer(smollm2, tmp_path_factory):
     _, tokenizer = smollm2
     model = tiny_model("llama", vocab_size=len(tokenizer))
     compiled = specontext.compile(model, "1GB", token_budget=16, progress=False)
-    path = specontext.export(compiled, tmp_path / "with-tokenizer", tokenizer=tokenizer)
+    return specontext.export(compiled, tmp_path_factory.mktemp("tokenizer") / "with-tokenizer", tokenizer=tokenizer), tokenizer
+
+
+def test_tokenizer_travels_with_the_artifact(with_tokenizer):
+    path, tokenizer = with_tokenizer
     loaded = specontext.load(path)
     text = "The orchard by the river"
     assert loaded.tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+def test_tokenizer_code_is_never_run(with_tokenizer, tmp_path):
+    """A tokenizer asking for its own code (auto_map), or shipping .py files, is refused; unlisted files in
+    tokenizer/ are not even copied where transformers could find them."""
+    path = copy_of(with_tokenizer[0], tmp_path)
+    marker = tmp_path / "pwned"
+    (path / "tokenizer" / "tokenization_evil.py").write_text(f"open({str(marker)!r}, 'w')\n")
+    (path / "tokenizer" / "vocab.pkl").write_bytes(pickle.dumps(Planted(marker)))
+    assert specontext.load(path).tokenizer is not None and not marker.exists()  # unlisted: ignored
+
+    rewrite = json.loads((path / "manifest.json").read_text())
+    rewrite["files"]["tokenizer/tokenization_evil.py"] = {}
+    (path / "manifest.json").write_text(json.dumps(rewrite))
+    rewrite_manifest(path)
+    with pytest.raises(ArtifactError, match="not a tokenizer file"):
+        specontext.load(path)
+
+    path = copy_of(with_tokenizer[0], tmp_path / "second")
+    settings = json.loads((path / "tokenizer" / "tokenizer_config.json").read_text())
+    settings["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    (path / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(settings))
+    rewrite_manifest(path)
+    with pytest.raises(ArtifactError, match="auto_map"):
+        specontext.load(path)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("damage, problem", [
@@ -147,21 +178,13 @@ class Planted:
         return (open, (str(self.marker), "w"))
 
 
-def replace_entry(archive: Path, suffix: str, data: bytes) -> None:
-    source = zipfile.ZipFile(archive)
-    entries = [(info, source.read(info)) for info in source.infolist()]
-    source.close()
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as target:
-        for info, content in entries:
-            target.writestr(info, data if info.filename.endswith(suffix) else content)
-
-
 def test_planted_pickle_in_sample_inputs_does_not_run(exported, tmp_path):
     """torch.export.load unpickles an archive's sample inputs (falling back to weights_only=False): shown
     here on a throwaway copy, then the same artifact through specontext.load, which refuses it unread."""
     path = copy_of(exported[0], tmp_path)
     marker = tmp_path / "pwned"
-    replace_entry(path / "step.pt2", "data/sample_inputs/model.pt", pickle.dumps(Planted(marker)))
+    edit_archive(path / "step.pt2", lambda name, content: pickle.dumps(Planted(marker))
+                 if name == "data/sample_inputs/model.pt" else content)
     rewrite_manifest(path)
 
     demo = tmp_path / "demo.pt2"
@@ -178,19 +201,217 @@ def test_planted_pickle_in_sample_inputs_does_not_run(exported, tmp_path):
     assert not marker.exists()
 
 
-def test_weights_flagged_as_pickles_are_refused(exported, tmp_path):
-    path = copy_of(exported[0], tmp_path)
-    archive = zipfile.ZipFile(path / "step.pt2")
-    name = next(n for n in archive.namelist() if n.endswith("model_weights_config.json"))
-    config = json.loads(archive.read(name))
-    archive.close()
-    first = next(iter(config["config"]))
-    config["config"][first]["use_pickle"] = True
-    replace_entry(path / "step.pt2", "model_weights_config.json", json.dumps(config).encode())
+def edit_archive(archive: Path, edit) -> None:
+    """Rewrite the archive with ``edit(name, content) -> content`` applied to every entry (names without the
+    archive's folder)."""
+    source = zipfile.ZipFile(archive)
+    entries = [(info, source.read(info)) for info in source.infolist()]
+    source.close()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as target:
+        for info, content in entries:
+            target.writestr(info, edit(info.filename.split("/", 1)[1], content))
+
+
+def edit_program(path: Path, edit) -> None:
+    """Apply ``edit`` to the step program's JSON (models/model.json) and make the manifest match."""
+    def rewrite(name, content):
+        if name != "models/model.json":
+            return content
+        program = json.loads(content)
+        edit(program)
+        return json.dumps(program).encode()
+
+    edit_archive(path / "step.pt2", rewrite)
     rewrite_manifest(path)
-    with pytest.raises(ArtifactError, match="pickle"):
+
+
+def first_with(value, key):
+    """The first dict holding ``key`` in a JSON value."""
+    stack = [value]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, dict):
+            if key in item:
+                return item
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    raise AssertionError(f"no {key}")
+
+
+def test_weights_flagged_as_pickles_are_refused(exported, tmp_path):
+    """A weight stored as a pickle that creates a file: plain torch.export.load runs it, specontext.load refuses."""
+    path = copy_of(exported[0], tmp_path)
+    marker = tmp_path / "pwned"
+
+    def plant(name, content):
+        if name == "data/weights/model_weights_config.json":
+            config = json.loads(content)
+            config["config"][next(iter(config["config"]))]["use_pickle"] = True
+            return json.dumps(config).encode()
+        return pickle.dumps(Planted(marker)) if name == "data/weights/weight_0" else content
+
+    edit_archive(path / "step.pt2", plant)
+    rewrite_manifest(path)
+    demo = tmp_path / "demo.pt2"
+    demo.write_bytes((path / "step.pt2").read_bytes())
+    try:
+        torch.export.load(demo)
+    except Exception:
+        pass
+    assert marker.exists()  # the planted pickle is reachable: torch unpickles a weight flagged use_pickle
+    marker.unlink()
+    with pytest.raises(ArtifactError, match="stored as a pickle or an object"):
         check_program_archive(path / "step.pt2")
-    with pytest.raises(ArtifactError, match="pickle"):
+    with pytest.raises(ArtifactError, match="stored as a pickle or an object"):
+        specontext.load(path)
+    assert not marker.exists()
+
+
+def test_size_expression_that_runs_code_is_refused(exported, tmp_path):
+    """torch.export.load parses symbolic sizes with sympy.sympify, which evaluates Python: shown on a copy."""
+    path = copy_of(exported[0], tmp_path)
+    marker = tmp_path / "pwned"
+
+    def plant(program):
+        first_with(program["graph_module"], "expr_str")["expr_str"] = (
+            f"__import__('builtins').open({str(marker)!r}, 'w') and Symbol('s70', positive=True, integer=True)")
+
+    edit_program(path, plant)
+    demo = tmp_path / "demo.pt2"
+    demo.write_bytes((path / "step.pt2").read_bytes())
+    try:
+        torch.export.load(demo)
+    except Exception:
+        pass
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(ArtifactError, match="size expression") as info:
+        specontext.load(path)
+    assert info.value.file.endswith("step.pt2") and not marker.exists()
+
+
+def set_target(program, target):
+    node = next(n for n in program["graph_module"]["graph"]["nodes"] if n["target"] == "torch.ops.aten.silu.default")
+    node["target"] = target
+
+
+def set_stack_trace(program, text):
+    program["graph_module"]["graph"]["nodes"][3]["metadata"]["stack_trace"] = text
+
+
+@pytest.mark.parametrize("plant, problem", [
+    (lambda p: p["guards_code"].append("__import__('os').system('true') is None"), "guard"),
+    (lambda p: p["guards_code"].append("L['x'].size()[0] == len('\")+__import__(\"os\")#')"), "guard"),
+    (lambda p: p["range_constraints"].update({"__import__('os')": {"min_val": 0, "max_val": 1}}), "range constraint"),
+    (lambda p: set_target(p, "torch.os.system"), "node target"),
+    (lambda p: set_target(p, "torch.load"), "node target"),
+    (lambda p: set_target(p, "torch.ops.aten.silu.__class__"), "node target"),
+    (lambda p: set_target(p, "#extension.op"), "node target"),
+    (lambda p: set_stack_trace(p, 'File "x.py", line 1, in f\n  y\rimport os'), "control character"),
+    (lambda p: first_with(p["graph_module"], "expr_str").update(expr_str="Symbol('s70').__class__"), "size expression"),
+    (lambda p: first_with(p["graph_module"], "expr_str").update(expr_str="Integer(lambda: 0)"), "size expression"),
+])
+def test_program_strings_torch_would_evaluate_or_call_are_refused(exported, tmp_path, plant, problem):
+    """Guards (exec-ed by ExportedProgram.module() when sample inputs exist), range-constraint symbols, node
+    targets (called when the program runs), strings FX could paste into generated code, size expressions."""
+    path = copy_of(exported[0], tmp_path)
+    edit_program(path, plant)
+    with pytest.raises(ArtifactError, match=problem):
+        specontext.load(path)
+
+
+@pytest.mark.parametrize("entry", [
+    "data/weights/model.pt", "data/constants/model.pt", "data/constants/custom_obj_0", "data/constants/opaque_obj_0",
+    "extra/notes.txt", "data/aotinductor/model/model.so", "serialized_state_dict.pt", "models/other.json",
+])
+def test_archive_entries_outside_a_plain_program_are_refused(exported, tmp_path, entry):
+    """Legacy .pt payloads, custom and opaque objects, extra files, AOTInductor libraries, legacy-format
+    records, a second program: anything torch would unpickle, load or read beyond one plain program."""
+    path = copy_of(exported[0], tmp_path)
+    with zipfile.ZipFile(path / "step.pt2", "a") as archive:
+        archive.writestr(f"step/{entry}", pickle.dumps(Planted(tmp_path / "pwned")))
+    rewrite_manifest(path)
+    with pytest.raises(ArtifactError, match="unexpected archive entry"):
+        specontext.load(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("kind", ["custom_obj_0", "opaque_obj_0"])
+def test_constants_stored_as_objects_are_refused(exported, tmp_path, kind):
+    path = copy_of(exported[0], tmp_path)
+
+    def plant(name, content):
+        if name == "data/constants/model_constants_config.json":
+            config = json.loads(content)
+            config["config"][next(iter(config["config"]))].update(path_name=kind, use_pickle=True)
+            return json.dumps(config).encode()
+        return content
+
+    edit_archive(path / "step.pt2", plant)
+    rewrite_manifest(path)
+    with pytest.raises(ArtifactError, match="pickle or an object"):
+        specontext.load(path)
+
+
+@pytest.mark.parametrize("layout", ["junk before the archive", "malicious archive after it",
+                                    "malicious archive before it"])
+def test_archives_two_zip_readers_could_read_differently_are_refused(exported, tmp_path, layout):
+    """torch falls back to Python's zipfile (and unpickles) when its own reader fails: the scan reads with
+    torch's reader and requires zipfile to agree, so neither reader can see entries the scan did not."""
+    path = copy_of(exported[0], tmp_path)
+    benign = (path / "step.pt2").read_bytes()
+    marker = tmp_path / "pwned"
+    edit_archive(path / "step.pt2", lambda name, content: pickle.dumps(Planted(marker))
+                 if name == "data/sample_inputs/model.pt" else content)
+    malicious = (path / "step.pt2").read_bytes()
+    data = {"junk before the archive": b"\0" * 64 + benign, "malicious archive after it": benign + malicious,
+            "malicious archive before it": malicious + benign}[layout]
+    (path / "step.pt2").write_bytes(data)
+    rewrite_manifest(path)
+    with pytest.raises(ArtifactError, match="leading bytes|not a readable|disagree"):
+        specontext.load(path)
+    assert not marker.exists()
+
+
+def test_symbolic_links_are_refused(exported, tmp_path):
+    path = copy_of(exported[0], tmp_path)
+    outside = tmp_path / "outside.json"
+    outside.write_bytes((path / "head.json").read_bytes())
+    (path / "head.json").unlink()
+    (path / "head.json").symlink_to(outside)
+    with pytest.raises(ArtifactError, match="symbolic link") as info:
+        specontext.load(path)
+    assert info.value.file.endswith("head.json")
+
+
+@pytest.mark.parametrize("file, edit, problem", [
+    ("options.json", lambda o: o.pop("token_budget"), "token_budget is 'missing'"),
+    ("options.json", lambda o: o.update(dtype="load"), "dtype is 'load'"),
+    ("options.json", lambda o: o.update(elastic="yes"), "elastic"),
+    ("options.json", lambda o: o.update(offload="sometimes"), "offload='sometimes'"),
+    ("options.json", lambda o: o.update(device="nowhere"), "nowhere"),
+    ("head.json", lambda h: h.update(kind="pickle"), "unknown retrieval head kind"),
+    ("head.json", lambda h: h.update(layers=[99]), "layers"),
+    ("head.json", lambda h: h.update(layers="0"), "layers"),
+    ("config.json", lambda c: c.update(model_type="no-such-model"), "not a usable transformers config"),
+])
+def test_malformed_json_files_name_the_file_and_the_value(exported, tmp_path, file, edit, problem):
+    path = copy_of(exported[0], tmp_path)
+    content = json.loads((path / file).read_text())
+    edit(content)
+    (path / file).write_text(json.dumps(content))
+    rewrite_manifest(path)
+    with pytest.raises(ArtifactError, match=problem) as info:
+        specontext.load(path)
+    assert info.value.file.endswith(file)
+
+
+def test_a_json_file_that_is_not_an_object_is_refused(exported, tmp_path):
+    path = copy_of(exported[0], tmp_path)
+    (path / "options.json").write_text("[1, 2]")
+    rewrite_manifest(path)
+    with pytest.raises(ArtifactError, match="not an object"):
         specontext.load(path)
 
 
