@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import platform
-import re
 import stat
 import tempfile
 from pathlib import Path
@@ -323,7 +322,10 @@ OPTIONS = {  # options.json: key -> (check, what is accepted)
     "vocab_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "weight_bytes": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
 }
-TOKENIZER_FILE = re.compile(r"tokenizer/[\w.-]+\.(json|txt|model|jinja)")
+#: The tokenizer files load reads (a config.json there could name model code; .py files are code).
+TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                             "chat_template.jinja", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
+                             "spiece.model", "sentencepiece.bpe.model"})
 
 
 def _is_int(value) -> bool:
@@ -440,21 +442,34 @@ def _read_json(files: dict[str, BinaryIO], path: Path, name: str) -> dict:
     return _parse_json(files[name].read(), path / name)
 
 
+def _check_tokenizer_class(name, file: Path) -> None:
+    """transformers resolves ``tokenizer_class`` as any of its attributes (a model class would then be
+    loaded from the folder, with a remote-code prompt): it must name a tokenizer class."""
+    if name is None:
+        return
+    import transformers
+
+    candidate = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if not (isinstance(candidate, type) and issubclass(candidate, transformers.PreTrainedTokenizerBase)):
+        raise ArtifactError(file, f"tokenizer_class {name!r} is not a transformers tokenizer class")
+
+
 def _load_tokenizer(path: Path, files: dict[str, BinaryIO]):
     """The exported tokenizer, read from a private copy of the listed files only, never running code."""
     names = [name for name in files if name.startswith("tokenizer/")]
     if not names:
         return None
     for name in names:
-        if not TOKENIZER_FILE.fullmatch(name):
-            raise ArtifactError(path / name, "not a tokenizer file specontext reads (tokenizer/*.json, .txt, .model, "
-                                             ".jinja: loading never runs code from an artifact)")
+        if name.count("/") != 1 or name.split("/")[1] not in TOKENIZER_FILES:
+            raise ArtifactError(path / name, f"not a tokenizer file specontext reads ({', '.join(sorted(TOKENIZER_FILES))}): "
+                                             "loading never runs code from an artifact")
     if "tokenizer/tokenizer_config.json" in files:
-        settings = _parse_json(files["tokenizer/tokenizer_config.json"].read(), path / "tokenizer/tokenizer_config.json")
+        settings_file = path / "tokenizer/tokenizer_config.json"
+        settings = _parse_json(files["tokenizer/tokenizer_config.json"].read(), settings_file)
         files["tokenizer/tokenizer_config.json"].seek(0)
         if "auto_map" in settings:
-            raise ArtifactError(path / "tokenizer/tokenizer_config.json", "asks for tokenizer code (auto_map); "
-                                "loading never runs code from an artifact")
+            raise ArtifactError(settings_file, "asks for tokenizer code (auto_map); loading never runs code from an artifact")
+        _check_tokenizer_class(settings.get("tokenizer_class"), settings_file)
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="specontext-tokenizer-") as folder:

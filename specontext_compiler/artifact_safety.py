@@ -19,9 +19,18 @@ run code, each refused here:
 * Node targets: any callable reachable by attributes from ``torch``, ``operator`` or ``math`` is accepted
   as a node target and called when the program runs, so a target must be an operator overload of the
   ``aten``, ``prims`` or ``specontext`` namespace, or one of the symbolic-size operators.
-* Generated code: FX writes node stack traces into the Python source it compiles; a carriage return
-  would end the comment, so no string in the program may hold control characters other than newline
-  and tab.
+* Generated code: ``ExportedProgram.module()`` and the deserializer build Python source from the
+  program's names (graph inputs, ``forward_arg_names``, spec keys, parameter paths) and exec it, so every
+  name must be an identifier (module paths: identifiers joined by dots); stack traces go into comments,
+  so no string may hold a control character other than newline and tab.
+* Imports: the pytree spec decoder imports modules named in spec JSON (``__enum__`` objects, node types
+  such as ``collections.defaultdict``), so ``in_spec``/``out_spec`` may hold only tuples, lists, dicts
+  with identifier keys, and leaves.
+* Subgraphs, operator and script-object arguments are refused; size expressions are integer arithmetic
+  (no powers: ``Pow(10, 10**8)`` would keep sympy busy).
+
+Every string of the program JSON is checked by the field it sits in (``_check_string``); fields torch
+keeps only as node metadata text (stack traces, module stacks) are checked for control characters only.
 """
 
 from __future__ import annotations
@@ -45,15 +54,14 @@ PAYLOAD_CONFIGS = {"data/weights/model_weights_config.json": ("data/weights/", "
                    "data/constants/model_constants_config.json": ("data/constants/", "tensor_")}
 
 #: sympy and torch.utils._sympy functions a serialized size expression may call.
+#: Integer arithmetic only: no powers or floats (a huge power is a denial of service; sizes are integers).
 SYMPY_FUNCTIONS = frozenset({
-    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Max", "Min", "Abs", "Eq", "Ne", "Lt", "Le",
-    "Gt", "Ge", "StrictLessThan", "StrictGreaterThan", "LessThan", "GreaterThan", "Equality", "Unequality",
-    "And", "Or", "Not", "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt",
-    "FloorToInt", "CeilDiv", "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv",
-    "IsNonOverlappingAndDenseIndicator", "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat",
-    "Identity",
+    "Symbol", "Integer", "Add", "Mul", "Max", "Min", "Abs", "Eq", "Ne", "Lt", "Le", "Gt", "Ge",
+    "StrictLessThan", "StrictGreaterThan", "LessThan", "GreaterThan", "Equality", "Unequality", "And", "Or",
+    "Not", "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilDiv", "Identity",
 })
-SYMPY_CONSTANTS = frozenset({"true", "false", "oo", "int_oo", "nan", "zoo", "S"})
+SYMPY_CONSTANTS = frozenset({"true", "false", "oo", "int_oo"})
+MAX_INTEGER = 2**63
 SYMBOL_NAME = re.compile(r"[a-z]{1,4}\d+")
 SYMBOL_ASSUMPTIONS = frozenset({
     "positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite", "infinite", "nonzero",
@@ -153,41 +161,103 @@ def _check_payload_config(name: str, config, folder: str, prefix: str, records: 
 
 
 # -- the program's JSON ---------------------------------------------------------------------------------------
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
+#: Module paths (``model.layers.0.mlp``): FX writes a non-identifier part as ``getattr(x, "part")``.
+DOTTED_NAME = re.compile(r"([A-Za-z0-9_]{1,200}(\.[A-Za-z0-9_]{1,200}){0,63})?")
+DOTTED_KEYS = frozenset({"parameter_name", "buffer_name", "fqn", "tensor_constant_name", "custom_obj_name",
+                         "target", "weight_name"})
+#: Node metadata torch keeps as text (``node.meta``), never as code: only control characters are refused.
+FREE_TEXT_KEYS = frozenset({"stack_trace", "nn_module_stack", "torch_fn", "source_fn_stack", "custom", "as_string", "as_strings"})
+VERSION = re.compile(r"[\w.+-]{1,64}")
+#: Argument kinds that carry subgraphs, operators or script objects: a plain program has none.
+REFUSED_ARGUMENTS = frozenset({"as_graph", "as_operator", "as_custom_obj", "as_opaque_obj"})
+SPEC_TYPES = frozenset({None, "builtins.tuple", "builtins.list", "builtins.dict"})
+
+
 def check_program_json(program) -> None:
-    """Refuse a serialized program whose strings torch would evaluate or call unsafely (module docstring)."""
+    """Refuse a serialized program holding anything torch would evaluate, execute, import or call beyond
+    operators and size expressions (module docstring). Every string is held to what its field may hold:
+    names are identifiers (FX pastes them into the Python it compiles), module paths dotted identifiers,
+    targets operators, ``expr_str`` and guards a strict grammar, specs plain tuples/lists/dicts of
+    identifier keys; metadata text only free of control characters."""
     if not isinstance(program, dict) or not isinstance(program.get("graph_module"), dict):
         raise UnsafeProgram(f"{PROGRAM_JSON} is not a serialized ExportedProgram")
-    _walk(program)
-    ranges = program.get("range_constraints") or {}
-    if not isinstance(ranges, dict):
-        raise UnsafeProgram("range_constraints is not a mapping")
-    for symbol in ranges:
-        if not SYMBOL_NAME.fullmatch(symbol):
-            raise UnsafeProgram(f"range constraint for {symbol!r}, which is not a size symbol name")
-    guards = program.get("guards_code") or []
-    if not isinstance(guards, list):
-        raise UnsafeProgram("guards_code is not a list")
-    for guard in guards:
-        _check_expression(guard, _check_guard_node, "guard")
+    _walk(program, None)
 
 
-def _walk(value) -> None:
-    """Every string: no control characters; every ``expr_str``: a size expression; every node: a safe target."""
-    stack = [value]
+def _walk(value, key: str | None) -> None:
+    stack: list[tuple[object, str | None]] = [(value, key)]
     while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if FORBIDDEN_CHARACTERS.search(item):
-                raise UnsafeProgram(f"a string holds a control character: {item[:80]!r}")
-        elif isinstance(item, dict):
-            if "expr_str" in item:
-                _check_expression(item["expr_str"], _check_sympy_node, "size expression")
+        item, key = stack.pop()
+        if isinstance(item, dict):
             if "target" in item and "inputs" in item and "outputs" in item:
-                check_target(item["target"])
-            stack.extend(item.keys())
-            stack.extend(item.values())
+                check_target(item.get("target"))  # a node: its target is an operator, checked here
+                item = {k: v for k, v in item.items() if k != "target"}
+            for name, child in item.items():
+                if not isinstance(name, str) or not (IDENTIFIER.fullmatch(name) or key == "range_constraints"
+                                                     and SYMBOL_NAME.fullmatch(name)):
+                    raise UnsafeProgram(f"field name {str(name)[:80]!r} is not an identifier")
+                if name in REFUSED_ARGUMENTS:
+                    raise UnsafeProgram(f"an argument of kind {name} (subgraphs, operators and script objects are "
+                                        "not part of a plain program)")
+                stack.append((child, name))
         elif isinstance(item, list):
-            stack.extend(item)
+            stack.extend((child, key) for child in item)
+        elif isinstance(item, str):
+            _check_string(item, key)
+
+
+def _check_string(text: str, key: str | None) -> None:
+    if FORBIDDEN_CHARACTERS.search(text):
+        raise UnsafeProgram(f"{key}: a string holds a control character: {text[:80]!r}")
+    if key in FREE_TEXT_KEYS:
+        return
+    if key == "expr_str":
+        _check_expression(text, _check_sympy_node, "size expression")
+    elif key == "guards_code":
+        _check_expression(text, _check_guard_node, "guard")
+    elif key in ("in_spec", "out_spec"):
+        _check_spec(text, key)
+    elif key == "torch_version":
+        if not VERSION.fullmatch(text):
+            raise UnsafeProgram(f"torch_version {text[:80]!r} is not a version")
+    elif key in DOTTED_KEYS:
+        if not DOTTED_NAME.fullmatch(text):
+            raise UnsafeProgram(f"{key} {text[:80]!r} is not a dotted name")
+    elif not IDENTIFIER.fullmatch(text):
+        raise UnsafeProgram(f"{key} {text[:80]!r} is not an identifier")
+
+
+def _check_spec(text: str, key: str) -> None:
+    """A pytree spec: only tuples, lists, dicts with identifier keys, and leaves (torch's spec decoder
+    imports modules named in other node types and contexts)."""
+    try:
+        protocol, root = json.loads(text)
+    except (ValueError, TypeError, RecursionError) as error:
+        raise UnsafeProgram(f"{key} is not a pytree spec ({error})") from None
+    if not isinstance(protocol, int):
+        raise UnsafeProgram(f"{key} is not a pytree spec")
+    stack = [(root, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, dict) or set(node) != {"type", "context", "children_spec"} or depth > 8:
+            raise UnsafeProgram(f"{key}: a spec node is not a plain tuple, list, dict or leaf")
+        kind, context, children = node["type"], node["context"], node["children_spec"]
+        if kind not in SPEC_TYPES or not isinstance(children, list):
+            raise UnsafeProgram(f"{key}: a spec node of type {str(kind)[:80]!r}; accepted: tuples, lists, dicts, leaves")
+        if kind is None and (context is not None or children):
+            raise UnsafeProgram(f"{key}: a leaf with a context or children")
+        if kind in ("builtins.tuple", "builtins.list") and context != "null":
+            raise UnsafeProgram(f"{key}: a {kind} with a context")
+        if kind == "builtins.dict":
+            try:
+                names = json.loads(context)
+            except (ValueError, TypeError):
+                names = None
+            if (not isinstance(names, list) or len(names) != len(children)
+                    or not all(isinstance(n, str) and IDENTIFIER.fullmatch(n) for n in names)):
+                raise UnsafeProgram(f"{key}: a dict whose keys are not identifiers")
+        stack.extend((child, depth + 1) for child in children)
 
 
 def check_target(target) -> None:
@@ -224,8 +294,10 @@ def _check_sympy_node(node: ast.AST, vouched: set[int]) -> None:
     """A sympy constructor expression: calls of known functions on numbers, and Symbol('s0', integer=True)."""
     if isinstance(node, (ast.Expression, ast.keyword, ast.Load, ast.UnaryOp, ast.USub, ast.UAdd)):
         return
-    if isinstance(node, ast.Constant) and (isinstance(node.value, (int, float, bool)) or id(node) in vouched):
-        return  # a string only as a Symbol's name or a Float's digits
+    if isinstance(node, ast.Constant) and isinstance(node.value, int) and abs(node.value) <= MAX_INTEGER:
+        return
+    if isinstance(node, ast.Constant) and id(node) in vouched:
+        return  # a string only as a Symbol's name
     if isinstance(node, ast.Name) and (node.id in SYMPY_CONSTANTS or node.id in SYMPY_FUNCTIONS):
         return
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in SYMPY_FUNCTIONS:
@@ -236,13 +308,6 @@ def _check_sympy_node(node: ast.AST, vouched: set[int]) -> None:
                            or not isinstance(k.value.value, bool) for k in node.keywords)):
                 raise ValueError("Symbol takes one size-symbol name and boolean assumptions")
             vouched.add(id(strings[0]))
-            return
-        if node.func.id == "Float":
-            if strings and not all(re.fullmatch(r"-?[\d.]+(e-?\d+)?", s.value) for s in strings):
-                raise ValueError("Float takes digits")
-            if any(k.arg != "precision" for k in node.keywords):
-                raise ValueError("Float takes only precision=")
-            vouched.update(id(s) for s in strings)
             return
         if strings or node.keywords:
             raise ValueError(f"{node.func.id} takes expressions and numbers only")

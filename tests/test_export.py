@@ -102,8 +102,9 @@ def test_tokenizer_travels_with_the_artifact(with_tokenizer):
 
 
 def test_tokenizer_code_is_never_run(with_tokenizer, tmp_path):
-    """A tokenizer asking for its own code (auto_map), or shipping .py files, is refused; unlisted files in
-    tokenizer/ are not even copied where transformers could find them."""
+    """A tokenizer asking for its own code (auto_map), naming a non-tokenizer class (transformers would load a
+    model from the folder, prompting for its remote code), or shipping .py files, is refused; unlisted files
+    in tokenizer/ are not even copied where transformers could find them."""
     path = copy_of(with_tokenizer[0], tmp_path)
     marker = tmp_path / "pwned"
     (path / "tokenizer" / "tokenization_evil.py").write_text(f"open({str(marker)!r}, 'w')\n")
@@ -117,13 +118,15 @@ def test_tokenizer_code_is_never_run(with_tokenizer, tmp_path):
     with pytest.raises(ArtifactError, match="not a tokenizer file"):
         specontext.load(path)
 
-    path = copy_of(with_tokenizer[0], tmp_path / "second")
-    settings = json.loads((path / "tokenizer" / "tokenizer_config.json").read_text())
-    settings["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
-    (path / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(settings))
-    rewrite_manifest(path)
-    with pytest.raises(ArtifactError, match="auto_map"):
-        specontext.load(path)
+    for setting, problem in [({"auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}, "auto_map"),
+                             ({"tokenizer_class": "AutoModelForCausalLM"}, "not a transformers tokenizer class")]:
+        path = copy_of(with_tokenizer[0], tmp_path / problem.split()[0])
+        settings = json.loads((path / "tokenizer" / "tokenizer_config.json").read_text())
+        settings.update(setting)
+        (path / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(settings))
+        rewrite_manifest(path)
+        with pytest.raises(ArtifactError, match=problem):
+            specontext.load(path)
     assert not marker.exists()
 
 
@@ -300,10 +303,40 @@ def set_stack_trace(program, text):
     program["graph_module"]["graph"]["nodes"][3]["metadata"]["stack_trace"] = text
 
 
+def signature(program):
+    return program["graph_module"]["module_call_graph"][0]["signature"]
+
+
+def set_spec_key(program, key):
+    """Add ``key`` to the dict context of the step's in_spec (torch decodes spec JSON with an import hook)."""
+    protocol, root = json.loads(signature(program)["in_spec"])
+    kwargs = root["children_spec"][1]
+    kwargs["context"] = json.dumps(json.loads(kwargs["context"]) + [key])
+    kwargs["children_spec"].append({"type": None, "context": None, "children_spec": []})
+    signature(program)["in_spec"] = json.dumps([protocol, root])
+
+
+def rename_input(program, old, new):
+    """Rename a graph input everywhere (FX writes placeholder targets verbatim into generated code)."""
+    text = json.dumps(program).replace(json.dumps(old), json.dumps(new))
+    program.clear()
+    program.update(json.loads(text))
+
+
+def set_parameter_name(program, new):
+    spec = next(s for s in program["graph_module"]["signature"]["input_specs"] if "parameter" in s)
+    spec["parameter"]["parameter_name"] = new
+
+
+def add_subgraph_argument(program):
+    node = next(n for n in program["graph_module"]["graph"]["nodes"] if n["target"] == "torch.ops.aten.silu.default")
+    node["inputs"].append({"name": "body", "arg": {"as_graph": {"name": "x", "graph": {}}}, "kind": 1})
+
+
 @pytest.mark.parametrize("plant, problem", [
     (lambda p: p["guards_code"].append("__import__('os').system('true') is None"), "guard"),
     (lambda p: p["guards_code"].append("L['x'].size()[0] == len('\")+__import__(\"os\")#')"), "guard"),
-    (lambda p: p["range_constraints"].update({"__import__('os')": {"min_val": 0, "max_val": 1}}), "range constraint"),
+    (lambda p: p["range_constraints"].update({"__import__('os')": {"min_val": 0, "max_val": 1}}), "field name"),
     (lambda p: set_target(p, "torch.os.system"), "node target"),
     (lambda p: set_target(p, "torch.load"), "node target"),
     (lambda p: set_target(p, "torch.ops.aten.silu.__class__"), "node target"),
@@ -311,10 +344,23 @@ def set_stack_trace(program, text):
     (lambda p: set_stack_trace(p, 'File "x.py", line 1, in f\n  y\rimport os'), "control character"),
     (lambda p: first_with(p["graph_module"], "expr_str").update(expr_str="Symbol('s70').__class__"), "size expression"),
     (lambda p: first_with(p["graph_module"], "expr_str").update(expr_str="Integer(lambda: 0)"), "size expression"),
+    (lambda p: first_with(p["graph_module"], "expr_str").update(expr_str="Mul(Integer(10), Integer(10**30))"),
+     "size expression"),  # integers beyond int64 (and powers) are refused: a denial of service otherwise
+    (lambda p: signature(p)["forward_arg_names"].__setitem__(2, 'position_ids=open("x", "w").close()'),
+     "not an identifier"),
+    (lambda p: rename_input(p, "position_ids", 'position_ids=open("x", "w").close()'), "not an identifier"),
+    (lambda p: set_spec_key(p, {"__enum__": True, "fqn": "os:path", "name": "a"}), "in_spec"),
+    (lambda p: set_spec_key(p, "z': open('x', 'w'), '"), "in_spec"),
+    (lambda p: signature(p).update(out_spec=json.dumps(
+        [1, {"type": "collections.defaultdict", "context": "null", "children_spec": []}])), "out_spec"),
+    (lambda p: set_parameter_name(p, 'model.lm_head.weight"),open("x","w"),("'), "not a dotted name"),
+    (add_subgraph_argument, "as_graph"),
 ])
 def test_program_strings_torch_would_evaluate_or_call_are_refused(exported, tmp_path, plant, problem):
     """Guards (exec-ed by ExportedProgram.module() when sample inputs exist), range-constraint symbols, node
-    targets (called when the program runs), strings FX could paste into generated code, size expressions."""
+    targets (called when the program runs), strings FX pastes into the Python it compiles (input names,
+    argument names, parameter paths, spec keys), spec node types torch imports, subgraph arguments, size
+    expressions (evaluated by sympify)."""
     path = copy_of(exported[0], tmp_path)
     edit_program(path, plant)
     with pytest.raises(ArtifactError, match=problem):
