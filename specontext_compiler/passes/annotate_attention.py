@@ -29,6 +29,7 @@ class AttentionInfo:
     num_kv_heads: int
     head_dim: int
     value_dim: int
+    sliding_window: int = 0  # the layer's attention window in tokens (0: full attention)
 
     @property
     def group_size(self) -> int:
@@ -41,6 +42,10 @@ def _shape(node: torch.fx.Node) -> torch.Size:
     if value is None:
         raise ValueError(f"node {node.name} has no fake value: annotate an exported graph (torch.export)")
     return value.shape
+
+
+def _argument(node: torch.fx.Node, index: int, name: str):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
 
 
 def annotate_attention(gm: torch.fx.GraphModule) -> PassResult:
@@ -56,6 +61,7 @@ def annotate_attention(gm: torch.fx.GraphModule) -> PassResult:
             num_kv_heads=int(k_shape[1]),
             head_dim=int(q_shape[3]),
             value_dim=int(v_shape[3]),
+            sliding_window=int(_argument(node, 7, "sliding_window") or 0),
         )
         if info.num_q_heads % info.num_kv_heads:
             raise ValueError(f"layer {info.layer}: {info.num_q_heads} query heads are not a multiple of {info.num_kv_heads} KV heads")

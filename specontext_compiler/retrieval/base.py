@@ -54,6 +54,28 @@ class RetrievalHead:
         """Per-layer policies: float [B, Hkv, P] from the layer's query q [B, Hq, 1, D] and past keys."""
         raise NotImplementedError(f"{type(self).__name__} scores once per step (per_layer=False)")
 
+    # -- fixed-shape decode (CUDA graphs, runtime/cuda_graph_decode.py) ------------------------------------
+    #: Whether the head implements the three methods below: scoring every position of a fixed-size
+    #: buffer, with the step's position held in a device tensor, so a decode step can be replayed.
+    supports_static: bool = False
+
+    def begin_static(self, capacity: int) -> None:
+        """Decode steps from now on go through :meth:`observe_static` / :meth:`score_static` over
+        ``capacity`` positions, until :meth:`end_static`."""
+        raise NotImplementedError(f"{type(self).__name__} has no fixed-shape decode")
+
+    def observe_static(self, layer: int, q: torch.Tensor, k: torch.Tensor, position: torch.Tensor) -> None:
+        """:meth:`observe` for one new token whose position is the device scalar ``position``."""
+        raise NotImplementedError(f"{type(self).__name__} has no fixed-shape decode")
+
+    def score_static(self, key_valid: torch.Tensor) -> torch.Tensor:
+        """:meth:`score` over all ``capacity`` positions: float [B, Hkv, capacity]; ``key_valid`` bool
+        [B, capacity] is False at padding and at every position not yet stored."""
+        raise NotImplementedError(f"{type(self).__name__} has no fixed-shape decode")
+
+    def end_static(self, steps: int) -> None:
+        """``steps`` fixed-shape steps ran since :meth:`begin_static`: bring the head's own counters up."""
+
     def cache_bytes_per_token(self) -> int:
         """GPU bytes the head keeps per context token and sequence (for the memory plan)."""
         return 0
@@ -96,6 +118,17 @@ class KeyCache:
         if length > self.length:
             raise ValueError(f"cannot truncate a key cache of {self.length} keys to {length}")
         self.length = length
+
+    def reserve_for(self, capacity: int) -> torch.Tensor:
+        """The buffer, grown to hold at least ``capacity`` keys (keeping those held): fixed-shape decode
+        writes each step's key in place at a device-held position."""
+        if self.keys is None:
+            raise RuntimeError("retrieval head holds no keys: prefill must run first")
+        if self.keys.shape[2] < capacity:
+            grown = self.keys.new_empty(*self.keys.shape[:2], capacity, self.keys.shape[3])
+            grown[:, :, : self.length] = self.keys[:, :, : self.length]
+            self.keys = grown
+        return self.keys
 
     def view(self, length: int, heads: list[int] | None = None) -> torch.Tensor:
         """The first ``length`` keys (of ``heads``, default all): [B, H, length, D]."""

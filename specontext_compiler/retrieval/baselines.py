@@ -26,6 +26,17 @@ class StreamingLLM(RetrievalHead):
         positions = torch.arange(past, device=self._device, dtype=torch.float32)
         return positions.expand(*self._shape, past)
 
+    supports_static = True
+
+    def begin_static(self, capacity: int) -> None:
+        self._static_scores = torch.arange(capacity, device=self._device, dtype=torch.float32).expand(*self._shape, capacity)
+
+    def observe_static(self, layer, q, k, position):
+        pass
+
+    def score_static(self, key_valid: torch.Tensor) -> torch.Tensor:
+        return self._static_scores
+
 
 class OracleTopK(RetrievalHead):
     name = "oracle"

@@ -111,9 +111,7 @@ class TargetLayerHead(RetrievalHead):
 
     def prior(self, past: int) -> torch.Tensor:
         """[B, Hkv, past]: the prefill attention averaged over layers (0 for tokens generated since)."""
-        if self._prior is None:
-            self._prior = torch.stack(list(self.prior_parts.values())).mean(0)
-        prior = self._prior[..., :past]
+        prior = self._prior_source()[..., :past]
         return torch.nn.functional.pad(prior, (0, past - prior.shape[-1]))
 
     def score(self, input_ids, attention_mask, past: int) -> torch.Tensor:
@@ -125,3 +123,37 @@ class TargetLayerHead(RetrievalHead):
             scores = scores + group_probabilities(self.queries[layer], self.caches[layer].view(past), self.scales[layer], key_valid)
         scores = self.query_weight * scores
         return scores + self.prior(past) if self.prefill_prior else scores
+
+    # -- fixed-shape decode: the same scores over a fixed number of positions ----------------------------------
+    supports_static = True
+
+    def begin_static(self, capacity: int) -> None:
+        if len(self.queries) != len(self.layers):
+            raise RuntimeError("retrieval head has no query yet: prefill must run first")
+        self._capacity = capacity
+        self._static_keys = {layer: self.caches[layer].reserve_for(capacity)[:, :, :capacity] for layer in self.layers}
+        self.queries = {layer: query.clone() for layer, query in self.queries.items()}  # written in place from now on
+        if self.prefill_prior:
+            stored = self._prior_source()
+            self._static_prior = torch.nn.functional.pad(stored, (0, capacity - stored.shape[-1]))
+
+    def _prior_source(self) -> torch.Tensor:
+        if self._prior is None:
+            self._prior = torch.stack(list(self.prior_parts.values())).mean(0)
+        return self._prior
+
+    def observe_static(self, layer, q, k, position):
+        if layer in self._static_keys:
+            self._static_keys[layer].index_copy_(2, position.view(1), k)
+            self.queries[layer].copy_(q[:, :, -1])
+
+    def score_static(self, key_valid: torch.Tensor) -> torch.Tensor:
+        scores = 0
+        for layer in self.layers:
+            scores = scores + group_probabilities(self.queries[layer], self._static_keys[layer], self.scales[layer], key_valid)
+        scores = self.query_weight * scores
+        return scores + self._static_prior if self.prefill_prior else scores
+
+    def end_static(self, steps: int) -> None:
+        for cache in self.caches.values():
+            cache.length += steps

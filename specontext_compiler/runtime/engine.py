@@ -19,6 +19,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .attention_runtime import AttentionRuntime
 from .context import activate
+from .cuda_graph_decode import GraphDecoder, eligible
 from .sampling import DecodingSettings, build_logits_processors, select_next_tokens
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,15 @@ class GenerationEngine:
         progress: show a progress bar when the prompt takes more than one chunk.
         kv_bytes_per_token: K+V bytes of one token over all layers (for the bytes-read counter).
         memory: the :class:`~.memory_manager.MemoryManager` (None: fixed placement, no retries).
+        sliding_windows: the window of each sliding-window layer (fixed-shape decode waits until the
+            context exceeds them all).
+
+    ``decode_mode``: "graph" replays decode steps from a CUDA graph once their shapes stay fixed
+    (:mod:`.cuda_graph_decode`; the default on CUDA), "fixed" runs those fixed-shape steps eagerly (what
+    the CPU tests compare), "eager" never leaves the eager runtime (the default on the CPU).
     """
+
+    DECODE_MODES = ("graph", "fixed", "eager")
 
     def __init__(
         self,
@@ -75,8 +84,12 @@ class GenerationEngine:
         progress: bool,
         kv_bytes_per_token: int = 0,
         memory=None,
+        sliding_windows: tuple[int, ...] = (),
     ):
         self.step = step
+        self.sliding_windows = list(sliding_windows)
+        self.decode_mode = "graph" if device.type == "cuda" else "eager"
+        self.decoder: GraphDecoder | None = None
         self.kv_bytes_per_token = kv_bytes_per_token
         self.runtime = runtime
         self.device = device
@@ -171,6 +184,10 @@ class GenerationEngine:
         unfinished = torch.ones(batch, dtype=torch.bool, device=self.device)
         position = prompt_position_ids(attention_mask)[:, -1:]
         decode_steps = 0
+        if self.decode_mode not in self.DECODE_MODES:
+            raise ValueError(f"decode_mode={self.decode_mode!r} is not one of {', '.join(map(repr, self.DECODE_MODES))}")
+        self.decoder = None
+        capacity = prompt_length + settings.max_new_tokens
         with torch.no_grad(), activate(self.runtime), cyclic_gc_paused():
             _synchronize(self.device)
             t0 = time.perf_counter()
@@ -196,8 +213,18 @@ class GenerationEngine:
                     break
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
                 position = position + 1
-                logits = self.run_step(self.step, next_tokens[:, None], attention_mask, position)
+                if self.decoder is None and self.decode_mode != "eager":
+                    why = eligible(self.runtime, attention_mask.shape[1], capacity, self.sliding_windows)
+                    if why is None:
+                        self.decoder = GraphDecoder(self.step, self.runtime, attention_mask, capacity,
+                                                    use_graph=self.decode_mode == "graph" and self.device.type == "cuda")
+                if self.decoder is not None:
+                    logits = self.decoder.decode(next_tokens[:, None], position)
+                else:
+                    logits = self.run_step(self.step, next_tokens[:, None], attention_mask, position)
                 decode_steps += 1
+            if self.decoder is not None:
+                self.decoder.finish()
             _synchronize(self.device)
             t2 = time.perf_counter()
         if streamer is not None:
@@ -226,6 +253,7 @@ class GenerationEngine:
             "kv_bytes_allocated": self.runtime.store.allocated_bytes(),
             "kv_device_bytes": self.runtime.store.device_bytes(),
             **self.runtime.prefetcher.stats(),
+            "fixed_shape_steps": 0 if self.decoder is None else self.decoder.steps,
         }
         logger.info(
             "generated %d x %d tokens: prefill %.2f s, decode %.1f tok/s", batch, new_tokens, t1 - t0, self.stats["tokens_per_s"]

@@ -1,0 +1,220 @@
+"""End to end on the GPU: HF transformers baselines and SpeContext, side by side in one run.
+
+    PYTHONPATH=. python benchmarks/e2e.py --out e2e_h100                        # all systems, 32K
+    PYTHONPATH=. python benchmarks/e2e.py --systems specontext_80gb --contexts 32768 --batches 1 4
+
+Llama-3.1-8B shape with random bf16 weights (decode speed does not depend on the values), prompts of
+random tokens. Systems:
+
+* ``hf_eager``: ``model.generate`` with its default dynamic cache (the paper's baseline).
+* ``hf_static_compile``: ``cache_implementation="static"``, the forward under ``torch.compile``
+  (transformers compiles decoding with a static cache itself).
+* ``hf_offloaded``: ``cache_implementation="offloaded"`` (the KV cache in host memory, a layer at a time).
+* ``specontext_80gb`` / ``specontext_24gb``: ``specontext.compile(model, budget, token_budget=2048)``,
+  decode steps replayed from a CUDA graph where they can be (``decode_mode="graph"``), and the same
+  model decoding eagerly (``..._eager``) for comparison.
+
+For each system, context and batch: prefill seconds, decode ms per step and tokens/s, peak GPU memory,
+PCIe bytes per step (SpeContext's counter), and the step against the roofline: (weights + KV bytes the
+step must read) / the measured HBM bandwidth. HF decode time = a generate of N+1 tokens minus one of 1
+token, over N. A system that runs out of memory at a batch is recorded as such. Writes
+benchmarks/results/<out>.json (and $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import statistics
+import time
+
+import torch
+
+from benchmarks.results_file import write_results
+
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+                rms_norm_eps=1e-5, tie_word_embeddings=False)
+SYSTEMS = ("hf_eager", "hf_static_compile", "hf_offloaded", "specontext_80gb", "specontext_80gb_eager",
+           "specontext_24gb")
+TOKEN_BUDGET = 2048
+
+
+def llama_8b_random():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(LlamaConfig(**LLAMA_8B))
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def hbm_bandwidth() -> float:
+    """Bytes read + written per second of a 2 GiB device copy (median of 10)."""
+    src = torch.randn(2**29, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * 2**29 * 4 / statistics.median(times[2:])
+
+
+def _prompt(batch: int, context: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(context + batch)
+    return torch.randint(10, 120000, (batch, context), generator=generator).cuda()
+
+
+def _synchronized(fn):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def run_hf(model, system: str, ids: torch.Tensor, new_tokens: int) -> dict:
+    kwargs = dict(do_sample=False, pad_token_id=0)
+    if system == "hf_static_compile":
+        kwargs["cache_implementation"] = "static"
+    elif system == "hf_offloaded":
+        kwargs["cache_implementation"] = "offloaded"
+    with torch.no_grad():
+        model.generate(ids[:, :64], max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up (compiles)
+        _, prefill = _synchronized(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs))
+        _, total = _synchronized(lambda: model.generate(ids, max_new_tokens=new_tokens + 1,
+                                                        min_new_tokens=new_tokens + 1, **kwargs))
+    step = max(total - prefill, 1e-9) / new_tokens
+    return {"prefill_seconds": prefill, "ms_per_step": 1e3 * step, "h2d_bytes_per_step": None}
+
+
+_COMPILED: dict = {}
+
+
+def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> dict:
+    import specontext
+
+    budget = "24GB" if "24gb" in system else "80GB"
+    if system not in _COMPILED:  # one compile per system (torch.export of the 8B step takes a while)
+        _COMPILED.clear()
+        _COMPILED[system] = specontext.compile(model, budget, token_budget=TOKEN_BUDGET, progress=False)
+    compiled = _COMPILED[system]
+    compiled.engine.decode_mode = "eager" if system.endswith("_eager") else "graph"
+    settings = dict(do_sample=False, pad_token_id=0)
+    compiled.generate(ids[:, :4096], max_new_tokens=8, min_new_tokens=8, **settings)  # warm-up
+    compiled.generate(ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, **settings)
+    stats = compiled.stats
+    return {"prefill_seconds": stats["prefill_seconds"], "ms_per_step": stats["ms_per_step"],
+            "h2d_bytes_per_step": stats["h2d_bytes"] / max(stats["steps"], 1),
+            "fixed_shape_steps": stats["fixed_shape_steps"], "steps": stats["steps"],
+            "offloaded_layers": len(compiled.runtime.store.offloaded),
+            "attended_tokens_per_step": stats["attended_tokens_per_step"]}
+
+
+def check_graph_decode() -> dict:
+    """Tokens of CUDA-graph decode against eager decode and the fixed-shape path run eagerly: tiny random
+    Llama and Gemma 2 (sliding windows, soft-capping), float32, a left-padded batch, token budget 16."""
+    import sys
+    from pathlib import Path
+
+    import specontext
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from tiny_models import padded_batch, tiny_model
+
+    results = {}
+    for family in ("llama", "gemma2"):
+        model = tiny_model(family).cuda()
+        compiled = specontext.compile(model, "1GB", token_budget=16, offload="none", local_window=4, progress=False)
+        ids, mask = (t.cuda() for t in padded_batch(96, [48, 31], seed=5))
+        tokens = {}
+        for mode in ("eager", "fixed", "graph"):
+            compiled.engine.decode_mode = mode
+            tokens[mode] = compiled.generate(ids, attention_mask=mask, max_new_tokens=40, min_new_tokens=40,
+                                             do_sample=False, pad_token_id=0)
+            steps = compiled.stats["fixed_shape_steps"]
+        results[family] = {"graph_equals_eager": bool(torch.equal(tokens["graph"], tokens["eager"])),
+                           "fixed_equals_eager": bool(torch.equal(tokens["fixed"], tokens["eager"])),
+                           "graph_steps": steps}
+        print(f"graph decode check {family}: {results[family]}")
+    return results
+
+
+def measure(model, system: str, context: int, batch: int, new_tokens: int, hbm: float) -> dict:
+    from specontext_compiler.planning import kv_bytes_per_token, weight_bytes
+
+    ids = _prompt(batch, context)
+    torch.cuda.reset_peak_memory_stats()
+    row = {"system": system, "context": context, "batch": batch}
+    try:
+        runner = run_specontext if system.startswith("specontext") else run_hf
+        row.update(runner(model, system, ids, new_tokens))
+    except torch.OutOfMemoryError as error:
+        row.update(error=f"out of memory: {str(error).splitlines()[0]}")
+        return row
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+    attended = min(TOKEN_BUDGET, context) if system.startswith("specontext") else context
+    step_bytes = weight_bytes(model) + batch * attended * kv_bytes_per_token(model.config, torch.bfloat16)
+    row.update(peak_gpu_gb=torch.cuda.max_memory_allocated() / 1e9,
+               tokens_per_s=batch * 1e3 / row["ms_per_step"],
+               roofline_ms=1e3 * step_bytes / hbm, step_bytes=step_bytes)
+    row["step_over_roofline"] = row["ms_per_step"] / row["roofline_ms"]
+    row["hbm_share"] = 1 / row["step_over_roofline"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[32768])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--kernels", action="store_true", help="SpeContext's Triton attention/scoring kernels")
+    parser.add_argument("--out", default="e2e")
+    args = parser.parse_args()
+
+    if args.kernels:
+        from specontext_compiler.kernels import use_kernels
+
+        use_kernels(True)
+    check = check_graph_decode()
+    hbm = hbm_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: HBM copy {hbm / 1e9:.0f} GB/s")
+    model = llama_8b_random()
+    rows = []
+    for context in args.contexts:
+        for system in args.systems:
+            for batch in args.batches:
+                row = measure(model, system, context, batch, args.new_tokens, hbm)
+                rows.append(row)
+                if "error" in row:
+                    print(f"{system:24s} {context:>7d} x{batch:<3d} {row['error'][:60]}")
+                    break  # larger batches will not fit either
+                print(f"{system:24s} {context:>7d} x{batch:<3d} prefill {row['prefill_seconds']:6.2f} s  "
+                      f"{row['ms_per_step']:7.2f} ms/step  {row['tokens_per_s']:8.1f} tok/s  "
+                      f"roofline {row['roofline_ms']:5.2f} ms (x{row['step_over_roofline']:.2f})  "
+                      f"peak {row['peak_gpu_gb']:5.1f} GB")
+    _COMPILED.clear()
+    payload = {"command": "PYTHONPATH=. python benchmarks/e2e.py " + " ".join(
+                   f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                   for k, v in vars(args).items()),
+               "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
+               "torch": torch.__version__, "hbm_copy_gb_s": hbm / 1e9, "token_budget": TOKEN_BUDGET,
+               "graph_decode_check": check, "rows": rows}
+    write_results(payload, args.out)
+
+
+if __name__ == "__main__":
+    main()

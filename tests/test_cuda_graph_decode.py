@@ -1,0 +1,90 @@
+"""Fixed-shape decode (what a CUDA graph replays) against the eager runtime, on the CPU."""
+
+import pytest
+import torch
+
+import specontext
+from specontext_compiler.runtime import cuda_graph_decode
+from specontext_compiler.runtime.cuda_graph_decode import select_tokens_static
+from specontext_compiler.retrieval.selection import select_tokens
+from tiny_models import TINY_FAMILIES, padded_batch, tiny_model
+
+GENERATE = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every stored position past the sequence, in the KV store and the head's key cache, holds NaN when
+    fixed-shape decoding starts: a read of a position not yet written shows in the tokens."""
+    original = cuda_graph_decode.GraphDecoder.__init__
+
+    def init(self, step, runtime, attention_mask, capacity, use_graph):
+        for entry in runtime.store.layers:
+            entry.key[:, :, entry.length:] = float("nan")
+            entry.value[:, :, entry.length:] = float("nan")
+        for cache in getattr(runtime.head, "caches", {}).values():
+            cache.reserve_for(capacity)[:, :, cache.length:] = float("nan")
+        original(self, step, runtime, attention_mask, capacity, use_graph)
+
+    monkeypatch.setattr(cuda_graph_decode.GraphDecoder, "__init__", init)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_fixed_shape_decode_gives_the_eager_tokens(family, poisoned):
+    model = tiny_model(family)
+    compiled = specontext.compile(model, "1GB", token_budget=16, offload="none", local_window=4, progress=False)
+    ids, mask = padded_batch(96, [40, 27], seed=4)
+    expected = compiled.generate(ids, attention_mask=mask, **GENERATE)
+    assert compiled.stats["fixed_shape_steps"] == 0  # eager is the CPU default
+    compiled.engine.decode_mode = "fixed"
+    tokens = compiled.generate(ids, attention_mask=mask, **GENERATE)
+    assert compiled.stats["fixed_shape_steps"] == 23
+    assert torch.equal(tokens, expected)
+    assert compiled.stats["attended_tokens_per_step"] <= 16
+
+
+def test_fixed_shape_decode_streaming_head_and_no_padding(poisoned):
+    model = tiny_model("llama")
+    compiled = specontext.compile(model, "1GB", token_budget=12, selection="streaming", offload="none", progress=False)
+    ids, mask = padded_batch(96, [30, 30], seed=2)
+    expected = compiled.generate(ids, attention_mask=mask, **GENERATE)
+    compiled.engine.decode_mode = "fixed"
+    assert torch.equal(compiled.generate(ids, attention_mask=mask, **GENERATE), expected)
+    assert compiled.stats["fixed_shape_steps"] == 23
+
+
+@pytest.mark.parametrize("options, why", [
+    (dict(token_budget=0.5), "fractional"),
+    (dict(token_budget=16, offload="all"), "offloaded"),
+    (dict(token_budget=None), "dense"),
+    (dict(token_budget=16, selection="quest"), "fixed-shape scorer"),
+])
+def test_steps_that_cannot_be_fixed_stay_eager(options, why):
+    compiled = specontext.compile(tiny_model("llama"), "1GB", progress=False, **{"offload": "none", **options})
+    ids, mask = padded_batch(96, [40, 27], seed=4)
+    expected = compiled.generate(ids, attention_mask=mask, **GENERATE)
+    compiled.engine.decode_mode = "fixed"
+    assert torch.equal(compiled.generate(ids, attention_mask=mask, **GENERATE), expected)
+    assert compiled.stats["fixed_shape_steps"] == 0
+    total = ids.shape[1] + 1
+    assert why in cuda_graph_decode.eligible(compiled.runtime, total, total + 23, [])
+
+
+def test_static_selection_matches_the_eager_selection():
+    """Over a longer buffer whose tail is not stored yet, the same positions are picked."""
+    torch.manual_seed(0)
+    batch, heads, past, capacity = 3, 2, 50, 80
+    scores = torch.rand(batch, heads, capacity)
+    key_valid = torch.rand(batch, past) > 0.2
+    key_valid[:, -8:] = True
+    expected = select_tokens(scores[..., :past], key_valid, 20, 4, 6)
+    padded = torch.cat([key_valid, torch.zeros(batch, capacity - past, dtype=torch.bool)], -1)
+    got = select_tokens_static(scores, padded, 20, 4, 6, torch.tensor(past))
+    assert torch.equal(got, expected)
+
+
+def test_bad_decode_mode_is_refused():
+    compiled = specontext.compile(tiny_model("llama"), "1GB", token_budget=16, progress=False)
+    compiled.engine.decode_mode = "fast"
+    with pytest.raises(ValueError, match="decode_mode='fast'"):
+        compiled.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)
