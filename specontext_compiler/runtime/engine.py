@@ -254,6 +254,7 @@ class GenerationEngine:
             "kv_device_bytes": self.runtime.store.device_bytes(),
             **self.runtime.prefetcher.stats(),
             "fixed_shape_steps": 0 if self.decoder is None else self.decoder.steps,
+            "graph_capture_seconds": 0.0 if self.decoder is None else self.decoder.capture_seconds,
         }
         logger.info(
             "generated %d x %d tokens: prefill %.2f s, decode %.1f tok/s", batch, new_tokens, t1 - t0, self.stats["tokens_per_s"]
