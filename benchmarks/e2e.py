@@ -17,7 +17,7 @@ random tokens. Systems:
 For each system, context and batch: prefill seconds, decode ms per step and tokens/s, peak GPU memory,
 PCIe bytes per step (SpeContext's counter), and the step against the roofline: (weights + KV bytes the
 step must read) / the measured HBM bandwidth. HF decode time = a generate of N+1 tokens minus one of 1
-token, over N. A system that runs out of memory at a batch is recorded as such. Writes
+token, over N; every system first runs the measured call once (compilation stays out of the numbers). A system that runs out of memory at a batch is recorded as such. Writes
 benchmarks/results/<out>.json (and $OUT).
 """
 
@@ -89,11 +89,11 @@ def run_hf(model, system: str, ids: torch.Tensor, new_tokens: int) -> dict:
         kwargs["cache_implementation"] = "static"
     elif system == "hf_offloaded":
         kwargs["cache_implementation"] = "offloaded"
+    full = dict(max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, **kwargs)
     with torch.no_grad():
-        model.generate(ids[:, :64], max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up (compiles)
+        model.generate(ids, **full)  # warm-up with the measured shapes (torch.compile compiles for them)
         _, prefill = _synchronized(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs))
-        _, total = _synchronized(lambda: model.generate(ids, max_new_tokens=new_tokens + 1,
-                                                        min_new_tokens=new_tokens + 1, **kwargs))
+        _, total = _synchronized(lambda: model.generate(ids, **full))
     step = max(total - prefill, 1e-9) / new_tokens
     return {"prefill_seconds": prefill, "ms_per_step": 1e3 * step, "h2d_bytes_per_step": None}
 
@@ -110,9 +110,9 @@ def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> di
         _COMPILED[system] = specontext.compile(model, budget, token_budget=TOKEN_BUDGET, progress=False)
     compiled = _COMPILED[system]
     compiled.engine.decode_mode = "eager" if system.endswith("_eager") else "graph"
-    settings = dict(do_sample=False, pad_token_id=0)
-    compiled.generate(ids[:, :4096], max_new_tokens=8, min_new_tokens=8, **settings)  # warm-up
-    compiled.generate(ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, **settings)
+    settings = dict(max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False, pad_token_id=0)
+    compiled.generate(ids, **settings)  # warm-up with the measured shapes (Triton compiles for them)
+    compiled.generate(ids, **settings)
     stats = compiled.stats
     capture = stats["graph_capture_seconds"]  # once per generate call: reported, not in the step time
     return {"prefill_seconds": stats["prefill_seconds"],
