@@ -39,6 +39,7 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
 SYSTEMS = ("hf_eager", "hf_static_compile", "hf_offloaded", "specontext_80gb", "specontext_80gb_eager",
            "specontext_24gb")
 TOKEN_BUDGET = 2048
+INDUCTOR = False  # --inductor: the fixed-shape step under torch.compile (Inductor) before the CUDA graph
 
 
 def llama_8b_random():
@@ -108,6 +109,8 @@ def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> di
     if system not in _COMPILED:  # one compile per system (torch.export of the 8B step takes a while)
         _COMPILED.clear()
         _COMPILED[system] = specontext.compile(model, budget, token_budget=TOKEN_BUDGET, progress=False)
+        if INDUCTOR:
+            _COMPILED[system].engine.fixed_shape_step = torch.compile(_COMPILED[system].engine.step)
     compiled = _COMPILED[system]
     compiled.engine.decode_mode = "eager" if system.endswith("_eager") else "graph"
     settings = dict(max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False, pad_token_id=0)
@@ -156,6 +159,10 @@ def check_graph_decode() -> dict:
 def measure(model, system: str, context: int, batch: int, new_tokens: int, hbm: float) -> dict:
     from specontext_compiler.planning import kv_bytes_per_token, weight_bytes
 
+    if not system.startswith("specontext"):
+        _COMPILED.clear()  # a compiled SpeContext model holds its KV store: free it before an HF system runs
+        gc.collect()
+        torch.cuda.empty_cache()
     ids = _prompt(batch, context)
     torch.cuda.reset_peak_memory_stats()
     row = {"system": system, "context": context, "batch": batch}
@@ -185,9 +192,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--kernels", action="store_true", help="SpeContext's Triton attention/scoring kernels")
+    parser.add_argument("--inductor", action="store_true", help="compile SpeContext's fixed-shape step with Inductor")
     parser.add_argument("--out", default="e2e")
     args = parser.parse_args()
 
+    global INDUCTOR
+    INDUCTOR = args.inductor
     if args.kernels:
         from specontext_compiler.kernels import use_kernels
 

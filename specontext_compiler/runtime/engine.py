@@ -90,6 +90,8 @@ class GenerationEngine:
         self.sliding_windows = list(sliding_windows)
         self.decode_mode = "graph" if device.type == "cuda" else "eager"
         self.decoder: GraphDecoder | None = None
+        # What fixed-shape steps call (None: ``step``); e.g. the step under torch.compile.
+        self.fixed_shape_step: StepFn | None = None
         self.kv_bytes_per_token = kv_bytes_per_token
         self.runtime = runtime
         self.device = device
@@ -216,7 +218,7 @@ class GenerationEngine:
                 if self.decoder is None and self.decode_mode != "eager":
                     why = eligible(self.runtime, attention_mask.shape[1], capacity, self.sliding_windows)
                     if why is None:
-                        self.decoder = GraphDecoder(self.step, self.runtime, attention_mask, capacity,
+                        self.decoder = GraphDecoder(self.fixed_shape_step or self.step, self.runtime, attention_mask, capacity,
                                                     use_graph=self.decode_mode == "graph" and self.device.type == "cuda")
                 if self.decoder is not None:
                     logits = self.decoder.decode(next_tokens[:, None], position)
