@@ -218,7 +218,7 @@ class GenerationEngine:
                 if self.decoder is None and self.decode_mode != "eager":
                     why = eligible(self.runtime, attention_mask.shape[1], capacity, self.sliding_windows)
                     if why is None:
-                        self.decoder = GraphDecoder(self.fixed_shape_step or self.step, self.runtime, attention_mask, capacity,
+                        self.decoder = GraphDecoder(self.step if self.fixed_shape_step is None else self.fixed_shape_step, self.runtime, attention_mask, capacity,
                                                     use_graph=self.decode_mode == "graph" and self.device.type == "cuda")
                 if self.decoder is not None:
                     logits = self.decoder.decode(next_tokens[:, None], position)
