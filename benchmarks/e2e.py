@@ -191,7 +191,9 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768])
     parser.add_argument("--batches", type=int, nargs="+", default=[1])
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--kernels", action="store_true", help="SpeContext's Triton attention/scoring kernels")
+    parser.add_argument("--kernels", action="store_true",
+                        help="SpeContext's Triton attention/scoring kernels in eager steps too (graph steps use them anyway)")
+    parser.add_argument("--check-only", action="store_true", help="only compare graph, fixed and eager decode tokens")
     parser.add_argument("--inductor", action="store_true", help="compile SpeContext's fixed-shape step with Inductor")
     parser.add_argument("--out", default="e2e")
     args = parser.parse_args()
@@ -203,6 +205,8 @@ def main() -> None:
 
         use_kernels(True)
     check = check_graph_decode()
+    if args.check_only:
+        return
     hbm = hbm_bandwidth()
     print(f"{torch.cuda.get_device_name()}: HBM copy {hbm / 1e9:.0f} GB/s")
     model = llama_8b_random()

@@ -15,7 +15,8 @@ row), so a captured step uses :class:`StaticDecodeRuntime` instead:
   (``RetrievalHead.score_static``), which ranks the stored ones as the eager step does.
 
 :class:`GraphDecoder` owns those buffers, runs the first fixed-shape step eagerly (warm-up: it is a real
-step), captures the next and replays it for the rest of the sequence; on the CPU it runs every step
+step), captures the next and replays it for the rest of the sequence, with the Triton attention and
+scoring kernels (their launch cost is paid once, at capture); on the CPU it runs every step
 eagerly through the same code (the tests compare it with the eager runtime). Python's bookkeeping (the
 stored lengths, the head's counters) is brought up after the steps, by ``finish``.
 
@@ -26,12 +27,13 @@ for the whole sequence, a head with a fixed-shape scorer. Otherwise decoding sta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
 import torch
 
-from ..kernels import on_triton_path
+from ..kernels import in_cuda_graph_decode, on_triton_path
 from ..kernels import sparse_decode_attention as triton_sparse_decode_attention
 from ..retrieval.selection import resolve_token_budget, sink_positions
 from .attention_runtime import AttentionRuntime, sparse_decode_attention
@@ -160,7 +162,8 @@ class GraphDecoder:
     def _run(self) -> torch.Tensor:
         from .context import activate
 
-        with activate(self.static):
+        scope = in_cuda_graph_decode() if self.use_graph else contextlib.nullcontext()
+        with activate(self.static), scope:
             out = self.step(input_ids=self.input_ids, attention_mask=self.mask, position_ids=self.position_ids)
         logits = out[0] if isinstance(out, tuple) else out
         self.position.add_(1)
