@@ -121,7 +121,7 @@ class SpeContextModel:
         )
         self.engine = GenerationEngine(
             self.step.program.module(), self.runtime, self.device, config.prefill_chunk, config.progress,
-            self.kv_bytes_per_token, self.memory, tuple(info.sliding_window for info in self.layers if info.sliding_window),
+            self.kv_bytes_per_token, self.memory, {info.layer: info.sliding_window for info in self.layers if info.sliding_window},
         )
 
     def _capture(self, last_only: bool) -> CapturedStep:

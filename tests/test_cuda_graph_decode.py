@@ -14,8 +14,9 @@ GENERATE = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Every stored position past the sequence, in the KV store and the head's key cache, holds NaN when
-    fixed-shape decoding starts: a read of a position not yet written shows in the tokens."""
+    """When fixed-shape decoding starts, every stored position past the sequence (KV store, host buffers
+    of offloaded layers, the head's key cache) holds NaN, and empty slots of offloaded layers hold 1e4
+    (finite: attention multiplies masked slots by zero): a read of anything not yet written shows."""
     original = cuda_graph_decode.GraphDecoder.__init__
 
     def init(self, step, runtime, attention_mask, capacity, use_graph):
@@ -25,6 +26,10 @@ def poisoned(monkeypatch):
         for cache in getattr(runtime.head, "caches", {}).values():
             cache.reserve_for(capacity)[:, :, cache.length:] = float("nan")
         original(self, step, runtime, attention_mask, capacity, use_graph)
+        if self.static.store.offloaded and self.static.started_empty:
+            for fast in runtime.store.fast.values():
+                fast.slot_key.fill_(1e4)
+                fast.slot_value.fill_(1e4)
 
     monkeypatch.setattr(cuda_graph_decode.GraphDecoder, "__init__", init)
 
@@ -53,9 +58,28 @@ def test_fixed_shape_decode_streaming_head_and_no_padding(poisoned):
     assert compiled.stats["fixed_shape_steps"] == 23
 
 
+@pytest.mark.parametrize("family, offload", [("llama", "all"), ("llama", [1]), ("qwen3", "all"), ("gemma2", [1])])
+def test_fixed_shape_decode_of_offloaded_layers_gives_the_eager_tokens(family, offload, poisoned):
+    """Offloaded layers: in-place slot map, elastic loads from host memory and the ring, ring rows moved
+    to host memory between steps; a window of 4 (the ring is flushed every 2 steps) over 40 steps."""
+    model = tiny_model(family)
+    compiled = specontext.compile(model, "1GB", token_budget=16, offload=offload, local_window=4, progress=False)
+    ids, mask = padded_batch(96, [40, 27], seed=4)
+    settings = dict(GENERATE, max_new_tokens=40, min_new_tokens=40)
+    expected = compiled.generate(ids, attention_mask=mask, **settings)
+    eager_stats = dict(compiled.stats)
+    compiled.engine.decode_mode = "fixed"
+    tokens = compiled.generate(ids, attention_mask=mask, **settings)
+    assert compiled.stats["fixed_shape_steps"] == 39
+    assert torch.equal(tokens, expected)
+    for counter in ("h2d_bytes", "h2d_bytes_full_reload", "selection_overlap"):  # the same transfers
+        assert compiled.stats[counter] == pytest.approx(eager_stats[counter]), counter
+    assert 0 < compiled.stats["h2d_bytes"] < compiled.stats["h2d_bytes_full_reload"]
+
+
 @pytest.mark.parametrize("options, why", [
     (dict(token_budget=0.5), "fractional"),
-    (dict(token_budget=16, offload="all"), "offloaded"),
+    (dict(token_budget=16, offload="all", elastic=False), "elastic=False"),
     (dict(token_budget=None), "dense"),
     (dict(token_budget=16, selection="quest"), "fixed-shape scorer"),
 ])
@@ -67,7 +91,17 @@ def test_steps_that_cannot_be_fixed_stay_eager(options, why):
     assert torch.equal(compiled.generate(ids, attention_mask=mask, **GENERATE), expected)
     assert compiled.stats["fixed_shape_steps"] == 0
     total = ids.shape[1] + 1
-    assert why in cuda_graph_decode.eligible(compiled.runtime, total, total + 23, [])
+    assert why in cuda_graph_decode.eligible(compiled.runtime, total, total + 23, {})
+
+
+def test_offloaded_sliding_window_layers_stay_eager():
+    """Gemma 2's layer 0 slides over 8 tokens: offloaded, it would read its window, not the selection."""
+    compiled = specontext.compile(tiny_model("gemma2"), "1GB", token_budget=16, offload="all", progress=False)
+    ids, mask = padded_batch(96, [40, 27], seed=4)
+    expected = compiled.generate(ids, attention_mask=mask, **GENERATE)
+    compiled.engine.decode_mode = "fixed"
+    assert torch.equal(compiled.generate(ids, attention_mask=mask, **GENERATE), expected)
+    assert compiled.stats["fixed_shape_steps"] == 0
 
 
 def test_static_selection_matches_the_eager_selection():

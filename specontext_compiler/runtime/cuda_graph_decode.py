@@ -35,8 +35,9 @@ import torch
 
 from ..kernels import in_cuda_graph_decode, on_triton_path
 from ..kernels import sparse_decode_attention as triton_sparse_decode_attention
+from ..kernels.gather_rows import gather_from_host_or_ring, gather_rows_reference
 from ..retrieval.selection import resolve_token_budget, sink_positions
-from .attention_runtime import AttentionRuntime, sparse_decode_attention
+from .attention_runtime import AttentionRuntime, grouped_decode_attention, sparse_decode_attention
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,16 @@ def select_tokens_static(scores: torch.Tensor, key_valid: torch.Tensor, budget: 
 
 
 class StaticDecodeRuntime:
-    """The runtime the attention ops talk to inside a fixed-shape decode step (see the module docstring)."""
+    """The runtime the attention ops talk to inside a fixed-shape decode step (see the module docstring).
+
+    Offloaded layers: the step's selection updates the shared slot map in place
+    (``SlotMap.update_in_place``: only the tokens it adds are loaded), each offloaded layer's loads run
+    on the side stream (``prefetch``; one event per layer, ``wait`` joins it back, so the capture forks
+    from and joins the capturing stream), rows come from pinned host memory or the layer's device ring,
+    the new token enters the ring at ``position % window``, and attention reads the slots. Moving the
+    ring's rows to host memory happens between steps, in :meth:`GraphDecoder.decode` (Python knows the
+    length there). Transfer counters accumulate in device tensors.
+    """
 
     def __init__(self, runtime: AttentionRuntime, capacity: int, budget: int, position: torch.Tensor):
         self.runtime = runtime
@@ -67,23 +77,97 @@ class StaticDecodeRuntime:
         self.capacity = capacity
         self.budget = budget  # past tokens selected (the new token comes on top)
         self.position = position
-        self.at = torch.arange(capacity, device=position.device)
+        device = position.device
+        self.at = torch.arange(capacity, device=device)
         self.key_valid: torch.Tensor | None = None
+        self.h2d_bytes = torch.zeros((), dtype=torch.long, device=device)
+        self.full_reload_bytes = torch.zeros((), dtype=torch.long, device=device)
+        self.kept = torch.zeros((), dtype=torch.long, device=device)
+        self.selections = 0  # index entries per step, for the selection-overlap counter
+        self._prefetched: set[int] = set()
+        self._events: dict[int, torch.cuda.Event] = {}
+        self._side: torch.cuda.Stream | None = None
+
+    def begin(self, batch: int, kv_heads: int) -> None:
+        """Before the first step: slot buffers and the in-place slot map for the offloaded layers."""
+        store = self.store
+        if not store.offloaded:
+            return
+        shape = (batch, kv_heads, self.budget)
+        self.started_empty = store.slot_map.token is None or tuple(store.slot_map.token.shape) != shape
+        store.slot_map.begin_in_place(shape, self.position.device)
+        for layer in store.offloaded:
+            store.ensure_slots(layer, self.budget)
+        if self.position.device.type == "cuda":
+            self._side = self.runtime.prefetcher.side_stream(self.position.device)
+            self._ready = torch.cuda.Event()
+        # Where the ring starts once the prompt is stored (the new tokens then move it along).
+        self._ring_floor = max(store.ring_start(layer) for layer in store.offloaded)
+        self._row_bytes = sum(self.runtime.prefetcher._row_bytes(layer) for layer in store.offloaded)
 
     def retrieve(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
         self.key_valid = attention_mask.bool() & (self.at < self.position)
         self.with_new = self.key_valid | (self.at == self.position)
         scores = self.head.score_static(self.key_valid)
-        return select_tokens_static(scores, self.key_valid, self.budget, self.sparse.sink_tokens,
-                                    self.sparse.local_window, self.position)
+        indices = select_tokens_static(scores, self.key_valid, self.budget, self.sparse.sink_tokens,
+                                       self.sparse.local_window, self.position)
+        if self.store.offloaded:
+            self._plan_loads(indices)
+        return indices
+
+    def _plan_loads(self, indices: torch.Tensor) -> None:
+        store = self.store
+        plan = store.slot_map.update_in_place(indices, self.capacity)
+        mapping = store.slot_map.token
+        batch, heads, slots = mapping.shape
+        real = (mapping >= 0) & self.key_valid[:, None, :].expand(batch, heads, self.capacity).gather(2, mapping.clamp_min(0))
+        tail = real.new_zeros(batch, heads, 2)
+        tail[..., 1] = True  # the scratch slot is never attended, the new token's row always
+        self.slot_valid = torch.cat([real, tail], dim=-1)
+        # The ring holds the last `window` positions but its oldest row, which this step's token overwrites.
+        first_in_ring = torch.clamp(self.position - store.window + 1, min=self._ring_floor)
+        in_ring = plan.token >= first_in_ring
+        from_host, from_ring = plan.valid & ~in_ring, plan.valid & in_ring
+        self.plan = (plan.slot, plan.token, plan.token % store.window,
+                     from_host.to(torch.int8) + 2 * from_ring.to(torch.int8), from_host, from_ring)
+        self.h2d_bytes.add_(from_host.sum() * self._row_bytes)
+        self.full_reload_bytes.add_((mapping >= 0).sum() * self._row_bytes)
+        self.kept.add_(plan.kept.sum())
+        self.selections = indices.numel()
+        self._prefetched.clear()
+        if self._side is not None:  # loads start once the indices exist (fork from the capturing stream)
+            self._ready.record(torch.cuda.current_stream(self.position.device))
 
     def prefetch(self, layer: int) -> None:
-        pass  # every layer is resident (``eligible``)
+        if not self.store.is_offloaded(layer) or layer in self._prefetched:
+            return
+        self._prefetched.add(layer)
+        if self._side is None:
+            self._load(layer)
+            return
+        self._side.wait_event(self._ready)
+        with torch.cuda.stream(self._side):
+            self._load(layer)
+            self._events.setdefault(layer, torch.cuda.Event()).record(self._side)
 
     def wait(self, layer: int) -> None:
-        pass
+        if self.store.is_offloaded(layer) and self._side is not None:
+            torch.cuda.current_stream(self.position.device).wait_event(self._events[layer])  # join back
+
+    def _load(self, layer: int) -> None:
+        entry, fast = self.store.layers[layer], self.store.fast[layer]
+        slot, token, ring_rows, source, from_host, from_ring = self.plan
+        if fast.slot_key.device.type == "cuda":
+            gather_from_host_or_ring(entry.key, entry.value, fast.ring_key, fast.ring_value, fast.slot_key,
+                                     fast.slot_value, token, ring_rows, source, slot)
+            return
+        for host, ring, slots in ((entry.key, fast.ring_key, fast.slot_key), (entry.value, fast.ring_value, fast.slot_value)):
+            gather_rows_reference(host, token, from_host, slots, slot)
+            gather_rows_reference(ring, ring_rows, from_ring, slots, slot)
 
     def attention(self, layer, q, k, v, mask, scale, softcap, sliding_window=0, indices=None):
+        if self.store.is_offloaded(layer):
+            return self._offloaded_attention(layer, q, k, v, scale, softcap)
         entry = self.store.layers[layer]
         at = self.position.view(1)
         entry.key.index_copy_(2, at, k)
@@ -105,10 +189,27 @@ class StaticDecodeRuntime:
                                                   softcap=softcap)[:, :, None]
         return sparse_decode_attention(q, keys, values, positions, valid, scale, softcap)
 
+    def _offloaded_attention(self, layer, q, k, v, scale, softcap):
+        """Attention over the layer's slots (its selection) + the new token, whose K/V enter the ring."""
+        store, fast = self.store, self.store.fast[layer]
+        self.prefetch(layer)  # a no-op where the graph's prefetch node ran it already
+        self.wait(layer)  # the loads read the ring: they land before the new token takes its oldest row
+        row = (self.position % store.window).view(1)
+        fast.ring_key.index_copy_(2, row, k)
+        fast.ring_value.index_copy_(2, row, v)
+        self.head.observe_static(layer, q, k, self.position)
+        slots = store.slot_map.slots
+        fast.slot_key[:, :, slots + 1:].copy_(k)
+        fast.slot_value[:, :, slots + 1:].copy_(v)
+        if on_triton_path(q):
+            return triton_sparse_decode_attention(q[:, :, 0], fast.slot_key, fast.slot_value, None, scale=scale,
+                                                  valid=self.slot_valid, softcap=softcap)[:, :, None]
+        return grouped_decode_attention(q, fast.slot_key, fast.slot_value, self.slot_valid, scale, softcap)
 
-def eligible(runtime: AttentionRuntime, total: int, capacity: int, sliding_windows: list[int]) -> str | None:
+
+def eligible(runtime: AttentionRuntime, total: int, capacity: int, sliding_windows: dict[int, int]) -> str | None:
     """Why decode steps from ``total`` tokens (the new one included) on cannot run at fixed shape; None if
-    they can."""
+    they can. ``sliding_windows``: layer -> window of the sliding-window layers."""
     sparse, store = runtime.sparse, runtime.store
     if sparse is None or not runtime.selection_enabled:
         return "dense attention"
@@ -118,10 +219,14 @@ def eligible(runtime: AttentionRuntime, total: int, capacity: int, sliding_windo
         return "the context is still within the token budget"
     if runtime.head is None or runtime.head.per_layer or not runtime.head.supports_static or runtime.head.aux_layers:
         return f"the {getattr(runtime.head, 'name', None)} head has no fixed-shape scorer"
-    if store.offloaded or runtime.resident_until:
-        return "layers offloaded or moving to host memory"
-    if any(total <= window < capacity for window in sliding_windows):
+    if runtime.resident_until or store.unloaded_slots:
+        return "layers moving to host memory during the sequence"
+    if store.offloaded and not store.slot_map.elastic:
+        return "full reloads every step (elastic=False)"
+    if any(total <= window < capacity for window in sliding_windows.values()):
         return "a sliding window will be exceeded during the sequence"
+    if any(window < capacity and layer in store.offloaded for layer, window in sliding_windows.items()):
+        return "an offloaded sliding-window layer (it reads its window, not the selection)"
     if runtime.observers or runtime.measure_recall:
         return "observers or recall measurement attached"
     if any(entry is None or entry.capacity < capacity for entry in store.layers):
@@ -153,6 +258,8 @@ class GraphDecoder:
         budget = resolve_token_budget(runtime.sparse.token_budget, total) - 1
         self.static = StaticDecodeRuntime(runtime, capacity, budget, self.position)
         runtime.head.begin_static(capacity)
+        layer = runtime.store.layers[0]
+        self.static.begin(batch, layer.key.shape[1])
         self.use_graph = use_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
@@ -178,7 +285,9 @@ class GraphDecoder:
         self.steps += 1
         self.runtime.attended_tokens.append(self.static.budget + 1)
         if not self.use_graph or self.steps == 1:  # on a GPU, the first step warms up (it runs eagerly)
-            return self._run()
+            logits = self._run()
+            self.runtime.store.advance_in_place()
+            return logits
         if self.graph is None:
             started = time.perf_counter()
             side = torch.cuda.Stream(self.position.device)
@@ -190,11 +299,16 @@ class GraphDecoder:
             self.capture_seconds = time.perf_counter() - started  # capture runs no kernel: no sync needed
             logger.info("captured a decode step: batch %d, %d positions", self.input_ids.shape[0], self.mask.shape[1])
         self.graph.replay()
+        self.runtime.store.advance_in_place()
         return self.logits
 
     def finish(self) -> None:
-        """Bring Python's counters up to the steps that ran: stored lengths and the head's caches."""
-        for entry in self.runtime.store.layers:
-            entry.length += self.steps
+        """Bring Python's counters up to the steps that ran: the head's caches, the transfer counters."""
         self.runtime.head.end_static(self.steps)
+        static, prefetcher = self.static, self.runtime.prefetcher
+        if self.runtime.store.offloaded:
+            prefetcher.h2d_rows = prefetcher.h2d_rows + static.h2d_bytes
+            prefetcher.full_reload_rows = prefetcher.full_reload_rows + static.full_reload_bytes
+            prefetcher.kept = prefetcher.kept + static.kept
+            prefetcher.selected += static.selections * (self.steps - int(static.started_empty))
         self.graph = None

@@ -65,7 +65,7 @@ class GenerationEngine:
         progress: show a progress bar when the prompt takes more than one chunk.
         kv_bytes_per_token: K+V bytes of one token over all layers (for the bytes-read counter).
         memory: the :class:`~.memory_manager.MemoryManager` (None: fixed placement, no retries).
-        sliding_windows: the window of each sliding-window layer (fixed-shape decode waits until the
+        sliding_windows: layer -> window of each sliding-window layer (fixed-shape decode waits until the
             context exceeds them all).
 
     ``decode_mode``: "graph" replays decode steps from a CUDA graph once their shapes stay fixed
@@ -84,10 +84,10 @@ class GenerationEngine:
         progress: bool,
         kv_bytes_per_token: int = 0,
         memory=None,
-        sliding_windows: tuple[int, ...] = (),
+        sliding_windows: dict[int, int] | None = None,
     ):
         self.step = step
-        self.sliding_windows = list(sliding_windows)
+        self.sliding_windows = dict(sliding_windows or {})
         self.decode_mode = "graph" if device.type == "cuda" else "eager"
         self.decoder: GraphDecoder | None = None
         # What fixed-shape steps call (None: ``step``); e.g. the step under torch.compile.
@@ -159,6 +159,15 @@ class GenerationEngine:
                 )
         return torch.stack(outputs, dim=1)
 
+    def _fixed_shape_decoder(self, attention_mask: torch.Tensor, capacity: int) -> GraphDecoder | None:
+        """A decoder for the rest of the sequence if its steps can run at fixed shape from here on."""
+        why = eligible(self.runtime, attention_mask.shape[1], capacity, self.sliding_windows)
+        if why is not None:
+            return None
+        step = self.step if self.fixed_shape_step is None else self.fixed_shape_step
+        return GraphDecoder(step, self.runtime, attention_mask, capacity,
+                            use_graph=self.decode_mode == "graph" and self.device.type == "cuda")
+
     # -- generate -------------------------------------------------------------------------------------
     def generate(
         self,
@@ -196,37 +205,36 @@ class GenerationEngine:
             logits = self.run_chunks(self.step, input_ids, attention_mask, keep_all=False)
             _synchronize(self.device)
             t1 = time.perf_counter()
-            for index in range(settings.max_new_tokens):
-                next_logits = logits[:, -1, :].to(dtype=torch.float32, copy=True)
-                scores = processors(sequences, next_logits)
-                if keep_logits:
-                    logits_out.append(next_logits)
-                if keep_scores:
-                    scores_out.append(scores)
-                next_tokens = select_next_tokens(scores, settings.do_sample)
-                if eos is not None:
-                    next_tokens = torch.where(unfinished, next_tokens, settings.pad_token_id)
-                sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
-                if streamer is not None:
-                    streamer.put(next_tokens.cpu())
-                if eos is not None:
-                    unfinished &= ~torch.isin(next_tokens, eos)
-                if index + 1 == settings.max_new_tokens or not bool(unfinished.any()):
-                    break
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
-                position = position + 1
-                if self.decoder is None and self.decode_mode != "eager":
-                    why = eligible(self.runtime, attention_mask.shape[1], capacity, self.sliding_windows)
-                    if why is None:
-                        self.decoder = GraphDecoder(self.step if self.fixed_shape_step is None else self.fixed_shape_step, self.runtime, attention_mask, capacity,
-                                                    use_graph=self.decode_mode == "graph" and self.device.type == "cuda")
-                if self.decoder is not None:
-                    logits = self.decoder.decode(next_tokens[:, None], position)
-                else:
-                    logits = self.run_step(self.step, next_tokens[:, None], attention_mask, position)
-                decode_steps += 1
-            if self.decoder is not None:
-                self.decoder.finish()
+            try:
+                for index in range(settings.max_new_tokens):
+                    next_logits = logits[:, -1, :].to(dtype=torch.float32, copy=True)
+                    scores = processors(sequences, next_logits)
+                    if keep_logits:
+                        logits_out.append(next_logits)
+                    if keep_scores:
+                        scores_out.append(scores)
+                    next_tokens = select_next_tokens(scores, settings.do_sample)
+                    if eos is not None:
+                        next_tokens = torch.where(unfinished, next_tokens, settings.pad_token_id)
+                    sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
+                    if streamer is not None:
+                        streamer.put(next_tokens.cpu())
+                    if eos is not None:
+                        unfinished &= ~torch.isin(next_tokens, eos)
+                    if index + 1 == settings.max_new_tokens or not bool(unfinished.any()):
+                        break
+                    attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
+                    position = position + 1
+                    if self.decoder is None and self.decode_mode != "eager":
+                        self.decoder = self._fixed_shape_decoder(attention_mask, capacity)
+                    if self.decoder is not None:
+                        logits = self.decoder.decode(next_tokens[:, None], position)
+                    else:
+                        logits = self.run_step(self.step, next_tokens[:, None], attention_mask, position)
+                    decode_steps += 1
+            finally:
+                if self.decoder is not None:  # the stored lengths catch up with the steps that ran
+                    self.decoder.finish()
             _synchronize(self.device)
             t2 = time.perf_counter()
         if streamer is not None:

@@ -216,6 +216,21 @@ class KVStore:
             fast.ring_value.index_copy_(2, positions, value[:, :, new - keep:])
         self._ring_start[layer] = max(self._ring_start[layer], start + new - self.window)
 
+    def ring_start(self, layer: int) -> int:
+        """The oldest position the layer's ring holds valid data for."""
+        return self._ring_start[layer]
+
+    def advance_in_place(self) -> None:
+        """A fixed-shape decode step (runtime/cuda_graph_decode.py) wrote one token per layer in place (a
+        resident buffer, or an offloaded layer's ring): count it, and move ring rows to host memory on
+        the schedule :meth:`append` keeps (every window/2 tokens, long before the ring overwrites them)."""
+        for layer, entry in enumerate(self.layers):
+            entry.length += 1
+            if layer in self.offloaded:
+                self._ring_start[layer] = max(self._ring_start[layer], entry.length - self.window)
+                if entry.length - self._flushed[layer] >= max(1, self.window // 2):
+                    self.flush(layer)
+
     def flush(self, layer: int) -> None:
         """Copy an offloaded layer's tokens that only its ring holds to host memory (asynchronously)."""
         entry = self.layers[layer]

@@ -64,6 +64,37 @@ class SlotMap:
             self.slots, old = selected, None
         if old is None or old.shape[:2] != (batch, heads):
             return self._full_reload(indices)
+        return self._elastic_update(indices, old, past)
+
+    def update_in_place(self, indices: torch.Tensor, positions: int) -> LoadPlan:
+        """:meth:`update` at fixed shapes (a step replayed from a CUDA graph): ``positions`` bounds every
+        index (the buffer capacity, not the stored length), the map is rewritten in place (an empty slot
+        holds -1, so a first step loads the whole selection, as a full reload would), and elastic loading
+        is always on."""
+        if self.token is None or self.token.shape != indices.shape:
+            raise RuntimeError(f"the slot map holds {None if self.token is None else tuple(self.token.shape)}; "
+                               f"fixed-shape steps select {tuple(indices.shape)}: start it with begin_in_place")
+        elastic, self.elastic = self.elastic, True
+        buffer = self.token
+        try:
+            plan = self._elastic_update(indices, buffer, positions)
+        finally:
+            self.elastic = elastic
+        buffer.copy_(self.token)
+        self.token = buffer
+        return plan
+
+    def begin_in_place(self, shape: tuple[int, int, int], device: torch.device) -> None:
+        """Give the map a buffer of ``shape`` that :meth:`update_in_place` keeps rewriting (its current
+        contents, or empty slots)."""
+        if self.token is None or tuple(self.token.shape) != tuple(shape):
+            self.slots = shape[-1]
+            self.token = torch.full(shape, -1, dtype=torch.long, device=device)
+        else:
+            self.token = self.token.clone()
+
+    def _elastic_update(self, indices: torch.Tensor, old: torch.Tensor, past: int) -> LoadPlan:
+        batch, heads, selected = indices.shape
         device = indices.device
         # A dense bitmap over positions [0, past] (past = "no token") answers "in the old/new set" per row.
         in_new = torch.zeros(batch, heads, past + 1, dtype=torch.bool, device=device).scatter_(2, indices, True)
