@@ -18,8 +18,10 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def best(rows: list[dict], system: str, context: int, batch: int | None = None) -> dict | None:
-    """The row of ``system`` at ``context`` (and ``batch``) with the most tokens/s."""
-    candidates = [r for r in rows if r["system"] == system and r["context"] == context and "error" not in r
+    """The row of ``system`` at ``context`` (to the nearest 1K: a 128K run may stop short of the model's
+    131,072 positions) and ``batch`` with the most tokens/s."""
+    candidates = [r for r in rows if r["system"] == system and round(r["context"] / 1024) == round(context / 1024)
+                  and "error" not in r
                   and (batch is None or r["batch"] == batch)]
     return max(candidates, key=lambda r: r["tokens_per_s"], default=None)
 
