@@ -5,7 +5,6 @@ import torch
 
 import specontext
 from specontext_compiler.runtime import cuda_graph_decode
-from specontext_compiler.runtime.cuda_graph_decode import select_tokens_static
 from specontext_compiler.retrieval.selection import select_tokens
 from tiny_models import TINY_FAMILIES, padded_batch, tiny_model
 
@@ -113,7 +112,7 @@ def test_static_selection_matches_the_eager_selection():
     key_valid[:, -8:] = True
     expected = select_tokens(scores[..., :past], key_valid, 20, 4, 6)
     padded = torch.cat([key_valid, torch.zeros(batch, capacity - past, dtype=torch.bool)], -1)
-    got = select_tokens_static(scores, padded, 20, 4, 6, torch.tensor(past))
+    got = select_tokens(scores, padded, 20, 4, 6, past=torch.tensor(past))
     assert torch.equal(got, expected)
 
 

@@ -24,7 +24,8 @@ def sink_positions(key_valid: torch.Tensor, sink_tokens: int) -> torch.Tensor:
 
 
 def select_tokens(
-    scores: torch.Tensor, key_valid: torch.Tensor, budget: int, sink_tokens: int, local_window: int
+    scores: torch.Tensor, key_valid: torch.Tensor, budget: int, sink_tokens: int, local_window: int,
+    past: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick ``budget`` past positions per (row, KV head): sinks and window first, then the best scores.
 
@@ -34,17 +35,19 @@ def select_tokens(
         scores: float [B, Hkv, P] over the P past tokens (higher = more wanted).
         key_valid: bool [B, P], False at padding.
         budget: past tokens to keep (the new token comes on top).
+        past: where the past ends, as a device scalar, when the rows are longer than the past (a
+            fixed-shape decode step: ``key_valid`` is False from ``past`` on); None: P.
     Returns:
         int64 [B, Hkv, budget] positions, sorted ascending (gathers read memory in order).
     """
-    batch, heads, past = scores.shape
-    budget = min(budget, past)
+    batch, heads, positions = scores.shape
+    budget = min(budget, positions)
+    end = positions if past is None else past
     # float64 ranks: scores stay below 1e12, the window ranks above them by recency, sinks above all.
     ranked = scores.double()
     if local_window:
-        window = torch.arange(past, device=scores.device) >= past - local_window
-        recency = torch.arange(past, device=scores.device, dtype=torch.float64)
-        ranked = torch.where(window, 1e12 + recency, ranked)
+        recency = torch.arange(positions, device=scores.device, dtype=torch.float64)
+        ranked = torch.where(recency >= end - local_window, 1e12 + recency, ranked)
     ranked = ranked.masked_fill(sink_positions(key_valid, sink_tokens)[:, None, :], 1e13)
     ranked = ranked.masked_fill(~key_valid[:, None, :], float("-inf"))
     indices = ranked.topk(budget, dim=-1, sorted=False).indices

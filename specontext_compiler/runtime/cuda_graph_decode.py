@@ -35,26 +35,11 @@ import torch
 
 from ..kernels import in_cuda_graph_decode, on_triton_path
 from ..kernels import sparse_decode_attention as triton_sparse_decode_attention
-from ..kernels.gather_rows import gather_from_host_or_ring, gather_rows_reference
-from ..retrieval.selection import resolve_token_budget, sink_positions
+from ..retrieval.selection import resolve_token_budget, select_tokens
 from .attention_runtime import AttentionRuntime, grouped_decode_attention, sparse_decode_attention
+from .prefetcher import load_rows, row_sources, slot_validity
 
 logger = logging.getLogger(__name__)
-
-
-def select_tokens_static(scores: torch.Tensor, key_valid: torch.Tensor, budget: int, sink_tokens: int,
-                         local_window: int, position: torch.Tensor) -> torch.Tensor:
-    """``select_tokens`` over a fixed number of positions, the past ending at the device scalar ``position``:
-    ``key_valid`` is already False from ``position`` on. int64 [B, Hkv, budget], sorted."""
-    capacity = scores.shape[-1]
-    ranked = scores.double()
-    if local_window:
-        at = torch.arange(capacity, device=scores.device)
-        window = (at >= position - local_window) & (at < position)
-        ranked = torch.where(window, 1e12 + at.double(), ranked)
-    ranked = ranked.masked_fill(sink_positions(key_valid, sink_tokens)[:, None, :], 1e13)
-    ranked = ranked.masked_fill(~key_valid[:, None, :], float("-inf"))
-    return ranked.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
 class StaticDecodeRuntime:
@@ -103,14 +88,14 @@ class StaticDecodeRuntime:
             self._ready = torch.cuda.Event()
         # Where the ring starts once the prompt is stored (the new tokens then move it along).
         self._ring_floor = max(store.ring_start(layer) for layer in store.offloaded)
-        self._row_bytes = sum(self.runtime.prefetcher._row_bytes(layer) for layer in store.offloaded)
+        self._row_bytes = sum(self.runtime.prefetcher.row_bytes(layer) for layer in store.offloaded)
 
     def retrieve(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
         self.key_valid = attention_mask.bool() & (self.at < self.position)
         self.with_new = self.key_valid | (self.at == self.position)
         scores = self.head.score_static(self.key_valid)
-        indices = select_tokens_static(scores, self.key_valid, self.budget, self.sparse.sink_tokens,
-                                       self.sparse.local_window, self.position)
+        indices = select_tokens(scores, self.key_valid, self.budget, self.sparse.sink_tokens,
+                                self.sparse.local_window, past=self.position)
         if self.store.offloaded:
             self._plan_loads(indices)
         return indices
@@ -119,17 +104,13 @@ class StaticDecodeRuntime:
         store = self.store
         plan = store.slot_map.update_in_place(indices, self.capacity)
         mapping = store.slot_map.token
-        batch, heads, slots = mapping.shape
-        real = (mapping >= 0) & self.key_valid[:, None, :].expand(batch, heads, self.capacity).gather(2, mapping.clamp_min(0))
-        tail = real.new_zeros(batch, heads, 2)
-        tail[..., 1] = True  # the scratch slot is never attended, the new token's row always
-        self.slot_valid = torch.cat([real, tail], dim=-1)
-        # The ring holds the last `window` positions but its oldest row, which this step's token overwrites.
+        self.slot_valid = slot_validity(mapping, self.key_valid)
+        # The ring holds the last `window` positions but its oldest row, which this step's token overwrites
+        # (``KVStore.ring_holds`` with the position on the device).
         first_in_ring = torch.clamp(self.position - store.window + 1, min=self._ring_floor)
-        in_ring = plan.token >= first_in_ring
-        from_host, from_ring = plan.valid & ~in_ring, plan.valid & in_ring
-        self.plan = (plan.slot, plan.token, plan.token % store.window,
-                     from_host.to(torch.int8) + 2 * from_ring.to(torch.int8), from_host, from_ring)
+        from_host, from_ring, ring_rows, source = row_sources(plan.token, plan.valid, plan.token >= first_in_ring,
+                                                              store.window)
+        self.plan = (plan.slot, plan.token, ring_rows, source, from_host, from_ring)
         self.h2d_bytes.add_(from_host.sum() * self._row_bytes)
         self.full_reload_bytes.add_((mapping >= 0).sum() * self._row_bytes)
         self.kept.add_(plan.kept.sum())
@@ -143,27 +124,16 @@ class StaticDecodeRuntime:
             return
         self._prefetched.add(layer)
         if self._side is None:
-            self._load(layer)
+            load_rows(self.store, layer, *self.plan)
             return
         self._side.wait_event(self._ready)
         with torch.cuda.stream(self._side):
-            self._load(layer)
+            load_rows(self.store, layer, *self.plan)
             self._events.setdefault(layer, torch.cuda.Event()).record(self._side)
 
     def wait(self, layer: int) -> None:
         if self.store.is_offloaded(layer) and self._side is not None:
             torch.cuda.current_stream(self.position.device).wait_event(self._events[layer])  # join back
-
-    def _load(self, layer: int) -> None:
-        entry, fast = self.store.layers[layer], self.store.fast[layer]
-        slot, token, ring_rows, source, from_host, from_ring = self.plan
-        if fast.slot_key.device.type == "cuda":
-            gather_from_host_or_ring(entry.key, entry.value, fast.ring_key, fast.ring_value, fast.slot_key,
-                                     fast.slot_value, token, ring_rows, source, slot)
-            return
-        for host, ring, slots in ((entry.key, fast.ring_key, fast.slot_key), (entry.value, fast.ring_value, fast.slot_value)):
-            gather_rows_reference(host, token, from_host, slots, slot)
-            gather_rows_reference(ring, ring_rows, from_ring, slots, slot)
 
     def attention(self, layer, q, k, v, mask, scale, softcap, sliding_window=0, indices=None):
         if self.store.is_offloaded(layer):

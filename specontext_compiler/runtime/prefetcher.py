@@ -21,6 +21,37 @@ from .kv_store import KVStore
 from .slots import LoadPlan
 
 
+def slot_validity(mapping: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """Bool [B, Hkv, S + 2]: the slots a step attends (mapping int64 [B, Hkv, S], -1 = empty; key_valid
+    bool [B, P] over the positions the map may name): those holding a real token, never the scratch
+    slot, always the new token's row."""
+    batch, heads, _ = mapping.shape
+    real = (mapping >= 0) & key_valid[:, None, :].expand(batch, heads, key_valid.shape[-1]).gather(2, mapping.clamp_min(0))
+    tail = real.new_zeros(batch, heads, 2)
+    tail[..., 1] = True
+    return torch.cat([real, tail], dim=-1)
+
+
+def row_sources(token: torch.Tensor, valid: torch.Tensor, in_ring: torch.Tensor, window: int) -> tuple[torch.Tensor, ...]:
+    """(from host, from ring, ring row, source) of the rows to load: ``source`` is what the one-launch GPU
+    gather reads (0 skip, 1 host, 2 ring)."""
+    from_host, from_ring = valid & ~in_ring, valid & in_ring
+    return from_host, from_ring, token % window, from_host.to(torch.int8) + 2 * from_ring.to(torch.int8)
+
+
+def load_rows(store: KVStore, layer: int, slot, token, ring_rows, source, from_host, from_ring) -> None:
+    """Load the listed rows of offloaded layer ``layer`` into its slots, from host memory or its ring."""
+    entry, fast = store.layers[layer], store.fast[layer]
+    if fast.slot_key.device.type == "cuda":
+        # Triton, one launch for K and V from both sources: no host sync; zero-copy from pinned memory.
+        gather_from_host_or_ring(entry.key, entry.value, fast.ring_key, fast.ring_value, fast.slot_key,
+                                 fast.slot_value, token, ring_rows, source, slot)
+        return
+    for host, ring, slots in ((entry.key, fast.ring_key, fast.slot_key), (entry.value, fast.ring_value, fast.slot_value)):
+        gather_rows_reference(host, token, from_host, slots, slot)
+        gather_rows_reference(ring, ring_rows, from_ring, slots, slot)
+
+
 class Prefetcher:
     """Applies each step's load plan to every offloaded layer and keeps the transfer counters."""
 
@@ -56,18 +87,14 @@ class Prefetcher:
         self._prefetched.clear()
         self._waited.clear()
         mapping = store.slot_map.token
-        batch, heads, slots = mapping.shape
-        real = (mapping >= 0) & key_valid[:, None, :].expand(batch, heads, past).gather(2, mapping.clamp_min(0))
-        tail = real.new_zeros(batch, heads, 2)
-        tail[..., 1] = True  # the scratch slot is never attended, the new token's row always
-        self.slot_valid = torch.cat([real, tail], dim=-1)
+        self.slot_valid = slot_validity(mapping, key_valid)
         if previous is not None:
             self.kept = self.kept + self.plan.kept.sum()
             self.selected += indices.numel()
         # Where each row comes from, the same for every offloaded layer (all hold `past` tokens and the
         # same ring span): computed once here, not per layer.
         self._from_host, self._from_ring, self._ring_rows, self._source = self._row_sources(self.plan.token, self.plan.valid)
-        row_bytes = sum(self._row_bytes(layer) for layer in store.offloaded)
+        row_bytes = sum(self.row_bytes(layer) for layer in store.offloaded)
         self.h2d_rows = self.h2d_rows + self._from_host.sum() * row_bytes
         # A full reload brings the whole selection (even the window the ring holds) every step.
         self.full_reload_rows = self.full_reload_rows + (mapping >= 0).sum() * row_bytes
@@ -130,7 +157,8 @@ class Prefetcher:
     def end_sequence(self) -> None:
         self.plan = None
 
-    def _row_bytes(self, layer: int) -> int:
+    def row_bytes(self, layer: int) -> int:
+        """Bytes of one token's K and V row of a layer."""
         entry = self.store.layers[layer]
         return entry.key.shape[-1] * entry.key.element_size() + entry.value.shape[-1] * entry.value.element_size()
 
@@ -139,8 +167,7 @@ class Prefetcher:
         same for every offloaded layer (all hold the same tokens and ring span). ``source`` is what the
         one-launch GPU gather reads: 0 skip, 1 host, 2 ring."""
         in_ring = self.store.ring_holds(next(iter(self.store.offloaded)), token)
-        from_host, from_ring = valid & ~in_ring, valid & in_ring
-        return from_host, from_ring, token % self.store.window, from_host.to(torch.int8) + 2 * from_ring.to(torch.int8)
+        return row_sources(token, valid, in_ring, self.store.window)
 
     def _full_plan(self) -> tuple[torch.Tensor, ...]:
         """(slot, token, ring row, source, from host, from ring) loading the whole slot map: for a layer
@@ -154,22 +181,13 @@ class Prefetcher:
 
     def _load(self, layer: int) -> None:
         store, plan = self.store, self.plan
-        entry = store.layers[layer]
-        fast = store.ensure_slots(layer, store.slot_map.slots)
-        slot, token, ring_rows, source, from_host, from_ring = (
-            plan.slot, plan.token, self._ring_rows, self._source, self._from_host, self._from_ring)
+        store.ensure_slots(layer, store.slot_map.slots)
+        rows = (plan.slot, plan.token, self._ring_rows, self._source, self._from_host, self._from_ring)
         if layer in store.unloaded_slots:
             store.unloaded_slots.discard(layer)
-            slot, token, ring_rows, source, from_host, from_ring = self._full_plan()
-            self.h2d_rows = self.h2d_rows + from_host.sum() * self._row_bytes(layer)
-        if fast.slot_key.device.type == "cuda":
-            # Triton, one launch for K and V from both sources: no host sync; zero-copy from pinned memory.
-            gather_from_host_or_ring(entry.key, entry.value, fast.ring_key, fast.ring_value, fast.slot_key,
-                                     fast.slot_value, token, ring_rows, source, slot)
-            return
-        for host, ring, slots in ((entry.key, fast.ring_key, fast.slot_key), (entry.value, fast.ring_value, fast.slot_value)):
-            gather_rows_reference(host, token, from_host, slots, slot)
-            gather_rows_reference(ring, ring_rows, from_ring, slots, slot)
+            slot, token, ring_rows, source, from_host, from_ring = rows = self._full_plan()
+            self.h2d_rows = self.h2d_rows + from_host.sum() * self.row_bytes(layer)
+        load_rows(store, layer, *rows)
 
     def stats(self) -> dict[str, float | int]:
         """Counters since the last reset: bytes moved host -> device, what full reloads would have moved,
