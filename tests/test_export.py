@@ -171,6 +171,20 @@ def test_damaged_artifact_names_the_file_and_the_problem(exported, tmp_path, dam
         assert "9.9.0" in str(info.value) and torch.__version__ in str(info.value)
 
 
+def plain_torch_export_load_runs_it(archive: Path, marker: Path) -> None:
+    """The threat is real: plain ``torch.export.load`` of a copy of ``archive`` runs the planted code (the
+    marker appears), whatever error it raises afterwards. The marker is removed again."""
+    demo = archive.with_name("demo.pt2")
+    demo.write_bytes(archive.read_bytes())
+    try:
+        torch.export.load(demo)
+    except Exception:  # noqa: BLE001 -- the archive is broken on purpose; only the marker matters here
+        pass
+    demo.unlink()
+    assert marker.exists()
+    marker.unlink()
+
+
 class Planted:
     """A pickle that, when unpickled, creates a marker file (stands for arbitrary code)."""
 
@@ -190,14 +204,7 @@ def test_planted_pickle_in_sample_inputs_does_not_run(exported, tmp_path):
                  if name == "data/sample_inputs/model.pt" else content)
     rewrite_manifest(path)
 
-    demo = tmp_path / "demo.pt2"
-    demo.write_bytes((path / "step.pt2").read_bytes())
-    try:
-        torch.export.load(demo)
-    except Exception:
-        pass
-    assert marker.exists()  # the threat is real: plain torch.export.load ran the planted pickle
-    marker.unlink()
+    plain_torch_export_load_runs_it(path / "step.pt2", marker)
 
     with pytest.raises(ArtifactError, match="pickled sample inputs"):
         specontext.load(path)
@@ -256,14 +263,7 @@ def test_weights_flagged_as_pickles_are_refused(exported, tmp_path):
 
     edit_archive(path / "step.pt2", plant)
     rewrite_manifest(path)
-    demo = tmp_path / "demo.pt2"
-    demo.write_bytes((path / "step.pt2").read_bytes())
-    try:
-        torch.export.load(demo)
-    except Exception:
-        pass
-    assert marker.exists()  # the planted pickle is reachable: torch unpickles a weight flagged use_pickle
-    marker.unlink()
+    plain_torch_export_load_runs_it(path / "step.pt2", marker)
     with pytest.raises(ArtifactError, match="stored as a pickle or an object"):
         check_program_archive(path / "step.pt2")
     with pytest.raises(ArtifactError, match="stored as a pickle or an object"):
@@ -281,14 +281,7 @@ def test_size_expression_that_runs_code_is_refused(exported, tmp_path):
             f"__import__('builtins').open({str(marker)!r}, 'w') and Symbol('s70', positive=True, integer=True)")
 
     edit_program(path, plant)
-    demo = tmp_path / "demo.pt2"
-    demo.write_bytes((path / "step.pt2").read_bytes())
-    try:
-        torch.export.load(demo)
-    except Exception:
-        pass
-    assert marker.exists()
-    marker.unlink()
+    plain_torch_export_load_runs_it(path / "step.pt2", marker)
     with pytest.raises(ArtifactError, match="size expression") as info:
         specontext.load(path)
     assert info.value.file.endswith("step.pt2") and not marker.exists()
