@@ -22,7 +22,10 @@ stored lengths, the head's counters) is brought up after the steps, by ``finish`
 
 It engages once a step's decisions stay fixed for the rest of the sequence (``eligible``): sparse
 steps with an integer budget, every sliding window already exceeded, every layer resident on the GPU
-for the whole sequence, a head with a fixed-shape scorer. Otherwise decoding stays eager.
+for the whole sequence, a head with a fixed-shape scorer. Otherwise decoding stays eager. Fixed-shape steps do not go through the memory
+manager's out-of-memory retry: with no layer moving mid-sequence, the plan made before the sequence
+covers them, and the graph's own buffers are a decode step's activations (small next to the workspace
+the plan reserves).
 """
 
 from __future__ import annotations
