@@ -122,6 +122,8 @@ def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> di
             "ms_per_step": 1e3 * (stats["decode_seconds"] - capture) / max(stats["steps"], 1),
             "graph_capture_seconds": capture,
             "h2d_bytes_per_step": stats["h2d_bytes"] / max(stats["steps"], 1),
+            "h2d_bytes_full_reload_per_step": stats["h2d_bytes_full_reload"] / max(stats["steps"], 1),
+            "selection_overlap": stats["selection_overlap"],
             "fixed_shape_steps": stats["fixed_shape_steps"], "steps": stats["steps"],
             "offloaded_layers": len(compiled.runtime.store.offloaded),
             "attended_tokens_per_step": stats["attended_tokens_per_step"]}
