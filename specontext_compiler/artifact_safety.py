@@ -18,7 +18,10 @@ run code, each refused here:
   must be a comparison of input sizes (``L['input_ids'].size()[1] == L['position_ids'].size()[1]``).
 * Node targets: any callable reachable by attributes from ``torch``, ``operator`` or ``math`` is accepted
   as a node target and called when the program runs, so a target must be an operator overload of the
-  ``aten``, ``prims`` or ``specontext`` namespace, or one of the symbolic-size operators.
+  ``aten``, ``prims`` or ``specontext`` namespace, or one of the symbolic-size operators. Operators
+  run with the program's arguments, so they must be functional (``copy_`` into a file mapped by
+  ``aten::from_file`` writes any file) and take strings only as enumerations (``gelu``'s
+  ``approximate``), never as paths.
 * Generated code: ``ExportedProgram.module()`` and the deserializer build Python source from the
   program's names (graph inputs, ``forward_arg_names``, spec keys, parameter paths) and exec it, so every
   name must be an identifier (module paths: identifiers joined by dots); stack traces go into comments,
@@ -81,6 +84,12 @@ SYMBOLIC_OPERATORS = frozenset({
     "torch.sym_max", "torch.sym_min", "torch.sym_not",
 })
 OPERATOR_NAMESPACES = ("aten", "prims", "specontext")
+#: The only operator arguments that may be strings: enumerations (and einsum's equation). Any other
+#: string argument could be a path: ``aten::from_file(filename, shared=True)`` maps a file for writing.
+STRING_ARGUMENTS = frozenset({("aten::gelu", "approximate"), ("aten::gelu_backward", "approximate"),
+                              ("aten::div", "rounding_mode"), ("aten::einsum", "equation"),
+                              ("aten::searchsorted", "side"), ("aten::bucketize", "side")})
+STRING_VALUE = re.compile(r"[A-Za-z0-9_.,>\- ]{0,100}")
 OPERATOR_TARGET = re.compile(r"torch\.ops\.(\w+)\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)")
 #: Control characters a program string may not hold (Python ends a comment line at "\r").
 FORBIDDEN_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029]")
@@ -167,7 +176,10 @@ DOTTED_NAME = re.compile(r"([A-Za-z0-9_]{1,200}(\.[A-Za-z0-9_]{1,200}){0,63})?")
 DOTTED_KEYS = frozenset({"parameter_name", "buffer_name", "fqn", "tensor_constant_name", "custom_obj_name",
                          "target", "weight_name"})
 #: Node metadata torch keeps as text (``node.meta``), never as code: only control characters are refused.
-FREE_TEXT_KEYS = frozenset({"stack_trace", "nn_module_stack", "torch_fn", "source_fn_stack", "custom", "as_string", "as_strings"})
+FREE_TEXT_KEYS = frozenset({"stack_trace", "nn_module_stack", "torch_fn", "custom"})
+#: ``source_fn_stack`` metadata is resolved by attribute lookups from ``torch`` into live objects kept on
+#: the nodes (``torch.os.system`` would do): a plain exported program has none, so none is accepted.
+REFUSED_FIELDS = frozenset({"source_fn_stack"})
 VERSION = re.compile(r"[\w.+-]{1,64}")
 #: Argument kinds that carry subgraphs, operators or script objects: a plain program has none.
 REFUSED_ARGUMENTS = frozenset({"as_graph", "as_operator", "as_custom_obj", "as_opaque_obj"})
@@ -212,7 +224,12 @@ def _check_string(text: str, key: str | None) -> None:
         raise UnsafeProgram(f"{key}: a string holds a control character: {text[:80]!r}")
     if key in FREE_TEXT_KEYS:
         return
-    if key == "expr_str":
+    if key in REFUSED_FIELDS:
+        raise UnsafeProgram(f"{key} metadata (torch resolves it into live objects)")
+    if key in ("as_string", "as_strings"):  # an operator's enumeration argument (check_target allows which)
+        if not STRING_VALUE.fullmatch(text):
+            raise UnsafeProgram(f"string argument {text[:80]!r} is not an enumeration value")
+    elif key == "expr_str":
         _check_expression(text, _check_sympy_node, "size expression")
     elif key == "guards_code":
         _check_expression(text, _check_guard_node, "guard")
@@ -222,8 +239,8 @@ def _check_string(text: str, key: str | None) -> None:
         if not VERSION.fullmatch(text):
             raise UnsafeProgram(f"torch_version {text[:80]!r} is not a version")
     elif key in DOTTED_KEYS:
-        if not DOTTED_NAME.fullmatch(text):
-            raise UnsafeProgram(f"{key} {text[:80]!r} is not a dotted name")
+        if not DOTTED_NAME.fullmatch(text) or any(part.startswith("__") for part in text.split(".")):
+            raise UnsafeProgram(f"{key} {text[:80]!r} is not a dotted name of modules and attributes")
     elif not IDENTIFIER.fullmatch(text):
         raise UnsafeProgram(f"{key} {text[:80]!r} is not an identifier")
 
@@ -261,19 +278,27 @@ def _check_spec(text: str, key: str) -> None:
 
 
 def check_target(target) -> None:
-    """A node target must be an aten/prims/specontext operator overload or a symbolic-size operator."""
+    """A node target must be a functional aten/prims/specontext operator overload without path-like
+    string arguments, or a symbolic-size operator."""
     if not isinstance(target, str):
         raise UnsafeProgram(f"node target {target!r} is not a name")
     if target in SYMBOLIC_OPERATORS:
         return
     match = OPERATOR_TARGET.fullmatch(target)
+    operator = None
     if match and match.group(1) in OPERATOR_NAMESPACES:
         namespace, name, overload = match.groups()
-        packet = getattr(getattr(torch.ops, namespace), name, None)
-        if isinstance(getattr(packet, overload, None), torch._ops.OpOverload):
-            return
-    raise UnsafeProgram(f"node target {target!r} is not an operator of {', '.join(OPERATOR_NAMESPACES)} nor a "
-                        "symbolic-size operator: a loaded program calls its targets")
+        operator = getattr(getattr(getattr(torch.ops, namespace), name, None), overload, None)
+    if not isinstance(operator, torch._ops.OpOverload):
+        raise UnsafeProgram(f"node target {target!r} is not an operator of {', '.join(OPERATOR_NAMESPACES)} nor a "
+                            "symbolic-size operator: a loaded program calls its targets")
+    schema = operator._schema
+    if schema.is_mutable:
+        raise UnsafeProgram(f"node target {target!r} writes into its arguments; an exported step is functional")
+    for argument in schema.arguments:
+        if "str" in str(argument.type) and (schema.name, argument.name) not in STRING_ARGUMENTS:
+            raise UnsafeProgram(f"node target {target!r} takes the string argument {argument.name!r} (a path, "
+                                "for all this check knows); only enumeration arguments may be strings")
 
 
 def _check_expression(text, check_node: Callable[[ast.AST, set[int]], None], what: str) -> None:

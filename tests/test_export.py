@@ -348,12 +348,19 @@ def add_subgraph_argument(program):
         [1, {"type": "collections.defaultdict", "context": "null", "children_spec": []}])), "out_spec"),
     (lambda p: set_parameter_name(p, 'model.lm_head.weight"),open("x","w"),("'), "not a dotted name"),
     (add_subgraph_argument, "as_graph"),
+    (lambda p: set_target(p, "torch.ops.aten.from_file.default"), "string argument 'filename'"),
+    (lambda p: set_target(p, "torch.ops.aten.copy_.default"), "writes into its arguments"),
+    (lambda p: set_parameter_name(p, "model.lm_head.__class__.__init__"), "not a dotted name"),
+    (lambda p: set_stack_trace(p, "x") or p["graph_module"]["graph"]["nodes"][3]["metadata"].update(
+        source_fn_stack="f,torch.os.system"), "source_fn_stack"),
 ])
 def test_program_strings_torch_would_evaluate_or_call_are_refused(exported, tmp_path, plant, problem):
     """Guards (exec-ed by ExportedProgram.module() when sample inputs exist), range-constraint symbols, node
     targets (called when the program runs), strings FX pastes into the Python it compiles (input names,
     argument names, parameter paths, spec keys), spec node types torch imports, subgraph arguments, size
-    expressions (evaluated by sympify)."""
+    expressions (evaluated by sympify), operators that take paths or write into their arguments (mapping
+    a file with aten::from_file and copy_-ing into it writes any file), metadata torch resolves into
+    live objects."""
     path = copy_of(exported[0], tmp_path)
     edit_program(path, plant)
     with pytest.raises(ArtifactError, match=problem):
