@@ -12,7 +12,8 @@ random tokens. Systems:
 * ``hf_offloaded``: ``cache_implementation="offloaded"`` (the KV cache in host memory, a layer at a time).
 * ``specontext_80gb`` / ``specontext_24gb``: ``specontext.compile(model, budget, token_budget=2048)``,
   decode steps replayed from a CUDA graph where they can be (``decode_mode="graph"``), and the same
-  model decoding eagerly (``..._eager``) for comparison.
+  model decoding eagerly (``..._eager``) for comparison; ``specontext_80gb_offloaded`` keeps every
+  layer's KV in host memory (``offload="all"``), for batches larger than the GPU holds.
 
 For each system, context and batch: prefill seconds, decode ms per step and tokens/s, peak GPU memory,
 PCIe bytes per step (SpeContext's counter), and the step against the roofline: (weights + KV bytes the
@@ -37,7 +38,7 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
                 rms_norm_eps=1e-5, tie_word_embeddings=False)
 SYSTEMS = ("hf_eager", "hf_static_compile", "hf_offloaded", "specontext_80gb", "specontext_80gb_eager",
-           "specontext_24gb")
+           "specontext_80gb_offloaded", "specontext_24gb")
 TOKEN_BUDGET = 2048
 INDUCTOR = False  # --inductor: the fixed-shape step under torch.compile (Inductor) before the CUDA graph
 
@@ -108,7 +109,8 @@ def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> di
     budget = "24GB" if "24gb" in system else "80GB"
     if system not in _COMPILED:  # one compile per system (torch.export of the 8B step takes a while)
         _COMPILED.clear()
-        _COMPILED[system] = specontext.compile(model, budget, token_budget=TOKEN_BUDGET, progress=False)
+        offload = "all" if system.endswith("_offloaded") else "auto"
+        _COMPILED[system] = specontext.compile(model, budget, token_budget=TOKEN_BUDGET, offload=offload, progress=False)
         if INDUCTOR:
             _COMPILED[system].engine.fixed_shape_step = torch.compile(_COMPILED[system].engine.step)
     compiled = _COMPILED[system]
