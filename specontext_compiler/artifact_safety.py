@@ -17,11 +17,12 @@ run code, each refused here:
   functions torch writes; ``guards_code`` is ``exec``-ed by ``ExportedProgram.module()``, so each guard
   must be a comparison of input sizes (``L['input_ids'].size()[1] == L['position_ids'].size()[1]``).
 * Node targets: any callable reachable by attributes from ``torch``, ``operator`` or ``math`` is accepted
-  as a node target and called when the program runs, so a target must be an operator overload of the
-  ``aten``, ``prims`` or ``specontext`` namespace, or one of the symbolic-size operators. Operators
-  run with the program's arguments, so they must be functional (``copy_`` into a file mapped by
-  ``aten::from_file`` writes any file) and take strings only as enumerations (``gelu``'s
-  ``approximate``), never as paths.
+  as a node target and called when the program runs, so a target must be one of the ``aten`` operators
+  models are made of (``ALLOWED_ATEN``), a ``specontext`` operator, or a symbolic-size operator.
+  Operators run with the program's arguments, so they must also be functional (``copy_`` into a file
+  mapped by ``aten::from_file`` writes any file) and take strings only as enumerations (``gelu``'s
+  ``approximate``), never as paths; sparse-tensor constructors trusting their indices write out of
+  bounds.
 * Generated code: ``ExportedProgram.module()`` and the deserializer build Python source from the
   program's names (graph inputs, ``forward_arg_names``, spec keys, parameter paths) and exec it, so every
   name must be an identifier (module paths: identifiers joined by dots); stack traces go into comments,
@@ -83,7 +84,27 @@ SYMBOLIC_OPERATORS = frozenset({
     "_operator.truediv", "math.trunc", "torch._sym_sqrt", "torch.sym_float", "torch.sym_int", "torch.sym_ite",
     "torch.sym_max", "torch.sym_min", "torch.sym_not",
 })
-OPERATOR_NAMESPACES = ("aten", "prims", "specontext")
+OPERATOR_NAMESPACES = ("aten", "specontext")
+#: The aten operators a program may call: every one the supported families' exported steps use (float32
+#: and bf16, dense and sparse, resident and offloaded), and the dense elementwise, reduction, shape and
+#: matrix operators models are made of. Not: sparse, quantized or nested tensor constructors and
+#: ``_unsafe`` variants (they trust their indices: out-of-bounds writes), uninitialized allocations,
+#: file and print operators, and anything mutating (checked by schema as well).
+ALLOWED_ATEN = frozenset(f"aten::{name}" for name in """
+    __and__ __or__ __xor__ _assert_scalar _assert_tensor_metadata _local_scalar_dense _softmax
+    _to_copy abs acos add addcdiv addcmul addmm alias all amax amin any arange argmax argmin argsort asin
+    atan baddbmm bitwise_and bitwise_not bitwise_or bitwise_xor bmm cat ceil chunk clamp clamp_max clamp_min
+    clone contiguous cos cosh cumprod cumsum detach div dropout einsum elu embedding eq erf exp expand
+    expand_as expm1 flatten floor floor_divide fmod full full_like gather ge gelu gt hardtanh index
+    index_select isinf isnan item layer_norm le leaky_relu lerp lift_fresh_copy linalg_vector_norm linear
+    log log1p log_softmax logical_and logical_not logical_or lt masked_fill matmul max maximum mean min minimum
+    mm mul narrow native_layer_norm ne neg new_full new_ones new_zeros norm one_hot ones ones_like outer
+    permute pow prod reciprocal relu remainder repeat repeat_interleave reshape rms_norm round rsqrt rsub
+    scalar_tensor select sigmoid sign silu sin sinh slice softmax softplus sort split split_with_sizes sqrt
+    square squeeze stack std sub sum sym_constrain_range_for_size sym_numel sym_size sym_storage_offset
+    sym_stride t tanh to topk transpose tril triu type_as unbind unflatten unsqueeze var view view_as where
+    zeros zeros_like
+""".split())
 #: The only operator arguments that may be strings: enumerations (and einsum's equation). Any other
 #: string argument could be a path: ``aten::from_file(filename, shared=True)`` maps a file for writing.
 STRING_ARGUMENTS = frozenset({("aten::gelu", "approximate"), ("aten::gelu_backward", "approximate"),
@@ -293,6 +314,10 @@ def check_target(target) -> None:
         raise UnsafeProgram(f"node target {target!r} is not an operator of {', '.join(OPERATOR_NAMESPACES)} nor a "
                             "symbolic-size operator: a loaded program calls its targets")
     schema = operator._schema
+    if namespace == "aten" and schema.name not in ALLOWED_ATEN:
+        raise UnsafeProgram(f"node target {target!r} is not an operator an exported model step uses (sparse, "
+                            "quantized and nested constructors, unsafe variants, uninitialized memory, files "
+                            "and printing are refused)")
     if schema.is_mutable:
         raise UnsafeProgram(f"node target {target!r} writes into its arguments; an exported step is functional")
     for argument in schema.arguments:

@@ -348,8 +348,12 @@ def add_subgraph_argument(program):
         [1, {"type": "collections.defaultdict", "context": "null", "children_spec": []}])), "out_spec"),
     (lambda p: set_parameter_name(p, 'model.lm_head.weight"),open("x","w"),("'), "not a dotted name"),
     (add_subgraph_argument, "as_graph"),
-    (lambda p: set_target(p, "torch.ops.aten.from_file.default"), "string argument 'filename'"),
-    (lambda p: set_target(p, "torch.ops.aten.copy_.default"), "writes into its arguments"),
+    (lambda p: set_target(p, "torch.ops.aten.from_file.default"), "not an operator an exported model step uses"),
+    (lambda p: set_target(p, "torch.ops.aten.copy_.default"), "writes into its arguments|not an operator an exported"),
+    (lambda p: set_target(p, "torch.ops.aten._sparse_coo_tensor_with_dims_and_tensors.default"),
+     "not an operator an exported model step uses"),  # trusts its indices: writes out of bounds
+    (lambda p: set_target(p, "torch.ops.aten.empty.memory_format"), "not an operator an exported model step uses"),
+    (lambda p: set_target(p, "torch.ops.prims.device_put.default"), "not an operator of"),
     (lambda p: set_parameter_name(p, "model.lm_head.__class__.__init__"), "not a dotted name"),
     (lambda p: set_stack_trace(p, "x") or p["graph_module"]["graph"]["nodes"][3]["metadata"].update(
         source_fn_stack="f,torch.os.system"), "source_fn_stack"),
