@@ -205,6 +205,11 @@ VERSION = re.compile(r"[\w.+-]{1,64}")
 #: Argument kinds that carry subgraphs, operators or script objects: a plain program has none.
 REFUSED_ARGUMENTS = frozenset({"as_graph", "as_operator", "as_custom_obj", "as_opaque_obj"})
 SPEC_TYPES = frozenset({None, "builtins.tuple", "builtins.list", "builtins.dict"})
+#: ``torch._export.serde.schema.Layout.Strided``: every tensor of a plain program is dense and strided
+#: (sparse layouts reach kernels that trust their indices).
+STRIDED_LAYOUT = 7
+#: Arguments that must hold one value: dropout in training mode would draw from the global RNG.
+FIXED_ARGUMENTS = {"torch.ops.aten.dropout.default": {"train": {"as_bool": False}}}
 
 
 def check_program_json(program) -> None:
@@ -224,7 +229,7 @@ def _walk(value, key: str | None) -> None:
         item, key = stack.pop()
         if isinstance(item, dict):
             if "target" in item and "inputs" in item and "outputs" in item:
-                check_target(item.get("target"))  # a node: its target is an operator, checked here
+                _check_node(item)  # a node: its target is an operator, checked here
                 item = {k: v for k, v in item.items() if k != "target"}
             for name, child in item.items():
                 if not isinstance(name, str) or not (IDENTIFIER.fullmatch(name) or key == "range_constraints"
@@ -238,6 +243,17 @@ def _walk(value, key: str | None) -> None:
             stack.extend((child, key) for child in item)
         elif isinstance(item, str):
             _check_string(item, key)
+        elif key in ("layout", "as_layout") and item != STRIDED_LAYOUT:
+            raise UnsafeProgram(f"a tensor of layout {item!r}: only dense strided tensors are accepted")
+
+
+def _check_node(node: dict) -> None:
+    check_target(node.get("target"))
+    required = FIXED_ARGUMENTS.get(node["target"], {})
+    arguments = {entry.get("name"): entry.get("arg") for entry in node["inputs"] if isinstance(entry, dict)}
+    for name, value in required.items():
+        if arguments.get(name, value) != value:
+            raise UnsafeProgram(f"{node['target']}: {name} must be {value}")
 
 
 def _check_string(text: str, key: str | None) -> None:

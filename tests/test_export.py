@@ -354,6 +354,8 @@ def add_subgraph_argument(program):
      "not an operator an exported model step uses"),  # trusts its indices: writes out of bounds
     (lambda p: set_target(p, "torch.ops.aten.empty.memory_format"), "not an operator an exported model step uses"),
     (lambda p: set_target(p, "torch.ops.prims.device_put.default"), "not an operator of"),
+    (lambda p: first_with(p["graph_module"]["graph"], "layout").update(layout=1), "layout 1"),  # sparse COO
+
     (lambda p: set_parameter_name(p, "model.lm_head.__class__.__init__"), "not a dotted name"),
     (lambda p: set_stack_trace(p, "x") or p["graph_module"]["graph"]["nodes"][3]["metadata"].update(
         source_fn_stack="f,torch.os.system"), "source_fn_stack"),
@@ -369,6 +371,31 @@ def test_program_strings_torch_would_evaluate_or_call_are_refused(exported, tmp_
     edit_program(path, plant)
     with pytest.raises(ArtifactError, match=problem):
         specontext.load(path)
+
+
+@pytest.mark.parametrize("mode", ["eager", "fixed"])
+def test_attention_reads_the_runtimes_own_selection_not_the_graphs(mode, monkeypatch):
+    """A loaded program is data: whatever tensor its sparse-attention nodes pass as indices (here positions
+    far outside the KV buffers, which the Triton kernels would read unchecked), attention reads the
+    selection the runtime's retrieval made."""
+    from specontext_compiler.runtime.attention_runtime import AttentionRuntime
+    from specontext_compiler.runtime.cuda_graph_decode import StaticDecodeRuntime
+
+    compiled = specontext.compile(tiny_model("llama"), "1GB", token_budget=16, offload="none", progress=False)
+    compiled.engine.decode_mode = mode
+    ids, mask = padded_batch(96, [40, 27], seed=4)
+    expected = compiled.generate(ids, attention_mask=mask, **GENERATE)
+    for runtime in (AttentionRuntime, StaticDecodeRuntime):
+        original = runtime.attention
+
+        def attention(self, layer, q, k, v, mask, scale, softcap, sliding_window=0, indices=None, _original=original):
+            if indices is not None:
+                indices = torch.full_like(indices, 2**40)
+            return _original(self, layer, q, k, v, mask, scale, softcap, sliding_window, indices)
+
+        monkeypatch.setattr(runtime, "attention", attention)
+    assert torch.equal(compiled.generate(ids, attention_mask=mask, **GENERATE), expected)
+    assert compiled.stats["fixed_shape_steps"] == (11 if mode == "fixed" else 0)
 
 
 @pytest.mark.parametrize("entry", [
@@ -499,3 +526,15 @@ def test_draft_heads_are_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="DraftModelHead"):
         specontext.export(compiled, tmp_path / "draft")
     assert not (tmp_path / "draft").exists()
+
+
+def test_dropout_in_training_mode_is_refused():
+    """Dropout with train=True would draw from the process's global random generator."""
+    from specontext_compiler.artifact_safety import UnsafeProgram, _check_node
+
+    node = {"target": "torch.ops.aten.dropout.default", "outputs": [],
+            "inputs": [{"name": "p", "arg": {"as_float": 0.1}}, {"name": "train", "arg": {"as_bool": True}}]}
+    with pytest.raises(UnsafeProgram, match="train must be"):
+        _check_node(node)
+    node["inputs"][1]["arg"] = {"as_bool": False}
+    _check_node(node)

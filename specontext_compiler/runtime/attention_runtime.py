@@ -162,6 +162,7 @@ class AttentionRuntime:
         # Calibration switches selection off for a step to compute the dense reference in place.
         self.selection_enabled = True
         self._key_valid: torch.Tensor | None = None
+        self._indices: torch.Tensor | None = None  # this step's selection (retrieve)
         self._budget = 0
         self.attended_tokens: list[int] = []
         # Diagnostics for benchmarks: per sparse step and layer, the share of the layer's true attention
@@ -230,6 +231,7 @@ class AttentionRuntime:
             return empty
         scores = self.head.score(input_ids, attention_mask, past)
         indices = select_tokens(scores, self._key_valid, self._budget, self.sparse.sink_tokens, self.sparse.local_window)
+        self._indices = indices
         if self.prefetcher.active:
             self.prefetcher.begin_step(indices, self._key_valid, past)
         return indices
@@ -287,7 +289,9 @@ class AttentionRuntime:
         if sparse and offloaded:
             return self._sparse_offloaded(layer, q, k, v, keys, scale, softcap)
         if sparse:
-            return self._sparse(layer, q, keys, values, indices, scale, softcap)
+            # The runtime's own selection, not whatever tensor the graph passed: a loaded program is data,
+            # and the kernels trust their indices.
+            return self._sparse(layer, q, keys, values, None if self.head.per_layer else self._indices, scale, softcap)
         if self.padding_free and (not sliding_window or total <= sliding_window):
             mask = None
         return dense_attention(q, keys, values, mask, scale, softcap)

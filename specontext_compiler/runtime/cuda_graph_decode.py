@@ -99,6 +99,7 @@ class StaticDecodeRuntime:
         scores = self.head.score_static(self.key_valid)
         indices = select_tokens(scores, self.key_valid, self.budget, self.sparse.sink_tokens,
                                 self.sparse.local_window, past=self.position)
+        self.indices = indices  # what attention reads (not the graph's argument: the kernels trust indices)
         if self.store.offloaded:
             self._plan_loads(indices)
         return indices
@@ -153,7 +154,7 @@ class StaticDecodeRuntime:
             positions = window.expand(batch, kv_heads, sliding_window)
         else:
             newest = self.position.view(1, 1, 1).expand(batch, kv_heads, 1)
-            positions = torch.cat([indices, newest], dim=-1)
+            positions = torch.cat([self.indices, newest], dim=-1)
         valid = None
         if not self.runtime.padding_free or sliding_window:
             valid = self.with_new[:, None, :].expand(batch, kv_heads, self.capacity).gather(2, positions)
