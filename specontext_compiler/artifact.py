@@ -37,7 +37,7 @@ from typing import BinaryIO
 import torch
 
 from .artifact_safety import UnsafeProgram
-from .artifact_safety import check_program_archive as check_archive
+from .artifact_safety import scan_program_archive
 from .capture import CapturedStep
 from .config import CompileConfig, format_bytes, parse_budget
 
@@ -297,7 +297,7 @@ def check_program_archive(file: Path | str) -> None:
 
 def _check_program(handle: BinaryIO, file: Path) -> None:
     try:
-        check_archive(handle)
+        scan_program_archive(handle)
     except UnsafeProgram as error:
         raise ArtifactError(file, f"{error}; loading never unpickles, evaluates or calls what an artifact "
                                   "names beyond operators and size expressions") from None

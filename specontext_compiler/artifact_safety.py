@@ -121,7 +121,7 @@ class UnsafeProgram(ValueError):
     """The archive holds something ``torch.export.load`` would unpickle, evaluate or call."""
 
 
-def check_program_archive(handle: BinaryIO) -> None:
+def scan_program_archive(handle: BinaryIO) -> None:
     """Refuse (:class:`UnsafeProgram`) an archive that loading could run code from; see the module docstring.
 
     ``handle``: the archive opened for reading; the caller loads from the same handle afterwards."""
