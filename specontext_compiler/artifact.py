@@ -62,10 +62,15 @@ class ArtifactError(ValueError):
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+        return _digest(handle)
+
+
+def _digest(handle: BinaryIO) -> str:
+    """sha256 of what is left to read in ``handle``."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 
@@ -276,10 +281,7 @@ def _open_listed(path: Path, name, entry, manifest_file: Path) -> BinaryIO:
             raise ArtifactError(file, "not a regular file")
         if status.st_size != entry["bytes"]:
             raise ArtifactError(file, f"truncated or changed: {status.st_size} bytes, the manifest says {entry['bytes']}")
-        digest = hashlib.sha256()
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-        if digest.hexdigest() != entry["sha256"]:
+        if _digest(handle) != entry["sha256"]:
             raise ArtifactError(file, "damaged: its sha256 differs from the manifest's")
         handle.seek(0)
     except BaseException:
