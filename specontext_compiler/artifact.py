@@ -249,9 +249,8 @@ def _open_checked(path: Path) -> tuple[dict, dict[str, BinaryIO]]:
         for handle in files.values():
             handle.close()
         raise
-    unlisted = sorted(Path(folder, name).relative_to(path).as_posix() for folder, _, names in os.walk(path)
-                      for name in names if Path(folder, name).relative_to(path).as_posix() not in manifest["files"])
-    unlisted = [name for name in unlisted if name != MANIFEST]
+    stored = (Path(folder, name).relative_to(path).as_posix() for folder, _, names in os.walk(path) for name in names)
+    unlisted = sorted(name for name in stored if name not in manifest["files"] and name != MANIFEST)
     if unlisted:
         logger.warning("%s: files not in the manifest are ignored (never read): %s", path, ", ".join(unlisted))
     return manifest, files

@@ -107,9 +107,7 @@ ALLOWED_ATEN = frozenset(f"aten::{name}" for name in """
 """.split())
 #: The only operator arguments that may be strings: enumerations (and einsum's equation). Any other
 #: string argument could be a path: ``aten::from_file(filename, shared=True)`` maps a file for writing.
-STRING_ARGUMENTS = frozenset({("aten::gelu", "approximate"), ("aten::gelu_backward", "approximate"),
-                              ("aten::div", "rounding_mode"), ("aten::einsum", "equation"),
-                              ("aten::searchsorted", "side"), ("aten::bucketize", "side")})
+STRING_ARGUMENTS = frozenset({("aten::gelu", "approximate"), ("aten::div", "rounding_mode"), ("aten::einsum", "equation")})
 STRING_VALUE = re.compile(r"[A-Za-z0-9_.,>\- ]{0,100}")
 OPERATOR_TARGET = re.compile(r"torch\.ops\.(\w+)\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)")
 #: Control characters a program string may not hold (Python ends a comment line at "\r").

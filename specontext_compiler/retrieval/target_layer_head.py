@@ -130,7 +130,6 @@ class TargetLayerHead(RetrievalHead):
     def begin_static(self, capacity: int) -> None:
         if len(self.queries) != len(self.layers):
             raise RuntimeError("retrieval head has no query yet: prefill must run first")
-        self._capacity = capacity
         self._static_keys = {layer: self.caches[layer].reserve_for(capacity)[:, :, :capacity] for layer in self.layers}
         self.queries = {layer: query.clone() for layer, query in self.queries.items()}  # written in place from now on
         if self.prefill_prior:

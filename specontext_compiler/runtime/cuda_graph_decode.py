@@ -260,8 +260,13 @@ class GraphDecoder:
         self.runtime.attended_tokens.append(self.static.budget + 1)
         if not self.use_graph or self.steps == 1:  # on a GPU, the first step warms up (it runs eagerly)
             logits = self._run()
-            self.runtime.store.advance_in_place()
-            return logits
+        else:
+            logits = self._replay()
+        self.runtime.store.advance_in_place()
+        return logits
+
+    def _replay(self) -> torch.Tensor:
+        """Capture the step once (its kernels do not run then), and replay it: the step runs."""
         if self.graph is None:
             started = time.perf_counter()
             side = torch.cuda.Stream(self.position.device)
@@ -273,7 +278,6 @@ class GraphDecoder:
             self.capture_seconds = time.perf_counter() - started  # capture runs no kernel: no sync needed
             logger.info("captured a decode step: batch %d, %d positions", self.input_ids.shape[0], self.mask.shape[1])
         self.graph.replay()
-        self.runtime.store.advance_in_place()
         return self.logits
 
     def finish(self) -> None:

@@ -161,8 +161,7 @@ class GenerationEngine:
 
     def _fixed_shape_decoder(self, attention_mask: torch.Tensor, capacity: int) -> GraphDecoder | None:
         """A decoder for the rest of the sequence if its steps can run at fixed shape from here on."""
-        why = eligible(self.runtime, attention_mask.shape[1], capacity, self.sliding_windows)
-        if why is not None:
+        if eligible(self.runtime, attention_mask.shape[1], capacity, self.sliding_windows) is not None:
             return None
         step = self.step if self.fixed_shape_step is None else self.fixed_shape_step
         return GraphDecoder(step, self.runtime, attention_mask, capacity,

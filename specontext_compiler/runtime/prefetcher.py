@@ -185,7 +185,8 @@ class Prefetcher:
         rows = (plan.slot, plan.token, self._ring_rows, self._source, self._from_host, self._from_ring)
         if layer in store.unloaded_slots:
             store.unloaded_slots.discard(layer)
-            slot, token, ring_rows, source, from_host, from_ring = rows = self._full_plan()
+            rows = self._full_plan()
+            from_host = rows[4]
             self.h2d_rows = self.h2d_rows + from_host.sum() * self.row_bytes(layer)
         load_rows(store, layer, *rows)
 

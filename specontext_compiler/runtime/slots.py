@@ -64,7 +64,7 @@ class SlotMap:
             self.slots, old = selected, None
         if old is None or old.shape[:2] != (batch, heads):
             return self._full_reload(indices)
-        return self._elastic_update(indices, old, past)
+        return self._elastic_update(indices, old, past, self.elastic)
 
     def update_in_place(self, indices: torch.Tensor, positions: int) -> LoadPlan:
         """:meth:`update` at fixed shapes (a step replayed from a CUDA graph): ``positions`` bounds every
@@ -74,12 +74,8 @@ class SlotMap:
         if self.token is None or self.token.shape != indices.shape:
             raise RuntimeError(f"the slot map holds {None if self.token is None else tuple(self.token.shape)}; "
                                f"fixed-shape steps select {tuple(indices.shape)}: start it with begin_in_place")
-        elastic, self.elastic = self.elastic, True
         buffer = self.token
-        try:
-            plan = self._elastic_update(indices, buffer, positions)
-        finally:
-            self.elastic = elastic
+        plan = self._elastic_update(indices, buffer, positions, elastic=True)
         buffer.copy_(self.token)
         self.token = buffer
         return plan
@@ -93,7 +89,7 @@ class SlotMap:
         else:
             self.token = self.token.clone()
 
-    def _elastic_update(self, indices: torch.Tensor, old: torch.Tensor, past: int) -> LoadPlan:
+    def _elastic_update(self, indices: torch.Tensor, old: torch.Tensor, past: int, elastic: bool) -> LoadPlan:
         batch, heads, selected = indices.shape
         device = indices.device
         # A dense bitmap over positions [0, past] (past = "no token") answers "in the old/new set" per row.
@@ -103,7 +99,7 @@ class SlotMap:
         in_new[..., past] = False
         in_old[..., past] = False
         keep = in_new.gather(2, old_pos)  # [B, Hkv, S]: the slot's token stays selected
-        if not self.elastic:
+        if not elastic:
             plan = self._full_reload(indices)
             plan.kept = keep.sum(-1)  # still measured: what elastic loading would have kept
             return plan
