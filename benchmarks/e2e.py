@@ -17,8 +17,9 @@ random tokens. Systems:
 
 For each system, context and batch: prefill seconds, decode ms per step and tokens/s, peak GPU memory,
 PCIe bytes per step (SpeContext's counter), and the step against the roofline: (weights + KV bytes the
-step must read) / the measured HBM bandwidth. HF decode time = a generate of N+1 tokens minus one of 1
-token, over N; every system first runs the measured call once (compilation stays out of the numbers). A system that runs out of memory at a batch is recorded as such. Writes
+step must read) / the measured HBM bandwidth. Decode time = a generate of N+1 tokens minus one of 1
+token, over N (SpeContext: N+3 minus 3, so that its once-per-call warm-up step and graph capture
+cancel too); every system first runs the measured call once (compilation stays out of the numbers). A system that runs out of memory at a batch is recorded as such. Writes
 benchmarks/results/<out>.json (and $OUT).
 """
 
@@ -40,7 +41,8 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
 SYSTEMS = ("hf_eager", "hf_static_compile", "hf_offloaded", "specontext_80gb", "specontext_80gb_eager",
            "specontext_80gb_offloaded", "specontext_24gb")
 TOKEN_BUDGET = 2048
-INDUCTOR = False  # --inductor: the fixed-shape step under torch.compile (Inductor) before the CUDA graph
+INDUCTOR = False  # --inductor: compile_decode_step=True (the fixed-shape step through Inductor before its CUDA graph)
+SHORT = 3  # tokens of the shorter generate (prefill, the eager warm-up step, one replay)
 
 
 def llama_8b_random():
@@ -110,19 +112,25 @@ def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> di
     if system not in _COMPILED:  # one compile per system (torch.export of the 8B step takes a while)
         _COMPILED.clear()
         offload = "all" if system.endswith("_offloaded") else "auto"
-        _COMPILED[system] = specontext.compile(model, budget, token_budget=TOKEN_BUDGET, offload=offload, progress=False)
-        if INDUCTOR:
-            _COMPILED[system].engine.fixed_shape_step = torch.compile(_COMPILED[system].engine.step)
+        _COMPILED[system] = specontext.compile(model, budget, token_budget=TOKEN_BUDGET, offload=offload, progress=False,
+                                               compile_decode_step=INDUCTOR)
     compiled = _COMPILED[system]
     compiled.engine.decode_mode = "eager" if system.endswith("_eager") else "graph"
-    settings = dict(max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False, pad_token_id=0)
-    compiled.generate(ids, **settings)  # warm-up with the measured shapes (Triton compiles for them)
-    compiled.generate(ids, **settings)
-    stats = compiled.stats
-    capture = stats["graph_capture_seconds"]  # once per generate call: reported, not in the step time
+
+    def generate(tokens: int) -> dict:
+        compiled.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        return dict(compiled.stats)
+
+    generate(new_tokens + SHORT)  # warm-up with both measured shapes (Triton and Inductor compile for them)
+    generate(SHORT)
+    short, stats = generate(SHORT), generate(new_tokens + SHORT)
+    # As for HF: the difference of two generates over the steps they differ by, so that what happens once
+    # per call (the first fixed-shape step, run eagerly as the warm-up, and the graph capture) cancels.
+    steps = stats["steps"] - short["steps"]
     return {"prefill_seconds": stats["prefill_seconds"],
-            "ms_per_step": 1e3 * (stats["decode_seconds"] - capture) / max(stats["steps"], 1),
-            "graph_capture_seconds": capture,
+            "ms_per_step": 1e3 * (stats["decode_seconds"] - short["decode_seconds"]) / steps,
+            "ms_per_step_with_capture": 1e3 * stats["decode_seconds"] / stats["steps"],
+            "graph_capture_seconds": stats["graph_capture_seconds"],
             "h2d_bytes_per_step": stats["h2d_bytes"] / max(stats["steps"], 1),
             "h2d_bytes_full_reload_per_step": stats["h2d_bytes_full_reload"] / max(stats["steps"], 1),
             "selection_overlap": stats["selection_overlap"],
@@ -134,7 +142,8 @@ def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> di
 def check_graph_decode() -> dict:
     """Tokens of CUDA-graph decode against eager decode and the fixed-shape path run eagerly: tiny random
     Llama and Gemma 2 (sliding windows, soft-capping) resident, Llama with every layer offloaded (elastic
-    loads on the side stream inside the graph), float32, a left-padded batch, token budget 16."""
+    loads on the side stream inside the graph), and the latter with ``compile_decode_step=True`` (Inductor's
+    step in the graph); float32, a left-padded batch, token budget 16."""
     import sys
     from pathlib import Path
 
@@ -144,9 +153,11 @@ def check_graph_decode() -> dict:
     from tiny_models import padded_batch, tiny_model
 
     results = {}
-    for family, offload in (("llama", "none"), ("gemma2", "none"), ("llama", "all")):
+    for family, offload, inductor in (("llama", "none", False), ("gemma2", "none", False), ("llama", "all", False),
+                                      ("llama", "all", True)):
         model = tiny_model(family).cuda()
-        compiled = specontext.compile(model, "1GB", token_budget=16, offload=offload, local_window=4, progress=False)
+        compiled = specontext.compile(model, "1GB", token_budget=16, offload=offload, local_window=4, progress=False,
+                                      compile_decode_step=inductor)
         ids, mask = (t.cuda() for t in padded_batch(96, [48, 31], seed=5))
         tokens = {}
         for mode in ("eager", "fixed", "graph"):
@@ -154,7 +165,7 @@ def check_graph_decode() -> dict:
             tokens[mode] = compiled.generate(ids, attention_mask=mask, max_new_tokens=40, min_new_tokens=40,
                                              do_sample=False, pad_token_id=0)
             steps = compiled.stats["fixed_shape_steps"]
-        name = family if offload == "none" else f"{family} offloaded"
+        name = (family if offload == "none" else f"{family} offloaded") + (", compile_decode_step" if inductor else "")
         results[name] = {"graph_equals_eager": bool(torch.equal(tokens["graph"], tokens["eager"])),
                          "fixed_equals_eager": bool(torch.equal(tokens["fixed"], tokens["eager"])),
                          "graph_steps": steps, "h2d_bytes": compiled.stats["h2d_bytes"]}
@@ -200,7 +211,8 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true",
                         help="SpeContext's Triton attention/scoring kernels in eager steps too (graph steps use them anyway)")
     parser.add_argument("--check-only", action="store_true", help="only compare graph, fixed and eager decode tokens")
-    parser.add_argument("--inductor", action="store_true", help="compile SpeContext's fixed-shape step with Inductor")
+    parser.add_argument("--inductor", action="store_true",
+                        help="compile_decode_step=True: SpeContext's fixed-shape step through Inductor")
     parser.add_argument("--out", default="e2e")
     args = parser.parse_args()
 
@@ -235,6 +247,7 @@ def main() -> None:
                    for k, v in vars(args).items()),
                "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
                "torch": torch.__version__, "hbm_copy_gb_s": hbm / 1e9, "token_budget": TOKEN_BUDGET,
+               "fused_projections": True,  # q/k/v and gate/up as one product each (projection_fusion.py)
                "graph_decode_check": check, "rows": rows}
     write_results(payload, args.out)
 

@@ -49,6 +49,7 @@ def main() -> None:
                 continue
             variant = " +kernels" if spec and "--kernels True" in flags else ""
             variant += " +inductor" if spec and "--inductor True" in flags else ""
+            variant += " +fused" if spec and run.get("fused_projections") else ""
             rows.append({**row, "variant": variant.strip(), "run": path.name})
     spec_32k = best(rows, "specontext_80gb", 32768)
     spec_b1 = best(rows, "specontext_80gb", 32768, batch=1)

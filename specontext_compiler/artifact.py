@@ -333,22 +333,26 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def load(path: str | Path, device: str | torch.device | None = None, budget: int | str | None = None):
+def load(path: str | Path, device: str | torch.device | None = None, budget: int | str | None = None,
+         compile_decode_step: bool = False):
     """A runnable compiled model (``generate``, ``replay``) from an artifact written by :func:`export`.
 
     ``device``: where to run (default: the device it was exported on, or the CPU if that is a GPU this
     machine lacks); ``budget``: the GPU memory budget (default: the exported one). The memory plan is
-    made for them. The model's tokenizer, if exported, is ``.tokenizer``.
+    made for them. ``compile_decode_step``: as :func:`specontext.compile`'s (a choice of this process,
+    not stored in the artifact). The model's tokenizer, if exported, is ``.tokenizer``.
     """
+    if not isinstance(compile_decode_step, bool):
+        raise TypeError(f"compile_decode_step must be True or False; got {compile_decode_step!r}")
     path = Path(path)
     manifest, files = _open_checked(path)
     with contextlib.ExitStack() as stack:
         for handle in files.values():
             stack.callback(handle.close)
-        return _load_checked(path, manifest, files, device, budget)
+        return _load_checked(path, manifest, files, device, budget, compile_decode_step)
 
 
-def _load_checked(path: Path, manifest: dict, files: dict[str, BinaryIO], device, budget):
+def _load_checked(path: Path, manifest: dict, files: dict[str, BinaryIO], device, budget, compile_decode_step: bool):
     from transformers import AutoConfig, GenerationConfig
 
     from .api import SpeContextModel
@@ -388,6 +392,7 @@ def _load_checked(path: Path, manifest: dict, files: dict[str, BinaryIO], device
             local_window=options["local_window"], selection=options["selection"],
             offload=options["offload"] if isinstance(options["offload"], str) else tuple(options["offload"]),
             elastic=options["elastic"], prefill_chunk=options["prefill_chunk"],
+            compile_decode_step=compile_decode_step,
         )
     except (ValueError, TypeError, RuntimeError) as error:
         raise ArtifactError(path / "options.json", str(error)) from None

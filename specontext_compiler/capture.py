@@ -9,10 +9,13 @@ Three pieces:
 * :class:`RuntimeCacheView` stands in for the HF cache inside the step: it stores nothing (the runtime
   does) and only reports how many tokens precede the new ones, so masks and offsets come out right.
 * :func:`export_step` exports ``logits = step(input_ids, attention_mask, position_ids)`` with
-  ``torch.export`` (non-strict), with dynamic batch, new-token and total-token dimensions.
+  ``torch.export`` (non-strict), with dynamic batch, new-token and total-token dimensions, and the
+  projections that read one input (q/k/v, gate/up) as one matrix product (:mod:`.projection_fusion`).
 
-The user's model is never mutated: :func:`shadow_model` makes a structural copy that shares every
-parameter and buffer but has its own deep-copied config.
+The user's model computes what it did: :func:`shadow_model` makes a structural copy that shares every
+parameter and buffer but has its own deep-copied config. The one change is where some weights live:
+fused projections rebind the parameters to views of one concatenated weight (same values, same
+``Parameter`` objects), so memory does not grow.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import ops  # noqa: F401  (registers the custom ops)
+from .projection_fusion import fused_projections
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +215,7 @@ def export_step(model: PreTrainedModel, last_only: bool, aux_layers: tuple[int, 
         "position_ids": {0: batch_dim, 1: new_dim},
     }
     module = StepModule(model, last_only, aux_layers)
-    with torch.no_grad():
+    with torch.no_grad(), fused_projections(model):
         program = torch.export.export(
             module,
             (),

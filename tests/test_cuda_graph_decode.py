@@ -121,3 +121,29 @@ def test_bad_decode_mode_is_refused():
     compiled.engine.decode_mode = "fast"
     with pytest.raises(ValueError, match="decode_mode='fast'"):
         compiled.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)
+
+
+def test_compile_decode_step_runs_the_fixed_shape_step_through_inductor(poisoned):
+    # compile_decode_step=True: the same tokens as the eager runtime, from Inductor's code (on the CPU its
+    # C++ backend; on a GPU its Triton kernels, then captured in the CUDA graph: benchmarks/e2e.py checks).
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama")
+    compiled = specontext.compile(model, "1GB", token_budget=16, offload="all", local_window=4, progress=False,
+                                  compile_decode_step=True)
+    ids, mask = padded_batch(96, [40, 27], seed=4)
+    expected = compiled.generate(ids, attention_mask=mask, **GENERATE)
+    compiled.engine.decode_mode = "fixed"
+    calls = []
+    compiled_step = compiled.engine.fixed_shape_step
+    compiled.engine.fixed_shape_step = lambda **inputs: calls.append(1) or compiled_step(**inputs)
+    counters.clear()
+    tokens = compiled.generate(ids, attention_mask=mask, **GENERATE)
+    assert len(calls) == compiled.stats["fixed_shape_steps"] == 23
+    assert torch.equal(tokens, expected)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # the whole step, one graph
+
+
+def test_compile_decode_step_must_be_a_bool():
+    with pytest.raises(TypeError, match="compile_decode_step must be True or False; got 'yes'"):
+        specontext.compile(tiny_model("llama"), "1GB", compile_decode_step="yes")

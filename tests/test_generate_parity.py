@@ -78,6 +78,25 @@ def test_eos_pad_and_min_new_tokens():
         assert torch.equal(ref, out), kwargs
 
 
+@pytest.mark.parametrize("stop_after", [1, 3])
+def test_generation_stops_once_every_row_has_ended(stop_after):
+    # The stop check is read one step late (engine.LaggedStopCheck): the sequences and the streamed
+    # tokens must still end where transformers ends them, with no trailing column of padding.
+    model = tiny_model("llama")
+    ids, mask = padded_batch(model.config.vocab_size, [8, 8], seed=6)
+    ids, mask = ids[:1], mask[:1]
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    eos = int(free[0, 8 + stop_after - 1])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    fast = specontext.compile(model, "1GB", progress=False)
+    streamer = RecordingStreamer()
+    out = fast.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                        pad_token_id=0, streamer=streamer)
+    assert torch.equal(ref, out)
+    assert out.shape[1] <= 8 + stop_after
+    assert torch.equal(torch.cat([c.view(-1) for c in streamer.chunks[1:]]), out[0, 8:])
+
+
 class RecordingStreamer:
     def __init__(self):
         self.chunks, self.ended = [], False

@@ -100,6 +100,14 @@ class StaticDecodeRuntime:
         indices = select_tokens(scores, self.key_valid, self.budget, self.sparse.sink_tokens,
                                 self.sparse.local_window, past=self.position)
         self.indices = indices  # what attention reads (not the graph's argument: the kernels trust indices)
+        # The positions every resident full-attention layer reads: the selection and the new token (once
+        # per step, not per layer), and whether each is a real token where the batch has padding.
+        newest = self.position.view(1, 1, 1).expand(*indices.shape[:2], 1)
+        self.positions = torch.cat([indices, newest], dim=-1)
+        self.positions_valid = None
+        if not self.runtime.padding_free:
+            batch, kv_heads = indices.shape[:2]
+            self.positions_valid = self.with_new[:, None, :].expand(batch, kv_heads, self.capacity).gather(2, self.positions)
         if self.store.offloaded:
             self._plan_loads(indices)
         return indices
@@ -152,12 +160,9 @@ class StaticDecodeRuntime:
         if sliding_window and sliding_window < self.capacity:  # exceeded already (``eligible``): the window
             window = (self.position - sliding_window + 1 + torch.arange(sliding_window, device=q.device)).clamp_min(0)
             positions = window.expand(batch, kv_heads, sliding_window)
-        else:
-            newest = self.position.view(1, 1, 1).expand(batch, kv_heads, 1)
-            positions = torch.cat([self.indices, newest], dim=-1)
-        valid = None
-        if not self.runtime.padding_free or sliding_window:
             valid = self.with_new[:, None, :].expand(batch, kv_heads, self.capacity).gather(2, positions)
+        else:
+            positions, valid = self.positions, self.positions_valid
         if on_triton_path(q):
             return triton_sparse_decode_attention(q[:, :, 0], keys, values, positions, scale=scale, valid=valid,
                                                   softcap=softcap)[:, :, None]
