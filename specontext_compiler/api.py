@@ -52,6 +52,10 @@ def compile(
     """
     config = CompileConfig.from_arguments(budget, token_budget, **options)
     check_supported(model)
+    layers = model.config.num_hidden_layers
+    if isinstance(config.offload, tuple) and any(layer >= layers for layer in config.offload):
+        bad = [layer for layer in config.offload if layer >= layers]
+        raise ValueError(f"offload lists layers {bad}; the model has layers 0..{layers - 1}")
     weights = weight_bytes(model)
     if weights > config.budget_bytes:
         raise ValueError(
@@ -163,7 +167,7 @@ class SpeContextModel:
         if self.max_positions is not None and input_ids.shape[1] > self.max_positions:
             raise ValueError(
                 f"prompt of {input_ids.shape[1]} tokens is longer than the model's max_position_embeddings "
-                f"({self.max_positions})"
+                f"({self.max_positions}); accepted: at most {self.max_positions} tokens"
             )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -175,8 +179,9 @@ class SpeContextModel:
                     f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape "
                     f"{tuple(input_ids.shape)}"
                 )
-            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-                raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+            other = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
+            if other.numel():
+                raise ValueError(f"attention_mask holds {other.flatten()[0].item()}; accepted values are 0 (padding) and 1 (token)")
             if not bool(attention_mask.any(dim=-1).all()):
                 raise ValueError("empty prompt: a row of attention_mask has no token (all padding)")
         return input_ids.to(self.device), attention_mask.to(self.device, torch.long)

@@ -19,6 +19,27 @@ from .config import DEFAULT_TOKEN_BUDGET
 logger = logging.getLogger(__name__)
 
 
+def host_to_device_bandwidth(device: str = "cuda", megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second of a pinned host -> GPU copy of ``megabytes`` (median of ``repeats``): the PCIe rate
+    offloaded layers load at."""
+    import statistics
+
+    import torch
+
+    host = torch.empty(megabytes << 20, dtype=torch.uint8, pin_memory=True)
+    target = torch.empty_like(host, device=device)
+    target.copy_(host, non_blocking=True)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return host.numel() / statistics.median(times)
+
+
 def _info(args: argparse.Namespace) -> int:
     import torch
     import transformers
@@ -40,8 +61,10 @@ def _info(args: argparse.Namespace) -> int:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         lines["device"] = f"{props.name}, {props.total_memory / 2**30:.1f} GiB"
+        lines["host -> GPU"] = f"{host_to_device_bandwidth() / 1e9:.1f} GB/s (pinned, 256 MiB copy, median of 5)"
     else:
         lines["device"] = "cpu (no CUDA device)"
+        lines["host -> GPU"] = "not measured (no CUDA device)"
     width = max(map(len, lines))
     for key, value in lines.items():
         print(f"{key:<{width}}  {value}")
@@ -60,8 +83,11 @@ def _generate(args: argparse.Namespace) -> int:
     prompt = prompt_path.read_text()
     if not prompt.strip():
         raise SystemExit(f"error: prompt file {str(prompt_path)!r} is empty")
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be a positive number of tokens; got {args.max_new_tokens}")
     if (Path(args.model) / "manifest.json").is_file():  # an exported artifact (specontext export)
-        fast = specontext.load(args.model, budget=args.budget)
+        _device_and_dtype(args)
+        fast = specontext.load(args.model, device=args.device, budget=args.budget, compile_decode_step=args.compile_step)
         tokenizer = fast.tokenizer
         if tokenizer is None:
             raise ValueError(f"artifact {args.model!r} was exported without a tokenizer; export it with one")
@@ -73,16 +99,23 @@ def _generate(args: argparse.Namespace) -> int:
         )["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # prints each token as it comes
     with torch.no_grad():
         fast.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
-    stats = fast.stats
-    print(
-        f"\n[{ids.shape[1]} prompt tokens, {stats['new_tokens']} new; prefill {stats['prefill_seconds']:.2f} s, "
-        f"decode {stats['tokens_per_s']:.1f} tok/s; KV {stats['kv_bytes'] / 1e6:.1f} MB]",
-        file=sys.stderr,
-    )
+    print(summary_line(ids.shape[1], fast.stats), file=sys.stderr)
     return 0
+
+
+def summary_line(prompt_tokens: int, stats: dict) -> str:
+    """The last line of ``specontext generate``: speed, and the KV bytes moved host -> GPU."""
+    from .config import format_bytes
+
+    moved = f"KV moved host->GPU {format_bytes(stats['h2d_bytes'])}"
+    if stats["h2d_bytes_full_reload"]:
+        moved += f" (full reloads would move {format_bytes(stats['h2d_bytes_full_reload'])})"
+    return (f"[{prompt_tokens} prompt tokens, {stats['new_tokens']} new; prefill {stats['prefill_seconds']:.2f} s "
+            f"({stats['prefill_tokens_per_s']:.0f} tok/s), decode {stats['tokens_per_s']:.1f} tok/s; {moved}; "
+            f"KV held {format_bytes(stats['kv_bytes'])}]")
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -99,15 +132,44 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _device_and_dtype(args: argparse.Namespace) -> None:
+    """Fill in --device (cuda if there is one) and --dtype (bfloat16 on a GPU, float32 on the CPU); refuse a
+    CUDA device on a machine without one, before any model is loaded."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if args.device is None:
+        args.device = "cuda" if cuda else "cpu"
+    if not (args.device == "cpu" or args.device == "cuda" or args.device.startswith("cuda:")):
+        raise ValueError(f"--device {args.device!r}: accepted are cpu, cuda, cuda:N")
+    if args.device.startswith("cuda") and not cuda:
+        raise ValueError(f"--device {args.device!r} but this machine has no CUDA device; accepted: cpu")
+    if getattr(args, "dtype", None) is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+
+
 def _compile(args: argparse.Namespace):
-    """The model ``--model`` names, compiled with ``--budget``, ``--token-budget`` and ``--offload``; and
-    its tokenizer."""
+    """The model ``--model`` names, compiled with ``--budget``, ``--token-budget`` and ``--offload`` on
+    ``--device``; and its tokenizer. Every option is checked before the model is loaded."""
+    import torch
+
     import specontext
     from specontext_compiler.models import load_model
 
+    from .config import CompileConfig
+
+    if args.model != "smollm2" and not Path(args.model).exists():
+        raise FileNotFoundError(f"model path {args.model!r} does not exist (give a model directory, a .gguf file or smollm2)")
     offload = args.offload if args.offload in ("auto", "none", "all") else _layers(args.offload)
-    model, tokenizer = load_model(args.model)
-    return specontext.compile(model, args.budget, token_budget=args.token_budget, offload=offload), tokenizer
+    _device_and_dtype(args)
+    options = dict(token_budget=args.token_budget, offload=offload, prefill_chunk=args.prefill_chunk,
+                   compile_decode_step=args.compile_step)
+    CompileConfig.from_arguments(args.budget, **options)  # bad options fail here, before the model loads
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    return specontext.compile(model, args.budget, **options), tokenizer
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -132,7 +194,11 @@ def _token_budget(text: str) -> int | float | None:
     try:
         return int(text)
     except ValueError:
+        pass
+    try:
         return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: accepted are a number of tokens, a fraction in (0, 1], or none") from None
 
 
 def _add_compile_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
@@ -142,6 +208,11 @@ def _add_compile_arguments(parser: argparse.ArgumentParser, model_help: str) -> 
     parser.add_argument("--token-budget", type=_token_budget, default=DEFAULT_TOKEN_BUDGET,
                         help=f"tokens attended per step: an int, a fraction in (0, 1], or none for dense (default {DEFAULT_TOKEN_BUDGET})")
     parser.add_argument("--offload", default="auto", help="auto (default), none, all, or comma-separated layer indices")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if there is one, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    parser.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill step (default 2048)")
+    parser.add_argument("--compile-step", action="store_true",
+                        help="compile the decode step with Inductor before its CUDA graph (faster steps, ~1 min to compile)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ _UNITS = {
     "GIB": 2**30,
     "TIB": 2**40,
 }
-_BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_BUDGET_RE = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 _ACCEPTED_BUDGET = 'a positive number of bytes (int) or a string such as "24GB", "24 GB", "24GiB", "512MB", "1.5GB"'
 
 # More than any machine has: catches typos such as "24000GB" meant as MB.

@@ -1,4 +1,14 @@
-"""Bad input gets a clear error (naming the value and what is accepted) before any work starts."""
+"""Bad input gets a clear error (naming the value and what is accepted) before any work starts.
+
+One registry, ``CASES`` (the Python API) and ``CLI_CASES`` (the ``specontext`` command), drives the tests
+and the table in docs/bad_input.md: ``test_the_docs_table_is_the_registry`` fails when they differ
+(``python tests/test_bad_input.py`` prints the table to paste).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,101 +16,192 @@ import torch
 import specontext
 from tiny_models import tiny_model
 
+DOCS = Path(__file__).parents[1] / "docs" / "bad_input.md"
 
-@pytest.fixture(scope="module")
+_FAST: dict = {}
+
+
 def fast():
-    return specontext.compile(tiny_model("llama", max_position_embeddings=64), "1GB", progress=False)
+    """A compiled tiny Llama with 64 positions (compiled once, on first use)."""
+    if "model" not in _FAST:
+        _FAST["model"] = specontext.compile(tiny_model("llama", max_position_embeddings=64), "1GB", progress=False)
+    return _FAST["model"]
 
 
-@pytest.mark.parametrize("budget", ["-1GB", "abc", "0", "24XB", ""])
-def test_bad_budget(budget):
-    with pytest.raises(ValueError, match="budget"):
-        specontext.compile(tiny_model("llama"), budget)
+def compile_with(*args, **kwargs):
+    return lambda: specontext.compile(tiny_model("llama"), *args, **kwargs)
 
 
-def test_none_budget():
-    with pytest.raises(TypeError, match="budget must be"):
-        specontext.compile(tiny_model("llama"), None)
+def generate_with(input_ids, **kwargs):
+    return lambda: fast().generate(input_ids, **kwargs)
 
 
-@pytest.mark.parametrize("token_budget, error", [(0, ValueError), (-1, ValueError), (1.5, ValueError), ("64", TypeError)])
-def test_bad_token_budget(token_budget, error):
-    with pytest.raises(error, match="token_budget"):
-        specontext.compile(tiny_model("llama"), "1GB", token_budget=token_budget)
+def ids(*shape, low=3, high=96):
+    return torch.randint(low, high, shape, generator=torch.Generator().manual_seed(0))
 
 
-def test_budget_smaller_than_weights_says_what_is_needed():
-    with pytest.raises(ValueError, match=r"needs at least .* weights .* budget is 1.0 KB"):
-        specontext.compile(tiny_model("llama"), "1KB")
+def with_token(token: int):
+    prompt = ids(1, 5)
+    prompt[0, 2] = token
+    return prompt
 
 
-def test_budget_too_small_for_kv_at_generate():
+def too_small_for_kv():
     model = tiny_model("llama")
     weights = sum(p.numel() * 4 for p in model.parameters())
-    fast = specontext.compile(model, weights + 10_000, progress=False)
-    with pytest.raises(ValueError, match=r"needs at least .* for batch 4 x 200 tokens with every layer offloaded.*budget is"):
-        fast.generate(torch.randint(3, 96, (4, 100)), max_new_tokens=100)
+    return specontext.compile(model, weights + 10_000, progress=False).generate(ids(4, 100), max_new_tokens=100)
 
 
-@pytest.mark.parametrize("model", [torch.nn.Linear(2, 2), "llama"])
-def test_not_a_hf_model(model):
-    with pytest.raises(TypeError, match="supported families"):
-        specontext.compile(model, "1GB")
-
-
-def test_unsupported_family_lists_supported():
+def gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(TypeError, match=r"unsupported model GPT2LMHeadModel .*Llama"):
-        specontext.compile(model, "1GB")
+    return specontext.compile(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)), "1GB")
 
 
-def test_non_causal_model():
+def bert():
     from transformers import BertConfig, BertModel
 
     model = BertModel(BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=16))
-    with pytest.raises(TypeError, match="supported"):
-        specontext.compile(model, "1GB")
+    return specontext.compile(model, "1GB")
 
 
-def test_prompt_longer_than_max_positions(fast):
-    with pytest.raises(ValueError, match=r"65 tokens is longer than .*max_position_embeddings \(64\)"):
-        fast.generate(torch.randint(3, 96, (1, 65)), max_new_tokens=1)
+def load_on_cuda(tmp_path: Path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    compiled = specontext.compile(tiny_model("llama"), "1GB", progress=False)
+    specontext.export(compiled, tmp_path / "artifact")
+    return specontext.load(tmp_path / "artifact", device="cuda")
 
 
-@pytest.mark.parametrize("bad_id", [-1, 96, 10_000])
-def test_token_ids_outside_vocab(fast, bad_id):
-    ids = torch.randint(3, 96, (1, 5))
-    ids[0, 2] = bad_id
-    with pytest.raises(ValueError, match=rf"token id {bad_id} is outside the vocabulary; accepted ids are 0..95"):
-        fast.generate(ids, max_new_tokens=1)
+# (what, the input as the docs show it, call, error class, message regex)
+CASES = [
+    ("budget", '`compile(model, "-1GB")`', compile_with("-1GB"), ValueError, r"budget must be positive; got '-1GB'"),
+    ("budget", '`compile(model, "0")`', compile_with("0"), ValueError, r"budget must be positive; got '0'"),
+    ("budget", "`compile(model, 0)`", compile_with(0), ValueError, r"budget must be positive; got 0"),
+    ("budget", '`compile(model, "24XB")`', compile_with("24XB"), ValueError, r"budget '24XB' has unknown unit 'XB'; accepted units"),
+    ("budget", '`compile(model, "abc")`', compile_with("abc"), ValueError, r"budget 'abc' is not understood; expected a positive number"),
+    ("budget", '`compile(model, "")`', compile_with(""), ValueError, r"budget '' is not understood"),
+    ("budget", '`compile(model, "5000TB")`', compile_with("5000TB"), ValueError, r"budget '5000TB' = 5000 TB is larger than any GPU"),
+    ("budget", "`compile(model, None)`", compile_with(None), TypeError, r"budget must be a positive number of bytes .*; got None"),
+    ("budget", "`compile(model, 2.5e10)`", compile_with(2.5e10), TypeError, r"budget must be .*; got 25000000000.0 of type float"),
+    ("budget", '`compile(model, "1KB")` (smaller than the weights)', compile_with("1KB"), ValueError,
+     r"budget is too small: the model needs at least .* for its weights alone, plus its KV cache; budget is 1.0 KB"),
+    ("budget", "a budget with room for the weights but not for 4 x 200 tokens of KV, at `generate`", too_small_for_kv,
+     ValueError, r"needs at least .* for batch 4 x 200 tokens with every layer offloaded.*budget is"),
+    ("token_budget", "`token_budget=0`", compile_with("1GB", token_budget=0), ValueError, r"token_budget must be None \(dense attention\), a positive int"),
+    ("token_budget", "`token_budget=-1`", compile_with("1GB", token_budget=-1), ValueError, r"token_budget must be .*; got -1"),
+    ("token_budget", "`token_budget=1.5`", compile_with("1GB", token_budget=1.5), ValueError, r"token_budget must be .*; got the float 1.5"),
+    ("token_budget", '`token_budget=float("nan")`', compile_with("1GB", token_budget=float("nan")), ValueError, r"got the float nan"),
+    ("token_budget", '`token_budget="64"`', compile_with("1GB", token_budget="64"), TypeError, r"token_budget must be .*; got '64' of type str"),
+    ("token_budget", "`token_budget=True`", compile_with("1GB", token_budget=True), TypeError, r"got True of type bool"),
+    ("sink_tokens", "`sink_tokens=-1`", compile_with("1GB", sink_tokens=-1), ValueError, r"sink_tokens must be a non-negative int; got -1"),
+    ("sink_tokens", "`sink_tokens=2.5`", compile_with("1GB", sink_tokens=2.5), ValueError, r"sink_tokens must be a non-negative int; got 2.5"),
+    ("local_window", "`local_window=-8`", compile_with("1GB", local_window=-8), ValueError, r"local_window must be a non-negative int; got -8"),
+    ("local_window", '`local_window="64"`', compile_with("1GB", local_window="64"), ValueError, r"local_window must be a non-negative int; got '64'"),
+    ("prefill_chunk", "`prefill_chunk=0`", compile_with("1GB", prefill_chunk=0), ValueError, r"prefill_chunk must be a positive int of tokens; got 0"),
+    ("offload", '`offload="some"`', compile_with("1GB", offload="some"), ValueError, r"offload='some' is not one of 'auto', 'none', 'all'"),
+    ("offload", "`offload=[7]` (2 layers)", compile_with("1GB", offload=[7]), ValueError, r"offload lists layers \[7\]; the model has layers 0..1"),
+    ("option", "`compile(model, budget, windw=4)`", compile_with("1GB", windw=4), TypeError, r"unknown option\(s\) \['windw'\] for specontext.compile; accepted:"),
+    ("option", '`compile_decode_step="yes"`', compile_with("1GB", compile_decode_step="yes"), TypeError, r"compile_decode_step must be True or False; got 'yes'"),
+    ("model", "`compile(torch.nn.Linear(2, 2), budget)`", lambda: specontext.compile(torch.nn.Linear(2, 2), "1GB"), TypeError,
+     r"needs a Hugging Face causal LM \(a transformers PreTrainedModel\), got Linear; supported families: Llama"),
+    ("model", '`compile("llama", budget)`', lambda: specontext.compile("llama", "1GB"), TypeError, r"needs a Hugging Face causal LM .*got str; supported families"),
+    ("model", "a GPT-2 `GPT2LMHeadModel` (a causal LM of another family)", gpt2, TypeError, r"unsupported model GPT2LMHeadModel .*Llama"),
+    ("model", "a `BertModel` (not a causal LM)", bert, TypeError, r"unsupported model BertModel \(model_type='bert'\); supported causal LM families: Llama"),
+    ("prompt", "65 tokens for a model of 64 positions", generate_with(ids(1, 65), max_new_tokens=1), ValueError,
+     r"prompt of 65 tokens is longer than the model's max_position_embeddings \(64\); accepted: at most 64 tokens"),
+    ("prompt", "token id -1", generate_with(with_token(-1), max_new_tokens=1), ValueError, r"token id -1 is outside the vocabulary; accepted ids are 0..95"),
+    ("prompt", "token id 96 (vocabulary of 96)", generate_with(with_token(96), max_new_tokens=1), ValueError, r"token id 96 is outside the vocabulary; accepted ids are 0..95"),
+    ("prompt", "an empty prompt, shape (1, 0)", generate_with(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=1), ValueError,
+     r"empty prompt: input_ids has shape \(1, 0\); give at least one token per row"),
+    ("prompt", "a row that is all padding", generate_with(ids(1, 3), attention_mask=torch.zeros(1, 3, dtype=torch.long)), ValueError,
+     r"empty prompt: a row of attention_mask has no token \(all padding\)"),
+    ("prompt", "a list instead of a tensor", generate_with([[1, 2, 3]]), TypeError, r"input_ids must be a torch.LongTensor of shape \[batch, tokens\]; got list"),
+    ("prompt", "float token ids", generate_with(torch.ones(1, 3)), TypeError, r"input_ids must hold integer token ids; got dtype torch.float32"),
+    ("prompt", "a 1-D tensor", generate_with(torch.ones(3, dtype=torch.long)), ValueError, r"input_ids must have shape \[batch, tokens\]; got shape \(3,\)"),
+    ("attention_mask", "shape (1, 4) for input_ids (1, 5)", generate_with(ids(1, 5), attention_mask=torch.ones(1, 4, dtype=torch.long)), ValueError,
+     r"attention_mask shape \(1, 4\) does not match input_ids shape \(1, 5\)"),
+    ("attention_mask", "a value 2", generate_with(ids(1, 3), attention_mask=torch.tensor([[1, 2, 1]])), ValueError,
+     r"attention_mask holds 2; accepted values are 0 \(padding\) and 1 \(token\)"),
+    ("generate", "`max_new_tokens=-1`", generate_with(ids(1, 3), max_new_tokens=-1), ValueError, r"`max_new_tokens` must be greater than 0, but is -1"),
+    ("generate", "`num_beams=4`", generate_with(ids(1, 3), max_new_tokens=2, num_beams=4), ValueError, r"num_beams=4 is not supported"),
+    ("generate", "an unknown keyword argument", generate_with(ids(1, 3), max_new_tokens=2, not_an_option=1), TypeError, r"unknown keyword"),
+    ("device", '`specontext.load(path, device="cuda")` on a machine without CUDA', load_on_cuda, ValueError,
+     r"device='cuda' but this machine has no CUDA device; accepted: 'cpu'"),
+]
+
+# (what, the command's arguments after `specontext generate --model M --prompt-file F`, message regex)
+CLI_CASES = [
+    ("budget", "`--budget 24XB`", ["--budget", "24XB"], r"error: budget '24XB' has unknown unit 'XB'"),
+    ("budget", "`--budget 0`", ["--budget", "0"], r"error: budget must be positive; got '0'"),
+    ("token budget", "`--token-budget 0`", ["--token-budget", "0"], r"error: token_budget must be .*; got 0"),
+    ("offload", "`--offload 1,x`", ["--offload", "1,x"], r"error: --offload '1,x': accepted are auto, none, all, or comma-separated layer indices"),
+    ("max new tokens", "`--max-new-tokens 0`", ["--max-new-tokens", "0"], r"error: --max-new-tokens must be a positive number of tokens; got 0"),
+    ("device", "`--device cuda` on a machine without CUDA", ["--device", "cuda"], r"error: --device 'cuda' but this machine has no CUDA device; accepted: cpu"),
+    ("device", "`--device tpu`", ["--device", "tpu"], r"error: --device 'tpu': accepted are cpu, cuda, cuda:N"),
+    ("prompt file", "a prompt file that does not exist", ["--prompt-file", "missing.txt"], r"error: prompt file '.*missing.txt' does not exist"),
+    ("prompt file", "an empty prompt file", ["--prompt-file", "EMPTY"], r"error: prompt file '.*empty.txt' is empty"),
+    ("model", "a model path that does not exist", ["--model", "no/such/model"], r"error: model path 'no/such/model' does not exist"),
+]
 
 
-def test_empty_prompt(fast):
-    with pytest.raises(ValueError, match="empty prompt"):
-        fast.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=1)
-    with pytest.raises(ValueError, match="empty prompt"):
-        fast.generate(torch.ones(1, 3, dtype=torch.long), attention_mask=torch.zeros(1, 3, dtype=torch.long))
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
-def test_mismatched_attention_mask(fast):
-    with pytest.raises(ValueError, match=r"attention_mask shape \(1, 4\) does not match input_ids shape \(1, 5\)"):
-        fast.generate(torch.ones(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 4, dtype=torch.long))
+def _code(text: str) -> str:
+    return f"`` {_cell(text)} ``" if "`" in text else f"`{_cell(text)}`"
 
 
-def test_wrong_input_types(fast):
-    with pytest.raises(TypeError, match="input_ids"):
-        fast.generate([[1, 2, 3]])
-    with pytest.raises(TypeError, match="integer token ids"):
-        fast.generate(torch.ones(1, 3))
-    with pytest.raises(ValueError, match=r"shape \[batch, tokens\]"):
-        fast.generate(torch.ones(3, dtype=torch.long))
+def table() -> str:
+    rows = ["| input | value | error | message (regex the test matches) |", "|---|---|---|---|"]
+    rows += [f"| {what} | {_cell(shown)} | `{error.__name__}` | {_code(message)} |" for what, shown, _, error, message in CASES]
+    rows += ["", "| `specontext generate` input | value | message on stderr, exit code 2 (regex) |", "|---|---|---|"]
+    rows += [f"| {what} | {_cell(shown)} | {_code(message)} |" for what, shown, _, message in CLI_CASES]
+    return "\n".join(rows)
 
 
-def test_unknown_and_unsupported_generate_arguments(fast):
-    ids = torch.ones(1, 3, dtype=torch.long)
-    with pytest.raises(TypeError, match="unknown keyword"):
-        fast.generate(ids, max_new_tokens=2, not_an_option=1)
-    with pytest.raises(ValueError, match="num_beams=4 is not supported"):
-        fast.generate(ids, max_new_tokens=2, num_beams=4)
+@pytest.mark.parametrize("what, shown, call, error, message", CASES, ids=[f"{c[0]}: {c[1]}" for c in CASES])
+def test_bad_input_is_refused_with_a_clear_error(what, shown, call, error, message, tmp_path):
+    with pytest.raises(error, match=message):
+        call(tmp_path) if call is load_on_cuda else call()
+
+
+@pytest.mark.parametrize("what, shown, arguments, message", CLI_CASES, ids=[f"{c[0]}: {c[1]}" for c in CLI_CASES])
+def test_bad_command_line_is_one_line_before_the_model_loads(what, shown, arguments, message, tmp_path, monkeypatch, capsys):
+    from specontext_compiler import models
+    from specontext_compiler.cli import main
+
+    if "cuda" in arguments and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("hello")
+    (tmp_path / "empty.txt").write_text("  \n")
+    loaded = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(a) or pytest.fail("the model loaded"))
+    arguments = [str(tmp_path / "missing.txt") if a == "missing.txt" else str(tmp_path / "empty.txt") if a == "EMPTY" else a
+                 for a in arguments]
+    command = ["generate", "--model", str(tmp_path), "--prompt-file", str(prompt)]
+    for flag, value in zip(arguments[::2], arguments[1::2]):  # the case's flags replace the defaults'
+        if flag in command:
+            command[command.index(flag) + 1] = value
+        else:
+            command += [flag, value]
+    try:
+        code = main(command)
+    except SystemExit as exit_:  # the prompt-file checks exit with their message
+        code, message_out = 2, str(exit_.code)
+    else:
+        message_out = capsys.readouterr().err
+    assert code == 2 and not loaded
+    assert re.search(message, message_out), message_out
+    assert len(message_out.strip().splitlines()) == 1  # one line, no traceback
+
+
+def test_the_docs_table_is_the_registry():
+    text = DOCS.read_text()
+    assert table() in text, "docs/bad_input.md is out of date: paste the output of `python tests/test_bad_input.py`"
+
+
+if __name__ == "__main__":
+    print(table())

@@ -78,10 +78,21 @@ def test_eos_pad_and_min_new_tokens():
         assert torch.equal(ref, out), kwargs
 
 
+@pytest.mark.parametrize("lagged", [False, True])
 @pytest.mark.parametrize("stop_after", [1, 3])
-def test_generation_stops_once_every_row_has_ended(stop_after):
-    # The stop check is read one step late (engine.LaggedStopCheck): the sequences and the streamed
-    # tokens must still end where transformers ends them, with no trailing column of padding.
+def test_generation_stops_once_every_row_has_ended(stop_after, lagged, monkeypatch):
+    # On a GPU the stop check is read one step late (engine.LaggedStopCheck; forced here on the CPU): the
+    # sequences and the streamed tokens must still end where transformers ends them, with no trailing
+    # column of padding.
+    from specontext_compiler.runtime import engine
+
+    init = engine.LaggedStopCheck.__init__
+
+    def lag(self, device):
+        init(self, device)
+        self.lagged = lagged
+
+    monkeypatch.setattr(engine.LaggedStopCheck, "__init__", lag)
     model = tiny_model("llama")
     ids, mask = padded_batch(model.config.vocab_size, [8, 8], seed=6)
     ids, mask = ids[:1], mask[:1]
@@ -95,6 +106,7 @@ def test_generation_stops_once_every_row_has_ended(stop_after):
     assert torch.equal(ref, out)
     assert out.shape[1] <= 8 + stop_after
     assert torch.equal(torch.cat([c.view(-1) for c in streamer.chunks[1:]]), out[0, 8:])
+    assert fast.stats["steps"] == out.shape[1] - 8 - 1 + lagged  # lagged: one step past the EOS
 
 
 class RecordingStreamer:

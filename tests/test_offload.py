@@ -116,7 +116,7 @@ def generate(model, ids, mask, new=12, poison=True, **options):
     return compiled, out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+@pytest.mark.parametrize("family", ["llama"])  # every family, random placements: tests/test_properties.py
 def test_offloaded_equals_resident(family):
     model = tiny_model(family, num_hidden_layers=3)
     ids, mask = padded_batch(model.config.vocab_size, [60, 45], seed=3)
@@ -312,12 +312,6 @@ def test_out_of_memory_with_a_fixed_placement_is_raised():
 def test_bad_offload_options(bad):
     with pytest.raises((ValueError, TypeError), match="offload"):
         specontext.compile(tiny_model("llama"), "1GB", offload=bad, **SPARSE)
-
-
-def test_offload_layer_out_of_range():
-    model = specontext.compile(tiny_model("llama"), "1GB", offload=[5], **SPARSE)
-    with pytest.raises(ValueError, match="offload lists layers"):
-        model.generate(torch.randint(3, 90, (1, 30)), max_new_tokens=2)
 
 
 # -- SmolLM2 (the CPU acceptance) ----------------------------------------------------------------

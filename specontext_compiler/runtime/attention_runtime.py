@@ -161,6 +161,9 @@ class AttentionRuntime:
         self._sparse_step = False
         # Calibration switches selection off for a step to compute the dense reference in place.
         self.selection_enabled = True
+        # Set by the engine while a prompt is prefilled: its chunks attend densely, a one-token chunk too
+        # (the last chunk of a prompt one token past a multiple of the chunk size).
+        self.prefilling = False
         self._key_valid: torch.Tensor | None = None
         self._indices: torch.Tensor | None = None  # this step's selection (retrieve)
         self._budget = 0
@@ -220,7 +223,8 @@ class AttentionRuntime:
         total = attention_mask.shape[1]
         past = total - new
         budget = resolve_token_budget(self.sparse.token_budget, total) if self.sparse else total
-        self._sparse_step = self.sparse is not None and self.selection_enabled and new == 1 and total > budget
+        self._sparse_step = (self.sparse is not None and self.selection_enabled and not self.prefilling and new == 1
+                             and total > budget)
         self.attended_tokens.append(budget if self._sparse_step else total)
         empty = torch.empty(batch, num_kv_heads, 0, dtype=torch.long, device=input_ids.device)
         if not self._sparse_step:

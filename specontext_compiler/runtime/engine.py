@@ -50,32 +50,39 @@ def cyclic_gc_paused():
 
 
 class LaggedStopCheck:
-    """Whether every row had finished, read one step late so that the host never waits for the GPU.
+    """Whether every row has finished; on a GPU read one step late, so that the host never waits for it.
 
-    Reading ``unfinished.any()`` right away would block the host until the step that produced it ends,
-    leaving the GPU idle while Python prepares and launches the next step. Instead the flag is copied to
-    pinned host memory behind an event, and read at the next step, once that step's tokens are queued:
-    the GPU is then still busy with the decode step launched in between. A step whose rows had all
-    finished before it produces only padding, and the loop stops before appending it: the same
-    sequences as a check at once.
+    Reading ``unfinished.any()`` at once blocks the host until the step that produced it ends, leaving
+    the GPU idle while Python prepares and launches the next step. On a GPU the flag is copied to pinned
+    host memory behind an event instead, and read at the next step, once that step's tokens are queued
+    (the GPU is still busy with the decode step launched in between). A step whose rows had all finished
+    before it produces only padding, and the loop stops before appending it: the same sequences as a
+    check at once, for one extra decode step at the end of a sequence that stops on EOS (``stats``
+    count it). On the CPU, where nothing runs ahead of the host, the check is immediate.
     """
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.flag = torch.ones((), dtype=torch.bool, pin_memory=self.cuda)
-        self.event = torch.cuda.Event() if self.cuda else None
+        cuda = device.type == "cuda"
+        self.lagged = cuda
+        self.flag = torch.ones((), dtype=torch.bool, pin_memory=cuda)
+        self.event = torch.cuda.Event() if cuda else None
         self.pending = False
 
     def record(self, unfinished: torch.Tensor) -> None:
-        self.flag.copy_(unfinished.any(), non_blocking=self.cuda)
-        if self.cuda:
+        self.flag.copy_(unfinished.any(), non_blocking=self.event is not None)
+        if self.event is not None:
             self.event.record()
         self.pending = True
 
+    def finished_now(self) -> bool:
+        """Every row has finished, known without waiting (never, when lagged: see all_finished_before)."""
+        return not self.lagged and self.pending and not bool(self.flag)
+
     def all_finished_before(self) -> bool:
-        if not self.pending:
+        """When lagged: every row had finished at the previous step."""
+        if not (self.lagged and self.pending):
             return False
-        if self.cuda:
+        if self.event is not None:
             self.event.synchronize()
         return not bool(self.flag)
 
@@ -144,13 +151,17 @@ class GenerationEngine:
             total=total, desc="prefill", unit="tok", disable=not self.progress or total <= self.prefill_chunk, leave=False
         )
         outputs = []
-        with bar:
-            for start in starts:
-                end = min(start + self.prefill_chunk, total)
-                logits = self.run_step(step, input_ids[:, start:end], attention_mask[:, :end], position_ids[:, start:end])
-                if keep_all:
-                    outputs.append(logits)
-                bar.update(end - start)
+        self.runtime.prefilling = True
+        try:
+            with bar:
+                for start in starts:
+                    end = min(start + self.prefill_chunk, total)
+                    logits = self.run_step(step, input_ids[:, start:end], attention_mask[:, :end], position_ids[:, start:end])
+                    if keep_all:
+                        outputs.append(logits)
+                    bar.update(end - start)
+        finally:
+            self.runtime.prefilling = False
         return torch.cat(outputs, dim=1) if keep_all else logits
 
     def run_step(self, step: StepFn, input_ids, attention_mask, position_ids) -> torch.Tensor:
@@ -270,7 +281,7 @@ class GenerationEngine:
                     if eos is not None:
                         unfinished &= ~torch.isin(next_tokens, eos)
                         stop.record(unfinished)
-                    if index + 1 == settings.max_new_tokens:
+                    if index + 1 == settings.max_new_tokens or stop.finished_now():
                         break
                     attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
                     position = position + 1
