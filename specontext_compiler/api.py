@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .capture import CapturedStep, bound_data_dependent_sizes, check_supported, export_step, shadow_model
-from .config import DEFAULT_TOKEN_BUDGET, CompileConfig, format_bytes
+from .config import DEFAULT_TOKEN_BUDGET, CompileConfig, check_offload_layers, format_bytes
 from .passes import attention_infos, default_passes, run_passes
 from .planning import kv_bytes_per_token, weight_bytes
 from .planning.memory_model import ModelShape
@@ -52,10 +52,7 @@ def compile(
     """
     config = CompileConfig.from_arguments(budget, token_budget, **options)
     check_supported(model)
-    layers = model.config.num_hidden_layers
-    if isinstance(config.offload, tuple) and any(layer >= layers for layer in config.offload):
-        bad = [layer for layer in config.offload if layer >= layers]
-        raise ValueError(f"offload lists layers {bad}; the model has layers 0..{layers - 1}")
+    check_offload_layers(config.offload, model.config.num_hidden_layers)
     weights = weight_bytes(model)
     if weights > config.budget_bytes:
         raise ValueError(

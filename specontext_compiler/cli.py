@@ -147,7 +147,7 @@ def _device_and_dtype(args: argparse.Namespace) -> None:
         raise ValueError(f"--device {args.device!r}: accepted are cpu, cuda, cuda:N")
     if args.device.startswith("cuda") and not cuda:
         raise ValueError(f"--device {args.device!r} but this machine has no CUDA device; accepted: cpu")
-    if getattr(args, "dtype", None) is None:
+    if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
 
 

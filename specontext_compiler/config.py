@@ -75,6 +75,13 @@ def validate_token_budget(token_budget: int | float | None) -> int | float | Non
     return token_budget
 
 
+def check_offload_layers(offload: str | tuple[int, ...], layers: int) -> None:
+    """A list of layers to offload must name layers the model has."""
+    bad = [] if isinstance(offload, str) else [layer for layer in offload if layer >= layers]
+    if bad:
+        raise ValueError(f"offload lists layers {bad}; the model has layers 0..{layers - 1}")
+
+
 # How sparse steps pick tokens: the retrieval head (the method) or a baseline measured against it.
 #: Sparse by default: measured on SmolLM2 at 2K tokens with 256 (docs/accuracy.md), 2048 is far inside it.
 DEFAULT_TOKEN_BUDGET = 2048

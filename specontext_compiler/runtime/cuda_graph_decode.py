@@ -104,13 +104,15 @@ class StaticDecodeRuntime:
         # per step, not per layer), and whether each is a real token where the batch has padding.
         newest = self.position.view(1, 1, 1).expand(*indices.shape[:2], 1)
         self.positions = torch.cat([indices, newest], dim=-1)
-        self.positions_valid = None
-        if not self.runtime.padding_free:
-            batch, kv_heads = indices.shape[:2]
-            self.positions_valid = self.with_new[:, None, :].expand(batch, kv_heads, self.capacity).gather(2, self.positions)
+        self.positions_valid = None if self.runtime.padding_free else self._holds_token(self.positions)
         if self.store.offloaded:
             self._plan_loads(indices)
         return indices
+
+    def _holds_token(self, positions: torch.Tensor) -> torch.Tensor:
+        """Bool like ``positions`` [B, Hkv, N]: whether each is a stored token or the new one (not padding)."""
+        batch, kv_heads = positions.shape[:2]
+        return self.with_new[:, None, :].expand(batch, kv_heads, self.capacity).gather(2, positions)
 
     def _plan_loads(self, indices: torch.Tensor) -> None:
         store = self.store
@@ -160,7 +162,7 @@ class StaticDecodeRuntime:
         if sliding_window and sliding_window < self.capacity:  # exceeded already (``eligible``): the window
             window = (self.position - sliding_window + 1 + torch.arange(sliding_window, device=q.device)).clamp_min(0)
             positions = window.expand(batch, kv_heads, sliding_window)
-            valid = self.with_new[:, None, :].expand(batch, kv_heads, self.capacity).gather(2, positions)
+            valid = self._holds_token(positions)
         else:
             positions, valid = self.positions, self.positions_valid
         if on_triton_path(q):

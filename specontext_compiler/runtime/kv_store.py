@@ -189,9 +189,7 @@ class KVStore:
                 token_major(entry.key)[start:end].copy_(key.permute(2, 0, 1, 3), non_blocking=True)
                 token_major(entry.value)[start:end].copy_(value.permute(2, 0, 1, 3), non_blocking=True)
                 self._flushed[layer] = end
-            elif start - self._flushed[layer] >= max(1, self.window // 2):
-                # Decode: the new token stays in the ring; every window/2 steps the ring's unflushed
-                # tokens go to host memory in one copy, long before the ring overwrites them.
+            elif self._flush_due(layer, start):  # decode: the new token stays in the ring
                 self.flush(layer)
             self._write_ring(layer, key, value, start)
         else:
@@ -214,7 +212,16 @@ class KVStore:
             positions = torch.arange(start + new - keep, start + new, device=key.device) % self.window
             fast.ring_key.index_copy_(2, positions, key[:, :, new - keep:])
             fast.ring_value.index_copy_(2, positions, value[:, :, new - keep:])
-        self._ring_start[layer] = max(self._ring_start[layer], start + new - self.window)
+        self._ring_holds_up_to(layer, start + new)
+
+    def _ring_holds_up_to(self, layer: int, end: int) -> None:
+        """The ring now holds tokens up to ``end``: its oldest valid position moves along."""
+        self._ring_start[layer] = max(self._ring_start[layer], end - self.window)
+
+    def _flush_due(self, layer: int, stored: int) -> bool:
+        """Whether the ring's tokens not yet in host memory (of ``stored``) go there now: every window/2
+        steps, in one copy, long before the ring overwrites them."""
+        return stored - self._flushed[layer] >= max(1, self.window // 2)
 
     def ring_start(self, layer: int) -> int:
         """The oldest position the layer's ring holds valid data for."""
@@ -227,8 +234,8 @@ class KVStore:
         for layer, entry in enumerate(self.layers):
             entry.length += 1
             if layer in self.offloaded:
-                self._ring_start[layer] = max(self._ring_start[layer], entry.length - self.window)
-                if entry.length - self._flushed[layer] >= max(1, self.window // 2):
+                self._ring_holds_up_to(layer, entry.length)
+                if self._flush_due(layer, entry.length):
                     self.flush(layer)
 
     def flush(self, layer: int) -> None:

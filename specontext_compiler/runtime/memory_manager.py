@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from ..config import check_offload_layers
 from ..planning.memory_model import DEFAULT_WORKSPACE, ModelShape, memory_terms
 from ..planning.planner import PeakModel, impossible_budget
 from ..retrieval.selection import resolve_token_budget
@@ -116,10 +117,8 @@ class MemoryManager:
             peak = model.peak(batch, end, layers - len(offloaded) - len(later), end, prompt=prompt,
                               staged=model.staged(until, prompt, end))
         else:
+            check_offload_layers(self.offload, layers)
             offloaded = {"none": (), "all": tuple(range(layers))}.get(self.offload, self.offload)
-            bad = [layer for layer in offloaded if layer >= layers]
-            if bad:
-                raise ValueError(f"offload lists layers {bad}; the model has layers 0..{layers - 1}")
             later = {}
             peak = model.peak(batch, end, layers - len(offloaded), end, prompt=prompt)
             if peak > self.budget_bytes:
