@@ -14,6 +14,13 @@
    so real CUDA out-of-memory errors happen; the manager must roll back, re-plan and finish.
 4. Which layers stay resident: 8B shape, 32K, half the layers offloaded: the first half resident vs the
    last half vs every other layer, decode ms/step.
+5. Out of memory during decode (``oom_decode``): a float32 random Llama under a budget with room for
+   every layer; when a chosen token arrives, another tenant takes the GPU's free memory (the allocator
+   is capped at what the process reserves then plus 48 MiB, and the free blocks the allocator caches
+   are taken too). The next
+   step runs out: eager decode at the 4th token; graph decode before its warm-up step, before its
+   capture (both fall back to eager steps) and after its capture (replays allocate nothing). The manager
+   must re-plan and retry, and the tokens must equal an undisturbed run.
 
 Writes JSON under benchmarks/results/ (and $OUT when set) and prints a table.
 """
@@ -24,6 +31,7 @@ import argparse
 import datetime
 import statistics
 import time
+import traceback
 
 import torch
 
@@ -186,6 +194,125 @@ def out_of_memory_recovery(model) -> dict:
     return result
 
 
+class TenantTakesMemory:
+    """A streamer: when new token ``at`` arrives (before the decode step that follows it), another tenant
+    takes the GPU's free memory: the allocator is capped at what this process reserves now + ``slack``,
+    and the free blocks it caches are filled with ballast.
+    Each ``put`` also records the bytes the step since the last one needed above what was allocated."""
+
+    def __init__(self, at: int | None, slack: int):
+        self.at, self.slack = at, slack
+        self.puts = 0
+        self.cap: int | None = None
+        self.ballast: list[torch.Tensor] = []
+        self.allocated: list[int] = []
+        self.needs: list[int] = []  # needs[i]: decode step i + 1 (the step after new token i + 1)
+
+    def put(self, value):  # the prompt, then each new token (a host copy: its step has finished)
+        torch.cuda.synchronize()
+        if self.allocated:
+            self.needs.append(torch.cuda.max_memory_allocated() - self.allocated[-1])
+        self.allocated.append(torch.cuda.memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+        if self.at is not None and self.puts == self.at:
+            torch.cuda.empty_cache()
+            total, reserved = torch.cuda.get_device_properties(0).total_memory, torch.cuda.memory_reserved()
+            torch.cuda.set_per_process_memory_fraction(reserved / total)
+            self.ballast = self._fill_cached_blocks()
+            self.cap = reserved + self.slack
+            torch.cuda.set_per_process_memory_fraction(self.cap / total)
+        self.puts += 1
+
+    @staticmethod
+    def _fill_cached_blocks() -> list[torch.Tensor]:
+        """Take what the caching allocator holds free inside segments still in use (the tenant got the
+        rest of the GPU); largest pieces first, down to the small pool's."""
+        ballast = []
+        for size in (64 << 20, 16 << 20, 4 << 20, 2 << 20, (1 << 20) + 512, 512 << 10, 64 << 10, 8 << 10, 512):
+            while True:
+                try:
+                    ballast.append(torch.empty(size, dtype=torch.uint8, device="cuda"))
+                except torch.OutOfMemoryError:
+                    break
+        return ballast
+
+    def end(self):
+        pass
+
+
+def out_of_memory_in_decode() -> dict:
+    import specontext
+    from specontext_compiler.kernels import use_kernels
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                         num_key_value_heads=4, vocab_size=16000, max_position_embeddings=32768)
+    model = LlamaForCausalLM(config).to("cuda", torch.float32).eval()
+    batch, prompt, new = 32, 16384, 24
+    ids = torch.randint(5, 16000, (batch, prompt), generator=torch.Generator().manual_seed(3)).cuda()
+    settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    options = dict(token_budget=512, progress=False)
+    workspace = 128 * 2**20
+    probe = specontext.compile(model, "40GB", offload="auto", **options)
+    probe.memory.workspace = workspace
+    budget = probe.memory.model(prompt + new).peak(batch, prompt + new, config.num_hidden_layers, prompt=prompt)
+    del probe
+    # Room for the engine's work between steps (20 MiB segments, the allocator's unit for 1-10 MiB
+    # blocks, and 2 MiB ones) but not for a step's (~70 MiB at batch 32: the head's scores, the selection).
+    slack = 48 * 2**20
+    # (decode mode, the new token whose arrival caps the allocator: puts counts the prompt as 0)
+    cases = [("eager", None), ("eager", 4), ("graph", None), ("graph", 1), ("graph", 2), ("graph", 4)]
+    names = {None: "undisturbed", 1: "before the warm-up step", 2: "before the capture", 4: "after 4 tokens"}
+    rows, references = [], {}
+    # Eager steps through the Triton kernels too, as graph steps: the same rounding on both paths.
+    use_kernels(True)
+    for mode, at in cases:
+        compiled = specontext.compile(model, budget, offload="auto", **options)
+        compiled.memory.workspace = workspace
+        compiled.runtime.store.migration_chunk = 32  # a move's device temporary: a small (<= 1 MiB) block
+        compiled.engine.decode_mode = mode
+        tenant = TenantTakesMemory(at, slack)
+        torch.cuda.empty_cache()
+        try:
+            out = compiled.generate(ids, streamer=tenant, **settings)
+            error = None
+        except Exception as failure:  # recorded in the row and printed: the other cases still run
+            out, error = None, f"{type(failure).__name__}: {str(failure).splitlines()[0]}"
+            traceback.print_exc()
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+        if at is None:
+            references[mode] = out
+        stats = compiled.stats
+        # Graph and eager steps may still round differently (the head scores all capacity positions in a
+        # graph step, the stored ones in an eager step): each run is compared with both undisturbed runs.
+        same = {name: out is not None and ref is not None and bool(torch.equal(out, ref)) for name, ref in references.items()}
+        first_difference = {name: None if out is None or ref is None or equal else
+                            int((out[:, prompt:] != ref[:, prompt:]).any(0).nonzero()[0]) for (name, ref), equal in
+                            zip(references.items(), same.values())}
+        row = {"decode_mode": mode, "tenant_takes_memory": names[at], "finished": out is not None, "error": error,
+               "identical_tokens": same.get(mode, False), "identical_to": same,
+               "first_different_new_token": first_difference,
+               "retries": compiled.memory.retries, "workspace_after": compiled.memory.workspace,
+               "migrated": compiled.memory.migrated, "offloaded_at_end": len(compiled.runtime.store.offloaded),
+               "fixed_shape_steps": stats.get("fixed_shape_steps"), "fixed_shape_abandoned": stats.get("fixed_shape_abandoned"),
+               "allocator_cap_bytes": tenant.cap, "slack_bytes": slack if at else None, "budget_bytes": budget,
+               "ballast_bytes": sum(t.numel() for t in tenant.ballast),
+               "step_need_bytes": tenant.needs[:6]}
+        rows.append(row)
+        print(f"oom in decode: {mode:>5}, tenant {names[at]:>24}: finished {row['finished']}, identical to "
+              f"{same} (first different new token {first_difference}), retries {row['retries']}, moved {row['migrated']}, fixed-shape steps "
+              f"{row['fixed_shape_steps']} (abandoned {row['fixed_shape_abandoned']}), step needs "
+              f"{[round(n / 2**20, 1) for n in tenant.needs[:4]]} MiB, ballast {row['ballast_bytes'] / 2**20:.0f} MiB"
+              f"{'' if error is None else ', ' + error}", flush=True)
+        del compiled, tenant
+        torch.cuda.empty_cache()
+    use_kernels(None)
+    return {"config": "Llama, 8 layers, hidden 1024, 16/4 heads, vocabulary 16,000, float32", "batch": batch, "prompt": prompt,
+            "new_tokens": new, "token_budget": 512, "workspace": workspace, "rows": rows}
+
+
 def which_layers_stay(model, context: int = 32768, new: int = 33, repeats: int = 3) -> list[dict]:
     import specontext
 
@@ -214,7 +341,7 @@ def which_layers_stay(model, context: int = 32768, new: int = 33, repeats: int =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="memory_plan_gpu")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["peaks", "migration", "oom", "placement"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["peaks", "migration", "oom", "placement", "oom_decode"])
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/memory_plan_gpu.py needs a CUDA GPU")
@@ -222,7 +349,9 @@ def main() -> None:
 
     payload = {"command": "PYTHONPATH=. python benchmarks/memory_plan_gpu.py", "date": datetime.date.today().isoformat(),
                "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
-    model = llama_8b_random()
+    if "oom_decode" not in args.skip:
+        payload["out_of_memory_in_decode"] = out_of_memory_in_decode()
+    model = None if {"peaks", "migration", "oom", "placement"} <= set(args.skip) else llama_8b_random()
     if "peaks" not in args.skip:
         payload["rows"] = predicted_vs_measured(model)
         payload["measured_workspace"] = max(r["residual_over_terms"] for r in payload["rows"])

@@ -1,6 +1,7 @@
-"""Where a batch-1 decode step's time goes on the GPU: kernels by kind, against the bytes it must read.
+"""Where a decode step's time goes on the GPU: kernels by kind, against the bytes it must read.
 
     PYTHONPATH=.:tests python benchmarks/step_profile.py --out step_profile_h200
+    PYTHONPATH=.:tests python benchmarks/step_profile.py --batch 8 --variants graph_inductor --out step_profile_b8_h200
 
 Three measurements on the Llama-3.1-8B shape (random bf16 weights, as in benchmarks/e2e.py):
 
@@ -144,6 +145,7 @@ def profile_variant(compiled, ids, short: int, long: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step (the kernel table's)")
     parser.add_argument("--variants", nargs="+", default=["graph", "graph_inductor"],
                         choices=["graph", "fixed", "graph_inductor", "graph_inductor_untuned"])
     parser.add_argument("--deadline", type=float, default=540, help="seconds; later variants are skipped")
@@ -160,7 +162,7 @@ def main() -> None:
         print(f"projections {key}: floor {f['floor_ms']:.2f} ms; separate {f['separate_ms']:.2f} ms "
               f"({f['separate_gb_s']:.0f} GB/s); fused qkv/gate-up {f['fused_ms']:.2f} ms ({f['fused_gb_s']:.0f} GB/s)")
     compiled = specontext.compile(model, "80GB", token_budget=TOKEN_BUDGET, progress=False)
-    ids = _prompt(1, args.context)
+    ids = _prompt(args.batch, args.context)
     plain_step = compiled.engine.step
     variants = {}
     for variant in args.variants:
@@ -189,7 +191,7 @@ def main() -> None:
     write_results({"command": "PYTHONPATH=.:tests python benchmarks/step_profile.py " + " ".join(
                        f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()),
                    "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
-                   "torch": torch.__version__, "hbm_copy_gb_s": hbm / 1e9, "context": args.context,
+                   "torch": torch.__version__, "hbm_copy_gb_s": hbm / 1e9, "context": args.context, "batch": args.batch,
                    "token_budget": TOKEN_BUDGET, "projection_floor": floor, "variants": variants}, args.out)
 
 

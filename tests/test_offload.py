@@ -4,6 +4,8 @@ Offloaded must equal resident and elastic loading must equal full reload; on thi
 tiers live in CPU memory and the same code runs synchronously.
 """
 
+import weakref
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -280,10 +282,18 @@ def test_out_of_memory_mid_step_rolls_back_replans_and_retries():
 
     def run_out_of_memory(layer, q, keys, scale):
         if layer == 2 and q.shape[2] == 1 and keys.shape[2] == 96 and not failed:
-            failed.append(layer)
+            held = torch.empty(64)  # what the failed step allocated: freed before the retry
+            failed.append(weakref.ref(held))
             raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
 
     compiled.runtime.observers.append(run_out_of_memory)
+    replan = compiled.memory._replan_after_out_of_memory
+
+    def replan_once_the_step_is_gone(*args):
+        assert failed[0]() is None, "the failed step's tensors outlive it (its frames hold them)"
+        return replan(*args)
+
+    compiled.memory._replan_after_out_of_memory = replan_once_the_step_is_gone
     out = compiled.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
     assert failed and compiled.memory.retries == 1 and compiled.memory.workspace == 2 * workspace
     # The placement's peak is the re-plan's: the doubled margin, and the layers resident at the end.
@@ -294,6 +304,131 @@ def test_out_of_memory_mid_step_rolls_back_replans_and_retries():
     assert compiled.memory.placement.peak_bytes <= budget
     assert {layer for length, layer in compiled.memory.migrated if length == 95} == leave_at_once
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("where", ["switching over", "making its slots"])
+def test_out_of_memory_while_a_layer_moves_to_host_memory_retries_the_move(where, monkeypatch):
+    """A layer planned to leave mid-sequence runs out of memory while it switches over (its newest tokens
+    copied, its ring not made yet), or at its first offloaded step between making its key and value slots:
+    the layer stays as it was, the step is retried after a re-plan, and the tokens and logits are those of
+    an all-resident run."""
+    model = tiny_model("llama", num_hidden_layers=4)
+    ids, mask = padded_batch(model.config.vocab_size, [90], seed=2)
+    new = 80
+    settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                    return_dict_in_generate=True, output_logits=True)
+    expected = specontext.compile(model, "1GB", offload="none", **SPARSE).generate(ids, attention_mask=mask, **settings)
+    workspace = 40 * specontext.compile(model, "1GB", **SPARSE).kv_bytes_per_token
+    budget, planned = budget_with_migrations(model, 90, 90 + new, workspace=2 * workspace)
+    compiled = specontext.compile(model, budget, offload="auto", **SPARSE)
+    compiled.memory.workspace = workspace  # the re-plan's doubled margin still fits the budget
+    compiled.runtime.store.fill_value = POISON
+    compiled.runtime.store.migration_chunk = CHUNK
+    store, inside, failed = compiled.runtime.store, [], []
+    method, then = {"switching over": ("migrate_to_host", "_copy_to_host"),
+                    "making its slots": ("ensure_slots", "full")}[where]
+    outer = getattr(store, method)
+
+    def watched(*args):
+        inside.append(0)
+        try:
+            return outer(*args)
+        finally:
+            inside.pop()
+
+    inner = getattr(torch if then == "full" else store, then)
+
+    def fails_once(*args, **kwargs):
+        result = inner(*args, **kwargs)
+        if inside and not failed:  # the first copy (the second buffer: slots) is made, the rest is not
+            inside[-1] += 1
+            if where == "switching over" or inside[-1] == 2:
+                failed.append(1)
+                raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return result
+
+    setattr(store, method, watched)
+    monkeypatch.setattr(torch if then == "full" else store, then, fails_once)
+    out = compiled.generate(ids, attention_mask=mask, **settings)
+    assert failed and compiled.memory.retries == 1
+    assert torch.equal(out.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(expected.logits), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("where", ["building the decoder", "the third step's loads", "the third step's last layer"])
+def test_out_of_memory_in_fixed_shape_decode_replans_and_decodes_eagerly(where, monkeypatch):
+    """Fixed-shape decode (what a CUDA graph replays; run eagerly here) with layers 2 and 3 offloaded runs
+    out of memory while its decoder is built; or in its third step once the slot map holds the new
+    selection but before layer 3's slots are loaded; or at layer 3, after layer 2 wrote its K/V and the
+    head's key and query in place. What the step wrote is put back or forgotten (slots poisoned), the decoder is
+    abandoned, the manager re-plans with twice the margin (more layers leave the GPU), and the rest
+    decodes eagerly: the tokens of a run that never failed."""
+    from specontext_compiler.runtime import cuda_graph_decode
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    ids, mask = padded_batch(model.config.vocab_size, [90], seed=2)
+    new = 40
+    settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                    return_dict_in_generate=True, output_logits=True)
+    reference = specontext.compile(model, "1GB", offload="none", **SPARSE)
+    expected = reference.generate(ids, attention_mask=mask, **settings)
+    workspace = 40 * reference.kv_bytes_per_token
+    reference.memory.workspace = workspace
+    budget = reference.memory.model(90 + new).peak(1, 90 + new, 2, prompt=90)  # layers 2, 3 offloaded
+    compiled = specontext.compile(model, budget, offload="auto", **SPARSE)
+    compiled.memory.workspace = workspace
+    compiled.engine.decode_mode = "fixed"
+    compiled.runtime.store.fill_value = POISON
+    assert compiled.runtime.head.layers == (2,)  # the layer whose query the head keeps
+    method = {"building the decoder": "begin", "the third step's loads": "prefetch",
+              "the third step's last layer": "attention"}[where]
+    original = getattr(cuda_graph_decode.StaticDecodeRuntime, method)
+    calls, failed = [], []
+
+    def run_out_of_memory(self, *args, **kwargs):
+        if method == "prefetch" and args[0] in self._prefetched:  # attention's call, once the graph's ran
+            return original(self, *args, **kwargs)
+        calls.append(args[0])
+        if method == "begin" or (args[0] == 3 and calls.count(3) == 3):
+            held = torch.empty(64)  # what the failed step allocated: freed before the re-plan
+            failed.append(weakref.ref(held))
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cuda_graph_decode.StaticDecodeRuntime, method, run_out_of_memory)
+    recover = compiled.memory.recover
+
+    def recover_once_the_step_is_gone(*args, **kwargs):
+        assert failed and failed[0]() is None, "the failed step's tensors outlive it (its frames hold them)"
+        return recover(*args, **kwargs)
+
+    compiled.memory.recover = recover_once_the_step_is_gone
+    out = compiled.generate(ids, attention_mask=mask, **settings)
+    assert compiled.placement.offloaded == (2, 3)
+    assert len(failed) == 1 and compiled.stats["fixed_shape_abandoned"]
+    assert compiled.stats["fixed_shape_steps"] == (0 if method == "begin" else 2)
+    assert compiled.stats["steps"] == new - 1
+    assert compiled.memory.retries == 1 and compiled.memory.workspace == 2 * workspace
+    assert len(compiled.runtime.store.offloaded) > 2  # the re-plan moved layers out
+    assert torch.equal(out.sequences, expected.sequences)
+    # Logits too: stale slots may leave the tokens alone but not the logits (they differ by ~3e-2).
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(expected.logits), atol=1e-5, rtol=0)
+
+
+def test_out_of_memory_in_fixed_shape_decode_with_a_fixed_placement_is_raised(monkeypatch):
+    from specontext_compiler.runtime import cuda_graph_decode
+
+    compiled = specontext.compile(tiny_model("llama", num_hidden_layers=2), "1GB", offload="none", **SPARSE)
+    compiled.engine.decode_mode = "fixed"
+
+    def attention(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+
+    monkeypatch.setattr(cuda_graph_decode.StaticDecodeRuntime, "attention", attention)
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
+        compiled.generate(torch.randint(3, 90, (1, 30)), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                          pad_token_id=0)
+    assert compiled.stats == {} or not compiled.engine.decoder
 
 
 def test_out_of_memory_with_a_fixed_placement_is_raised():

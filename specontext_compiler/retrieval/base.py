@@ -76,6 +76,14 @@ class RetrievalHead:
     def end_static(self, steps: int) -> None:
         """``steps`` fixed-shape steps ran since :meth:`begin_static`: bring the head's own counters up."""
 
+    def static_snapshot(self) -> object:
+        """Between fixed-shape steps: copies of what :meth:`observe_static` overwrites in place (keys at
+        the step's own position need none), for :meth:`static_restore` after a step that failed part-way."""
+        return None
+
+    def static_restore(self, state: object) -> None:
+        """Go back to a :meth:`static_snapshot`."""
+
     def cache_bytes_per_token(self) -> int:
         """GPU bytes the head keeps per context token and sequence (for the memory plan)."""
         return 0

@@ -156,3 +156,10 @@ class TargetLayerHead(RetrievalHead):
     def end_static(self, steps: int) -> None:
         for cache in self.caches.values():
             cache.length += steps
+
+    def static_snapshot(self):
+        return {layer: query.clone() for layer, query in self.queries.items()}
+
+    def static_restore(self, state) -> None:
+        for layer, query in state.items():
+            self.queries[layer].copy_(query)

@@ -22,10 +22,10 @@ stored lengths, the head's counters) is brought up after the steps, by ``finish`
 
 It engages once a step's decisions stay fixed for the rest of the sequence (``eligible``): sparse
 steps with an integer budget, every sliding window already exceeded, every layer resident on the GPU
-for the whole sequence, a head with a fixed-shape scorer. Otherwise decoding stays eager. Fixed-shape steps do not go through the memory
-manager's out-of-memory retry: with no layer moving mid-sequence, the plan made before the sequence
-covers them, and the graph's own buffers are a decode step's activations (small next to the workspace
-the plan reserves).
+for the whole sequence, a head with a fixed-shape scorer. Otherwise decoding stays eager. A step that
+runs out of GPU memory (building the decoder, the warm-up, the capture; a replay allocates nothing)
+puts back what it wrote in place, and the engine abandons the decoder: the memory manager re-plans and
+the rest of the sequence decodes eagerly (``GenerationEngine._fixed_shape_step``).
 """
 
 from __future__ import annotations
@@ -260,32 +260,58 @@ class GraphDecoder:
 
     def decode(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """One step for ``tokens`` [B, 1] at ``position_ids`` [B, 1]; returns logits [B, 1, V] (a buffer the
-        next step overwrites)."""
+        next step overwrites).
+
+        Raises ``torch.OutOfMemoryError`` from a step that allocates (every step on the CPU; the warm-up
+        and the capture on a GPU: a replay allocates nothing) with what it wrote in place put back, for
+        :meth:`abandon`."""
         self.input_ids.copy_(tokens)
         self.position_ids.copy_(position_ids)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self._allocating_step()
         self.steps += 1
         self.runtime.attended_tokens.append(self.static.budget + 1)
-        if not self.use_graph or self.steps == 1:  # on a GPU, the first step warms up (it runs eagerly)
-            logits = self._run()
-        else:
-            logits = self._replay()
         self.runtime.store.advance_in_place()
         return logits
 
-    def _replay(self) -> torch.Tensor:
+    def _allocating_step(self) -> torch.Tensor:
+        """A step run eagerly at fixed shape (on a GPU, the first: it warms up) or captured and replayed."""
+        static, head = self.static, self.runtime.head
+        counters = [counter.clone() for counter in (static.h2d_bytes, static.full_reload_bytes, static.kept)]
+        head_state = head.static_snapshot()
+        try:
+            return self._run() if not self.use_graph or self.steps == 0 else self._capture_and_replay()
+        except torch.OutOfMemoryError:
+            # Keys, values and head keys written at the step's own position are rewritten by the retry.
+            head.static_restore(head_state)
+            for counter, saved in zip((static.h2d_bytes, static.full_reload_bytes, static.kept), counters):
+                counter.copy_(saved)
+            self.graph = None
+            raise
+
+    def _capture_and_replay(self) -> torch.Tensor:
         """Capture the step once (its kernels do not run then), and replay it: the step runs."""
-        if self.graph is None:
-            started = time.perf_counter()
-            side = torch.cuda.Stream(self.position.device)
-            side.wait_stream(torch.cuda.current_stream(self.position.device))
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=side):
-                self.logits = self._run()
-            torch.cuda.current_stream(self.position.device).wait_stream(side)
-            self.capture_seconds = time.perf_counter() - started  # capture runs no kernel: no sync needed
-            logger.info("captured a decode step: batch %d, %d positions", self.input_ids.shape[0], self.mask.shape[1])
+        started = time.perf_counter()
+        side = torch.cuda.Stream(self.position.device)
+        side.wait_stream(torch.cuda.current_stream(self.position.device))
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=side):
+            self.logits = self._run()
+        torch.cuda.current_stream(self.position.device).wait_stream(side)
+        self.capture_seconds = time.perf_counter() - started  # capture runs no kernel: no sync needed
+        logger.info("captured a decode step: batch %d, %d positions", self.input_ids.shape[0], self.mask.shape[1])
         self.graph.replay()
         return self.logits
+
+    def abandon(self) -> None:
+        """Leave the rest of the sequence to eager steps (a step ran out of memory): count the steps that
+        ran, as :meth:`finish` does, and let the slot map forget what the slots hold (the failed step
+        may have rewritten it and loaded part of its selection): the next step reloads its selection."""
+        self.finish()
+        self.runtime.store.slot_map.reset()
 
     def finish(self) -> None:
         """Bring Python's counters up to the steps that ran: the head's caches, the transfer counters."""

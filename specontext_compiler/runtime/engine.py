@@ -11,6 +11,7 @@ import contextlib
 import gc
 import logging
 import time
+import traceback
 from typing import Callable
 
 import torch
@@ -137,6 +138,8 @@ class GenerationEngine:
         self.progress = progress
         self.stats: dict[str, float | int] = {}
         self.memory = memory  # MemoryManager: moves layers to host memory as sequences grow, retries on OOM
+        self.fixed_shape_abandoned = False
+        self.abandoned_fixed_shape_steps = 0
 
     # -- prefill --------------------------------------------------------------------------------------
     def run_chunks(self, step: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_all: bool) -> torch.Tensor:
@@ -224,6 +227,41 @@ class GenerationEngine:
         return GraphDecoder(step, self.runtime, attention_mask, capacity,
                             use_graph=self.decode_mode == "graph" and self.device.type == "cuda")
 
+    def _fixed_shape_step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position: torch.Tensor,
+                          capacity: int) -> torch.Tensor | None:
+        """One decode step at fixed shape (the decoder is built at the first one that can be); None where
+        the step must run eagerly.
+
+        Out of GPU memory while the decoder is built, warms up or captures its graph, the decoder is
+        abandoned (the step put back what it wrote in place), the memory manager re-plans with twice the
+        margin (or raises, for a fixed placement), and this step and the rest of the sequence run eagerly,
+        where the manager retries steps that still run out.
+        """
+        failure = None
+        try:
+            if self.decoder is None:
+                self.decoder = self._fixed_shape_decoder(attention_mask, capacity)
+                if self.decoder is None:
+                    return None
+            return self.decoder.decode(tokens, position)
+        except torch.OutOfMemoryError as error:
+            failure = error  # handled below, once the failed step's frames (and tensors) are gone
+            traceback.clear_frames(error.__traceback__)  # the traceback stays; its frames' tensors go
+        if self.decoder is not None:
+            self.abandoned_fixed_shape_steps += self.decoder.steps
+            self.decoder.abandon()
+        else:  # building the decoder failed: its in-place slot map may be half made
+            self.runtime.store.slot_map.reset()
+        self.decoder = None
+        self.fixed_shape_abandoned = True
+        length = attention_mask.shape[1] - 1
+        logger.warning("out of GPU memory at %d tokens before a fixed-shape decode step could run (%s): the rest "
+                       "of the sequence decodes eagerly", length, str(failure).splitlines()[0] if str(failure) else "")
+        if self.memory is None:
+            raise failure
+        self.memory.recover(failure, length)
+        return None
+
     # -- generate -------------------------------------------------------------------------------------
     def generate(
         self,
@@ -254,6 +292,8 @@ class GenerationEngine:
         if self.decode_mode not in self.DECODE_MODES:
             raise ValueError(f"decode_mode={self.decode_mode!r} is not one of {', '.join(map(repr, self.DECODE_MODES))}")
         self.decoder = None
+        self.fixed_shape_abandoned = False  # a fixed-shape step ran out of memory: eager from there on
+        self.abandoned_fixed_shape_steps = 0
         capacity = prompt_length + settings.max_new_tokens
         stop = LaggedStopCheck(self.device)
         with torch.no_grad(), activate(self.runtime), cyclic_gc_paused():
@@ -285,11 +325,10 @@ class GenerationEngine:
                         break
                     attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
                     position = position + 1
-                    if self.decoder is None and self.decode_mode != "eager":
-                        self.decoder = self._fixed_shape_decoder(attention_mask, capacity)
-                    if self.decoder is not None:
-                        logits = self.decoder.decode(next_tokens[:, None], position)
-                    else:
+                    logits = None
+                    if self.decode_mode != "eager" and not self.fixed_shape_abandoned:
+                        logits = self._fixed_shape_step(next_tokens[:, None], attention_mask, position, capacity)
+                    if logits is None:
                         logits = self.run_step(self.step, next_tokens[:, None], attention_mask, position)
                     decode_steps += 1
             finally:
@@ -323,7 +362,8 @@ class GenerationEngine:
             "kv_bytes_allocated": self.runtime.store.allocated_bytes(),
             "kv_device_bytes": self.runtime.store.device_bytes(),
             **self.runtime.prefetcher.stats(),
-            "fixed_shape_steps": 0 if self.decoder is None else self.decoder.steps,
+            "fixed_shape_steps": self.abandoned_fixed_shape_steps + (0 if self.decoder is None else self.decoder.steps),
+            "fixed_shape_abandoned": self.fixed_shape_abandoned,
             "graph_capture_seconds": 0.0 if self.decoder is None else self.decoder.capture_seconds,
         }
         logger.info(

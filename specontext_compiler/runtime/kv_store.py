@@ -201,9 +201,9 @@ class KVStore:
     def _write_ring(self, layer: int, key: torch.Tensor, value: torch.Tensor, start: int) -> None:
         fast = self.fast[layer]
         batch, heads, new, dim = key.shape
-        if fast.ring_key is None or fast.ring_key.shape[:2] != (batch, heads):
-            fast.ring_key = key.new_empty(batch, heads, self.window, dim)
-            fast.ring_value = value.new_empty(batch, heads, self.window, value.shape[3])
+        if fast.ring_key is None or fast.ring_key.shape[:2] != (batch, heads):  # both made, then kept (as slots)
+            fast.ring_key, fast.ring_value = (key.new_empty(batch, heads, self.window, dim),
+                                              value.new_empty(batch, heads, self.window, value.shape[3]))
         keep = min(new, self.window)  # only the last `window` of the new tokens can stay
         if new == 1:  # a decode step: one row, no index tensor
             fast.ring_key[:, :, start % self.window].copy_(key[:, :, 0])
@@ -304,7 +304,7 @@ class KVStore:
             done.record(stream)
         self._moving[layer] = (host_key, host_value, end, done)
 
-    def migrate_to_host(self, layer: int, stream: "torch.cuda.Stream | None" = None) -> None:
+    def migrate_to_host(self, layer: int) -> None:
         """Switch a resident layer to host memory between two steps, nothing lost or repeated: the
         tokens :meth:`advance_migration` has not copied yet are copied, the
         compute stream waits for the background copy, the ring gets the newest ``window`` tokens from
@@ -315,36 +315,46 @@ class KVStore:
             raise ValueError(f"layer {layer} is already offloaded")
         entry = self.layers[layer]
         if entry is not None and entry.length and layer not in self._moving:
-            self.advance_migration(layer, stream, steps_left=1)
-        self._layer_reserve.pop(layer, None)
-        self._host_buffers.pop(layer, None)
-        self.offloaded = self.offloaded | {layer}
-        fast = self.fast[layer] = FastTier()
+            # At once: on the compute stream, which waits for the copy anyway and can reuse the blocks it
+            # caches (a side stream's first allocation needs a new segment: none is left after an OOM).
+            self.advance_migration(layer, None, steps_left=1)
+        fast = FastTier()
         if entry is None or entry.length == 0:
+            self._switch_to_host(layer, fast)
             self.layers[layer] = None  # nothing stored yet: the next append allocates host memory
             self._moving.pop(layer, None)
             return
+        # Everything that allocates device memory comes before the store changes: a move that runs out of
+        # memory leaves the layer resident, and the memory manager's retry can move it again.
         length = entry.length
         device = self.devices[layer]
-        host_key, host_value, copied, done = self._moving.pop(layer)
+        host_key, host_value, copied, done = self._moving[layer]
         if done is not None:
             torch.cuda.current_stream(device).wait_event(done)
         self._copy_to_host(entry, host_key, host_value, copied, length)  # the few newest, on this stream
         # The ring: the newest tokens at position % window, trusted no further back than the other
         # offloaded layers' rings (one source mask serves every offloaded layer).
         batch, heads, _, dim = entry.key.shape
-        others = [self._ring_start[o] for o in self.offloaded if o != layer and self.layers[o] is not None]
+        others = [self._ring_start[o] for o in self.offloaded if self.layers[o] is not None]
         first = max([length - self.window] + others + [0])
         positions = torch.arange(first, length, device=device) % self.window
         fast.ring_key = entry.key.new_empty(batch, heads, self.window, dim)
         fast.ring_value = entry.value.new_empty(batch, heads, self.window, entry.value.shape[3])
         fast.ring_key.index_copy_(2, positions, entry.key[:, :, first:length])
         fast.ring_value.index_copy_(2, positions, entry.value[:, :, first:length])
+        del self._moving[layer]
+        self._switch_to_host(layer, fast)
         self._ring_start[layer] = first
         self._flushed[layer] = length
         self.layers[layer] = LayerKV(host_key.permute(1, 2, 0, 3), host_value.permute(1, 2, 0, 3), length)
         self.unloaded_slots.add(layer)
         logger.info("layer %d: KV of %d tokens moved to host memory", layer, length)
+
+    def _switch_to_host(self, layer: int, fast: FastTier) -> None:
+        self._layer_reserve.pop(layer, None)
+        self._host_buffers.pop(layer, None)
+        self.offloaded = self.offloaded | {layer}
+        self.fast[layer] = fast
 
     def _new_host_buffers(self, layer: int, capacity: int, batch: int, heads: int, key_dim: int,
                           value_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,8 +384,10 @@ class KVStore:
             device = self.devices[layer]
             batch, heads = entry.key.shape[:2]
             # Filled once, never left as garbage: attention masks unused slots, but 0 x NaN is still NaN.
-            fast.slot_key = torch.full((batch, heads, slots + 2, entry.key.shape[3]), self.fill_value, dtype=self.dtype, device=device)
-            fast.slot_value = torch.full((batch, heads, slots + 2, entry.value.shape[3]), self.fill_value, dtype=self.dtype, device=device)
+            # Both made before either is kept: running out of memory in between leaves the old pair.
+            key = torch.full((batch, heads, slots + 2, entry.key.shape[3]), self.fill_value, dtype=self.dtype, device=device)
+            value = torch.full((batch, heads, slots + 2, entry.value.shape[3]), self.fill_value, dtype=self.dtype, device=device)
+            fast.slot_key, fast.slot_value = key, value
         return fast
 
     def ring_holds(self, layer: int, positions: torch.Tensor) -> torch.Tensor:

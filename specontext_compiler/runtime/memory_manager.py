@@ -14,6 +14,7 @@ of the sequence (more layers move out at once), and the step runs again.
 from __future__ import annotations
 
 import logging
+import traceback
 from dataclasses import dataclass
 from typing import Callable
 
@@ -149,27 +150,36 @@ class MemoryManager:
                 # Copy in the background, an even share of what is left each step until it must leave.
                 store.advance_migration(layer, stream, steps_left=tokens - total + 1)
                 continue
-            store.migrate_to_host(layer, stream)
+            store.migrate_to_host(layer)
             del self.placement.resident_until[layer]
             self.migrated.append((store.length(layer), layer))
+            if stream is not None:  # its KV's segments go back to the device, usable from any stream
+                torch.cuda.empty_cache()
 
     def run_step(self, step: Callable[[], torch.Tensor], total: int) -> torch.Tensor:
         """Run one step that makes the sequence ``total`` tokens long; on running out of GPU memory, roll
         it back, re-plan with twice the margin and run it again (at most ``max_retries`` times)."""
         attempts = 0
         while True:
-            self.before_step(total)
             state = self.runtime.snapshot()
             failure = None
             try:
+                self.before_step(total)  # a move that runs out of memory leaves its layer resident
                 return step()
             except torch.OutOfMemoryError as error:
                 failure = error  # handled below, once the failed step's frames (and tensors) are gone
+                traceback.clear_frames(error.__traceback__)  # the traceback stays; its frames' tensors go
             attempts += 1
             self.runtime.rollback(state)
-            if attempts > self.max_retries or self.offload != "auto" or self.placement is None:
-                raise failure  # a fixed placement (or steps run outside generate) is not re-planned
-            self._replan_after_out_of_memory(state[0], failure)
+            self.recover(failure, state[0], attempts)
+
+    def recover(self, failure: torch.OutOfMemoryError, length: int, attempts: int = 1) -> None:
+        """A step at ``length`` stored tokens ran out of GPU memory and was rolled back: re-plan the rest
+        of the sequence with twice the margin, or raise ``failure`` where there is nothing to re-plan (a
+        fixed placement, steps run outside ``generate``) or the step failed ``max_retries`` times already."""
+        if attempts > self.max_retries or self.offload != "auto" or self.placement is None:
+            raise failure
+        self._replan_after_out_of_memory(length, failure)
 
     def _replan_after_out_of_memory(self, length: int, failure: BaseException) -> None:
         self.retries += 1

@@ -84,6 +84,8 @@ class Prefetcher:
         store = self.store
         previous = store.slot_map.token
         self.plan = store.slot_map.update(indices, past)
+        for layer in store.offloaded:  # on the compute stream: a side stream reuses none of its cached blocks
+            store.ensure_slots(layer, store.slot_map.slots)
         self._prefetched.clear()
         self._waited.clear()
         mapping = store.slot_map.token
