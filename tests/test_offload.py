@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import specontext
 from specontext_compiler.kernels.gather_rows import gather_from_host_or_ring, gather_rows_reference
 from specontext_compiler.passes.schedule_prefetch import check_schedule
+from specontext_compiler.runtime.kv_store import KVStore
 from specontext_compiler.runtime.slots import SlotMap
 from tiny_models import padded_batch, tiny_model
 
@@ -355,7 +356,8 @@ def test_out_of_memory_while_a_layer_moves_to_host_memory_retries_the_move(where
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(expected.logits), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("where", ["building the decoder", "the third step's loads", "the third step's last layer"])
+@pytest.mark.parametrize("where", ["building the decoder", "the third step's loads", "the third step's last layer",
+                                   "ring rows due before the third step"])
 def test_out_of_memory_in_fixed_shape_decode_replans_and_decodes_eagerly(where, monkeypatch):
     """Fixed-shape decode (what a CUDA graph replays; run eagerly here) with layers 2 and 3 offloaded runs
     out of memory while its decoder is built; or in its third step once the slot map holds the new
@@ -381,21 +383,41 @@ def test_out_of_memory_in_fixed_shape_decode_replans_and_decodes_eagerly(where, 
     compiled.runtime.store.fill_value = POISON
     assert compiled.runtime.head.layers == (2,)  # the layer whose query the head keeps
     method = {"building the decoder": "begin", "the third step's loads": "prefetch",
-              "the third step's last layer": "attention"}[where]
-    original = getattr(cuda_graph_decode.StaticDecodeRuntime, method)
+              "the third step's last layer": "attention", "ring rows due before the third step": "flush_due"}[where]
+    owner = KVStore if method == "flush_due" else cuda_graph_decode.StaticDecodeRuntime
+    original = getattr(owner, method)
     calls, failed = [], []
 
     def run_out_of_memory(self, *args, **kwargs):
         if method == "prefetch" and args[0] in self._prefetched:  # attention's call, once the graph's ran
             return original(self, *args, **kwargs)
-        calls.append(args[0])
-        if method == "begin" or (args[0] == 3 and calls.count(3) == 3):
+        calls.append(args[0] if args else 3)
+        if method == "begin" or calls.count(3) == 3:
+            if method == "flush_due":  # one layer's rows moved, the other's not
+                self.flush(2)
             held = torch.empty(64)  # what the failed step allocated: freed before the re-plan
             failed.append(weakref.ref(held))
             raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(cuda_graph_decode.StaticDecodeRuntime, method, run_out_of_memory)
+    monkeypatch.setattr(owner, method, run_out_of_memory)
+    # The transfer counters after the two fixed-shape steps that ran; the failed step's must not stay.
+    counted = []
+    decode = cuda_graph_decode.GraphDecoder.decode
+
+    def decode_and_count(self, *args):
+        logits = decode(self, *args)
+        counted.append(int(self.static.h2d_bytes))
+        return logits
+
+    abandon = cuda_graph_decode.GraphDecoder.abandon
+
+    def abandon_and_check(self):
+        assert int(self.static.h2d_bytes) == counted[-1], "the failed step's loads are still counted"
+        return abandon(self)
+
+    monkeypatch.setattr(cuda_graph_decode.GraphDecoder, "decode", decode_and_count)
+    monkeypatch.setattr(cuda_graph_decode.GraphDecoder, "abandon", abandon_and_check)
     recover = compiled.memory.recover
 
     def recover_once_the_step_is_gone(*args, **kwargs):
@@ -428,7 +450,23 @@ def test_out_of_memory_in_fixed_shape_decode_with_a_fixed_placement_is_raised(mo
     with pytest.raises(torch.OutOfMemoryError, match="injected"):
         compiled.generate(torch.randint(3, 90, (1, 30)), max_new_tokens=4, min_new_tokens=4, do_sample=False,
                           pad_token_id=0)
-    assert compiled.stats == {} or not compiled.engine.decoder
+    assert compiled.engine.fixed_shape_abandoned and compiled.engine.decoder is None
+    assert compiled.memory.retries == 0  # nothing re-planned
+
+
+def test_rollback_puts_the_transfer_counters_back():
+    """A step rolled back after running out of memory had counted its loads; the retry counts them again."""
+    compiled = specontext.compile(tiny_model("llama"), "1GB", offload="all", **SPARSE)
+    compiled.generate(torch.randint(3, 90, (1, 40)), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    runtime, prefetcher = compiled.runtime, compiled.runtime.prefetcher
+    state = runtime.snapshot()
+    before = prefetcher.stats()
+    assert before["h2d_bytes"] > 0
+    prefetcher.h2d_rows = prefetcher.h2d_rows + 512
+    prefetcher.full_reload_rows = prefetcher.full_reload_rows + 1024
+    prefetcher.kept, prefetcher.selected = prefetcher.kept + 3, prefetcher.selected + 40
+    runtime.rollback(state)
+    assert prefetcher.stats() == before
 
 
 def test_out_of_memory_with_a_fixed_placement_is_raised():

@@ -23,9 +23,10 @@ stored lengths, the head's counters) is brought up after the steps, by ``finish`
 It engages once a step's decisions stay fixed for the rest of the sequence (``eligible``): sparse
 steps with an integer budget, every sliding window already exceeded, every layer resident on the GPU
 for the whole sequence, a head with a fixed-shape scorer. Otherwise decoding stays eager. A step that
-runs out of GPU memory (building the decoder, the warm-up, the capture; a replay allocates nothing)
-puts back what it wrote in place, and the engine abandons the decoder: the memory manager re-plans and
-the rest of the sequence decodes eagerly (``GenerationEngine._fixed_shape_step``).
+runs out of GPU memory (building the decoder, moving ring rows to host memory before a step, the
+warm-up, the capture; a replay allocates nothing) puts back what it wrote in place, and the engine
+abandons the decoder: the memory manager re-plans and the rest of the sequence decodes eagerly
+(``GenerationEngine._fixed_shape_step``).
 """
 
 from __future__ import annotations
@@ -149,6 +150,15 @@ class StaticDecodeRuntime:
         if self.store.is_offloaded(layer) and self._side is not None:
             torch.cuda.current_stream(self.position.device).wait_event(self._events[layer])  # join back
 
+    def join_side_stream(self) -> None:
+        """The current stream waits for every load queued on the side stream so far. After a step that
+        failed part-way: a capture cannot end with forked work not joined back, and the step's tensors
+        that the loads read are freed to the current stream."""
+        if self._side is not None and self._prefetched:
+            loaded = torch.cuda.Event()
+            loaded.record(self._side)
+            torch.cuda.current_stream(self.position.device).wait_event(loaded)
+
     def attention(self, layer, q, k, v, mask, scale, softcap, sliding_window=0, indices=None):
         if self.store.is_offloaded(layer):
             return self._offloaded_attention(layer, q, k, v, scale, softcap)
@@ -262,9 +272,12 @@ class GraphDecoder:
         """One step for ``tokens`` [B, 1] at ``position_ids`` [B, 1]; returns logits [B, 1, V] (a buffer the
         next step overwrites).
 
-        Raises ``torch.OutOfMemoryError`` from a step that allocates (every step on the CPU; the warm-up
-        and the capture on a GPU: a replay allocates nothing) with what it wrote in place put back, for
-        :meth:`abandon`."""
+        Raises ``torch.OutOfMemoryError`` from the ring rows' move to host memory (before the step), or
+        from a step that allocates (every step on the CPU; the warm-up and the capture on a GPU: a replay
+        allocates nothing) with what it wrote in place put back, for :meth:`abandon`."""
+        # Ring rows due go to host memory first (a device temporary each): out of memory there, this step
+        # has not run yet, and the sequence goes on eagerly from the same state.
+        self.runtime.store.flush_due()
         self.input_ids.copy_(tokens)
         self.position_ids.copy_(position_ids)
         if self.graph is not None:
@@ -286,6 +299,7 @@ class GraphDecoder:
             return self._run() if not self.use_graph or self.steps == 0 else self._capture_and_replay()
         except torch.OutOfMemoryError:
             # Keys, values and head keys written at the step's own position are rewritten by the retry.
+            static.join_side_stream()
             head.static_restore(head_state)
             for counter, saved in zip((static.h2d_bytes, static.full_reload_bytes, static.kept), counters):
                 counter.copy_(saved)
@@ -299,7 +313,11 @@ class GraphDecoder:
         side.wait_stream(torch.cuda.current_stream(self.position.device))
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, stream=side):
-            self.logits = self._run()
+            try:
+                self.logits = self._run()
+            except torch.OutOfMemoryError:
+                self.static.join_side_stream()  # else ending the capture fails, and hides this error
+                raise
         torch.cuda.current_stream(self.position.device).wait_stream(side)
         self.capture_seconds = time.perf_counter() - started  # capture runs no kernel: no sync needed
         logger.info("captured a decode step: batch %d, %d positions", self.input_ids.shape[0], self.mask.shape[1])

@@ -229,14 +229,19 @@ class KVStore:
 
     def advance_in_place(self) -> None:
         """A fixed-shape decode step (runtime/cuda_graph_decode.py) wrote one token per layer in place (a
-        resident buffer, or an offloaded layer's ring): count it, and move ring rows to host memory on
-        the schedule :meth:`append` keeps (every window/2 tokens, long before the ring overwrites them)."""
+        resident buffer, or an offloaded layer's ring): count it. Nothing here allocates: the ring rows
+        go to host memory before the next step (:meth:`flush_due`)."""
         for layer, entry in enumerate(self.layers):
             entry.length += 1
             if layer in self.offloaded:
                 self._ring_holds_up_to(layer, entry.length)
-                if self._flush_due(layer, entry.length):
-                    self.flush(layer)
+
+    def flush_due(self) -> None:
+        """Move offloaded layers' ring rows to host memory on the schedule :meth:`append` keeps (every
+        window/2 tokens, long before the ring overwrites them)."""
+        for layer in self.offloaded:
+            if self._flush_due(layer, self.layers[layer].length):
+                self.flush(layer)
 
     def flush(self, layer: int) -> None:
         """Copy an offloaded layer's tokens that only its ring holds to host memory (asynchronously)."""

@@ -75,6 +75,13 @@ class Prefetcher:
         self.selected = 0
         self._waits = []
 
+    def counters(self) -> tuple:
+        """The transfer counters, for :meth:`restore_counters` (each update makes a new value: no copy)."""
+        return self.h2d_rows, self.full_reload_rows, self.kept, self.selected
+
+    def restore_counters(self, counters: tuple) -> None:
+        self.h2d_rows, self.full_reload_rows, self.kept, self.selected = counters
+
     @property
     def active(self) -> bool:
         return bool(self.store.offloaded)
