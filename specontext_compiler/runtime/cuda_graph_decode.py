@@ -77,6 +77,10 @@ class StaticDecodeRuntime:
         self._events: dict[int, torch.cuda.Event] = {}
         self._side: torch.cuda.Stream | None = None
 
+    def counters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The transfer counters the steps add to in place (bytes loaded, a full reload's bytes, kept)."""
+        return self.h2d_bytes, self.full_reload_bytes, self.kept
+
     def begin(self, batch: int, kv_heads: int) -> None:
         """Before the first step: slot buffers and the in-place slot map for the offloaded layers."""
         store = self.store
@@ -293,7 +297,7 @@ class GraphDecoder:
     def _allocating_step(self) -> torch.Tensor:
         """A step run eagerly at fixed shape (on a GPU, the first: it warms up) or captured and replayed."""
         static, head = self.static, self.runtime.head
-        counters = [counter.clone() for counter in (static.h2d_bytes, static.full_reload_bytes, static.kept)]
+        counters = [counter.clone() for counter in static.counters()]
         head_state = head.static_snapshot()
         try:
             return self._run() if not self.use_graph or self.steps == 0 else self._capture_and_replay()
@@ -301,7 +305,7 @@ class GraphDecoder:
             # Keys, values and head keys written at the step's own position are rewritten by the retry.
             static.join_side_stream()
             head.static_restore(head_state)
-            for counter, saved in zip((static.h2d_bytes, static.full_reload_bytes, static.kept), counters):
+            for counter, saved in zip(static.counters(), counters):
                 counter.copy_(saved)
             self.graph = None
             raise

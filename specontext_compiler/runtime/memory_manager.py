@@ -140,6 +140,7 @@ class MemoryManager:
         if not self.placement or not self.placement.resident_until:
             return
         store = self.runtime.store
+        moved_from_gpu = False
         for layer, tokens in sorted(self.placement.resident_until.items(), key=lambda item: -item[1]):
             if tokens >= total + LEAD_STEPS:
                 continue
@@ -153,8 +154,9 @@ class MemoryManager:
             store.migrate_to_host(layer)
             del self.placement.resident_until[layer]
             self.migrated.append((store.length(layer), layer))
-            if stream is not None:  # its KV's segments go back to the device, usable from any stream
-                torch.cuda.empty_cache()
+            moved_from_gpu = moved_from_gpu or stream is not None
+        if moved_from_gpu:  # the moved KV's segments go back to the device, usable from any stream
+            torch.cuda.empty_cache()
 
     def run_step(self, step: Callable[[], torch.Tensor], total: int) -> torch.Tensor:
         """Run one step that makes the sequence ``total`` tokens long; on running out of GPU memory, roll

@@ -189,8 +189,7 @@ class Prefetcher:
         return slot, token, ring_rows, source, from_host, from_ring
 
     def _load(self, layer: int) -> None:
-        store, plan = self.store, self.plan
-        store.ensure_slots(layer, store.slot_map.slots)
+        store, plan = self.store, self.plan  # the slots exist: begin_step made them
         rows = (plan.slot, plan.token, self._ring_rows, self._source, self._from_host, self._from_ring)
         if layer in store.unloaded_slots:
             store.unloaded_slots.discard(layer)
