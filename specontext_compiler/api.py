@@ -15,6 +15,7 @@ from .passes import attention_infos, default_passes, run_passes
 from .planning import kv_bytes_per_token, weight_bytes
 from .planning.memory_model import ModelShape
 from .retrieval import build_head
+from .runtime.accuracy_guard import AccuracyGuard, guard_preference
 from .runtime.attention_runtime import AttentionRuntime, SparseSettings
 from .runtime.engine import GenerationEngine
 from .runtime.kv_store import KVStore
@@ -116,6 +117,10 @@ class SpeContextModel:
         self.window = config.local_window + 1
         store = KVStore(len(self.layers), [self.device] * len(self.layers), self.dtype, window=self.window, elastic=config.elastic)
         self.runtime = AttentionRuntime(store, sparse, self.head)
+        if config.guard is not None and sparse is not None:
+            self.runtime.guard = AccuracyGuard(config.guard, layer=None)
+            self.runtime.guard_preferred = guard_preference(config.guard, self.head, len(self.layers))
+            self.runtime.guard_candidates = {info.layer for info in self.layers if not info.sliding_window}
         shape = ModelShape.from_config(hf_config, dtype, weights)
         self.memory = MemoryManager(
             self.runtime, shape, config.budget_bytes, config.offload, config.token_budget, self.window,

@@ -98,7 +98,7 @@ def _head_description(head) -> tuple[dict, dict[str, torch.Tensor]]:
         return {"kind": "none"}, {}
     if isinstance(head, TargetLayerHead):
         return {"kind": "target_layer", "layers": list(head.layers), "prefill_prior": head.prefill_prior,
-                "query_weight": head.query_weight}, {}
+                "query_weight": head.query_weight, "lookahead": head.lookahead}, {}
     if isinstance(head, StreamingLLM):
         return {"kind": "streaming"}, {}
     if isinstance(head, QuestPages):
@@ -122,6 +122,17 @@ HEADS = {  # head.json: kind -> {key: (check, what is accepted)}
 }
 
 
+def _guard_option(value):
+    """options.json's guard: null/false (off; artifacts from before the guard: false) or its settings."""
+    from .runtime.accuracy_guard import GuardSettings
+
+    if value is None or value is False:
+        return False
+    if not isinstance(value, dict) or set(value) - {"threshold", "hold_steps", "layer"}:
+        raise ValueError(f"guard is {value!r}; accepted: null or an object of threshold, hold_steps, layer")
+    return GuardSettings(**value)
+
+
 def _head_from_description(description: dict, tensors: dict[str, torch.Tensor], file: Path, layers: int | None):
     from .retrieval import OracleTopK, QuestPages, StreamingLLM, TargetLayerHead
 
@@ -134,8 +145,11 @@ def _head_from_description(description: dict, tensors: dict[str, torch.Tensor], 
     if kind == "target_layer":
         if layers is not None and max(description["layers"]) >= layers:
             raise ArtifactError(file, f"layers {description['layers']} name a layer the model's {layers} lack")
+        lookahead = description.get("lookahead", 0)  # artifacts from before it existed: 0
+        if not _is_int(lookahead) or not 0 <= lookahead <= 64:
+            raise ArtifactError(file, f"lookahead is {lookahead!r}; accepted: an integer in [0, 64]")
         return TargetLayerHead(tuple(description["layers"]), prefill_prior=description["prefill_prior"],
-                               query_weight=description["query_weight"])
+                               query_weight=description["query_weight"], lookahead=lookahead)
     return {"none": lambda: None, "streaming": StreamingLLM, "oracle": OracleTopK,
             "quest": lambda: QuestPages(description["page_size"])}[kind]()
 
@@ -178,6 +192,7 @@ def export(compiled, path: str | Path, tokenizer=None) -> Path:
         "local_window": config.local_window, "selection": config.selection,
         "offload": config.offload if isinstance(config.offload, str) else list(config.offload),
         "elastic": config.elastic, "prefill_chunk": config.prefill_chunk,
+        "guard": None if config.guard is None else dataclasses.asdict(config.guard),
         "last_only": compiled.step.last_only, "aux_layers": list(compiled.step.aux_layers),
         "device": str(compiled.device), "dtype": str(compiled.dtype).removeprefix("torch."),
         "vocab_size": compiled.vocab_size, "weight_bytes": compiled.weight_bytes,
@@ -392,6 +407,7 @@ def _load_checked(path: Path, manifest: dict, files: dict[str, BinaryIO], device
             local_window=options["local_window"], selection=options["selection"],
             offload=options["offload"] if isinstance(options["offload"], str) else tuple(options["offload"]),
             elastic=options["elastic"], prefill_chunk=options["prefill_chunk"],
+            guard=_guard_option(options.get("guard", False)),
             compile_decode_step=compile_decode_step,
         )
     except (ValueError, TypeError, RuntimeError) as error:

@@ -95,6 +95,50 @@ def _non_negative_int(name: str, value) -> int:
     return value
 
 
+#: Coverage below which a step is redone densely (docs/accuracy.md: chosen on the fit split).
+DEFAULT_THRESHOLD = 0.5
+#: Dense steps after a trigger before the selection is tried again.
+DEFAULT_HOLD_STEPS = 16
+#: Whether compile turns the guard on when not told (tests of other features turn it off: tests/conftest.py).
+DEFAULT_GUARD = True
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """How the accuracy guard decides (runtime/accuracy_guard.py).
+
+    Attributes:
+        threshold: minimum coverage, in [0, 1), of the guard layer's attention mass by a step's selection.
+        hold_steps: dense steps after a trigger before selecting again.
+        layer: the guard layer; None: the retrieval head's scoring layer, or 5/6 of the depth, moved to the
+            nearest layer whose KV stays on the GPU.
+    """
+
+    threshold: float = DEFAULT_THRESHOLD
+    hold_steps: int = DEFAULT_HOLD_STEPS
+    layer: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold < 1:
+            raise ValueError(f"guard threshold must be a number in [0, 1); got {self.threshold!r}")
+        if isinstance(self.hold_steps, bool) or not isinstance(self.hold_steps, int) or self.hold_steps < 0:
+            raise ValueError(f"guard hold_steps must be a non-negative int; got {self.hold_steps!r}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
+            raise ValueError(f"guard layer must be a non-negative int or None; got {self.layer!r}")
+
+
+def resolve_guard(guard: bool | GuardSettings | None) -> GuardSettings | None:
+    """``compile(guard=...)``: True (default settings), False/None (off) or :class:`GuardSettings`."""
+    if guard is None or guard is False:
+        return None
+    if guard is True:
+        return GuardSettings()
+    if isinstance(guard, GuardSettings):
+        return guard
+    raise TypeError(f"guard must be True, False or a GuardSettings; got {guard!r}")
+
+
+
 @dataclass(frozen=True)
 class CompileConfig:
     """Everything :func:`specontext.compile` was asked for, validated.
@@ -122,6 +166,7 @@ class CompileConfig:
             elementwise operators and tunes its one-token matrix products (docs/benchmarks.md: 8B, 32K, batch
             1 on an H200, 6.9 -> 4.9 ms per step). Costs a compilation of about a minute for an 8B model, once
             per process and again when the prompt length first changes.
+        guard: the accuracy guard's settings (runtime/accuracy_guard.py; default on), None when off.
     """
 
     budget_bytes: int
@@ -136,6 +181,7 @@ class CompileConfig:
     prefill_chunk: int = 2048
     progress: bool = True
     compile_decode_step: bool = False
+    guard: GuardSettings | None = GuardSettings()
 
     @classmethod
     def from_arguments(
@@ -178,11 +224,12 @@ class CompileConfig:
         compile_decode_step = options.pop("compile_decode_step", False)
         if not isinstance(compile_decode_step, bool):
             raise TypeError(f"compile_decode_step must be True or False; got {compile_decode_step!r}")
+        guard = resolve_guard(options.pop("guard", DEFAULT_GUARD))
         if options:
             raise TypeError(
                 f"unknown option(s) {sorted(options)} for specontext.compile; accepted: token_budget, sink_tokens, "
                 "local_window, selection, draft, retrieval_layer, offload, elastic, prefill_chunk, progress, "
-                "compile_decode_step"
+                "compile_decode_step, guard"
             )
         return cls(
             budget_bytes=budget_bytes,
@@ -197,4 +244,5 @@ class CompileConfig:
             prefill_chunk=prefill_chunk,
             progress=progress,
             compile_decode_step=compile_decode_step,
+            guard=guard,
         )

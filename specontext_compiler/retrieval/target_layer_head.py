@@ -41,6 +41,8 @@ from .base import KeyCache, RetrievalHead, group_probabilities
 DEFAULT_DEPTH = 5 / 6
 #: Weight of the scoring layers' attention against the prefill prior (measured; module docstring).
 DEFAULT_QUERY_WEIGHT = 8.0
+#: Positions after each scored one that share its score (measured; module docstring).
+DEFAULT_LOOKAHEAD = 0
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
@@ -63,6 +65,7 @@ class TargetLayerHead(RetrievalHead):
         layers: int | Sequence[int],
         prefill_prior: bool = True,
         query_weight: float = DEFAULT_QUERY_WEIGHT,
+        lookahead: int = DEFAULT_LOOKAHEAD,
         grow_chunk: int = 1024,
     ):
         layers = (layers,) if isinstance(layers, int) else tuple(layers)
@@ -70,7 +73,10 @@ class TargetLayerHead(RetrievalHead):
             raise ValueError(f"scoring layers must be distinct layer indices; got {layers!r}")
         if not query_weight > 0:
             raise ValueError(f"query_weight must be positive; got {query_weight!r}")
+        if not isinstance(lookahead, int) or lookahead < 0:
+            raise ValueError(f"lookahead must be a non-negative int; got {lookahead!r}")
         self.layers = layers
+        self.lookahead = lookahead
         self.prefill_prior = prefill_prior
         self.query_weight = float(query_weight) if prefill_prior else 1.0  # alone, a weight changes no ranking
         self.caches = {layer: KeyCache(grow_chunk) for layer in layers}
@@ -121,8 +127,16 @@ class TargetLayerHead(RetrievalHead):
         scores = 0
         for layer in self.layers:
             scores = scores + group_probabilities(self.queries[layer], self.caches[layer].view(past), self.scales[layer], key_valid)
-        scores = self.query_weight * scores
+        scores = self.query_weight * self._look_ahead(scores)
         return scores + self.prior(past) if self.prefill_prior else scores
+
+    def _look_ahead(self, scores: torch.Tensor) -> torch.Tensor:
+        """Each position also gets the scores of the ``lookahead`` positions before it: the previous token's
+        query found what that token copied; the current token copies what comes next."""
+        shifted = scores
+        for shift in range(1, self.lookahead + 1):
+            shifted = shifted + torch.nn.functional.pad(scores[..., :-shift], (shift, 0))
+        return shifted
 
     # -- fixed-shape decode: the same scores over a fixed number of positions ----------------------------------
     supports_static = True
@@ -150,7 +164,7 @@ class TargetLayerHead(RetrievalHead):
         scores = 0
         for layer in self.layers:
             scores = scores + group_probabilities(self.queries[layer], self._static_keys[layer], self.scales[layer], key_valid)
-        scores = self.query_weight * scores
+        scores = self.query_weight * self._look_ahead(scores)
         return scores + self._static_prior if self.prefill_prior else scores
 
     def end_static(self, steps: int) -> None:

@@ -16,6 +16,7 @@ from ..kernels import on_triton_path
 from ..kernels import sparse_decode_attention as triton_sparse_decode_attention
 from ..retrieval.base import RetrievalHead, group_probabilities
 from ..retrieval.selection import resolve_token_budget, select_tokens
+from .accuracy_guard import AccuracyGuard, guard_layer
 from .kv_store import KVStore
 from .prefetcher import Prefetcher
 
@@ -174,6 +175,11 @@ class AttentionRuntime:
         self.recall: list[tuple[int, float]] = []
         # Calibration hooks: called as observer(layer, q, keys, scale) after each layer stores its KV.
         self.observers: list = []
+        # The accuracy guard (runtime/accuracy_guard.py; None: off), the layer it prefers, and the layers
+        # it may measure (full attention: a sliding layer's window is not the context).
+        self.guard: AccuracyGuard | None = None
+        self.guard_preferred = 0
+        self.guard_candidates: set[int] = set()
 
     @staticmethod
     def _check_placement(offloaded, head) -> None:
@@ -200,6 +206,15 @@ class AttentionRuntime:
         self.recall = []
         if self.head is not None:
             self.head.reset(batch=0, reserve_tokens=reserve_tokens)
+        if self.guard is not None:
+            self.guard.new_sequence()
+            self.place_guard()
+
+    def place_guard(self) -> None:
+        """Measure on the full-attention layer nearest the preferred one whose KV is on the GPU now."""
+        resident = {layer for layer in self.guard_candidates
+                    if not self.store.is_offloaded(layer) and layer not in self.resident_until}
+        self.guard.layer = guard_layer(self.guard.settings, self.guard_preferred, self.store.num_layers, resident)
 
     def snapshot(self) -> tuple:
         """The state between two steps (stored length, the head's state, counters), for :meth:`rollback`."""
@@ -225,7 +240,7 @@ class AttentionRuntime:
         past = total - new
         budget = resolve_token_budget(self.sparse.token_budget, total) if self.sparse else total
         self._sparse_step = (self.sparse is not None and self.selection_enabled and not self.prefilling and new == 1
-                             and total > budget)
+                             and total > budget and not (self.guard is not None and self.guard.holding))
         self.attended_tokens.append(budget if self._sparse_step else total)
         empty = torch.empty(batch, num_kv_heads, 0, dtype=torch.long, device=input_ids.device)
         if not self._sparse_step:
@@ -332,6 +347,8 @@ class AttentionRuntime:
         valid = None if key_valid is None else key_valid[:, None, :].expand(batch, kv_heads, -1).gather(2, positions)
         if self.measure_recall:
             self._record_recall(layer, q, keys, positions, scale, key_valid)
+        if self.guard is not None and layer == self.guard.layer:
+            self.guard.measure(q, keys, scale, positions, key_valid, valid)
         if on_triton_path(q):
             return triton_sparse_decode_attention(q[:, :, 0], keys, values, positions, scale=scale, valid=valid,
                                                   softcap=softcap)[:, :, None]

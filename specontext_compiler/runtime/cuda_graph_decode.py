@@ -76,6 +76,9 @@ class StaticDecodeRuntime:
         self._prefetched: set[int] = set()
         self._events: dict[int, torch.cuda.Event] = {}
         self._side: torch.cuda.Stream | None = None
+        # The accuracy guard's coverage, written in place by every step (the engine reads it after each).
+        self.guard = runtime.guard if runtime.guard is not None and runtime.guard.layer is not None else None
+        self.guard_coverage = torch.ones(0, device=device)
 
     def counters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The transfer counters the steps add to in place (bytes loaded, a full reload's bytes, kept)."""
@@ -173,6 +176,11 @@ class StaticDecodeRuntime:
         keys, values = entry.key[:, :, : self.capacity], entry.value[:, :, : self.capacity]
         self.head.observe_static(layer, q, k, self.position)
         batch, kv_heads = k.shape[:2]
+        if self.guard is not None and layer == self.guard.layer:
+            if self.guard_coverage.shape[0] != batch:
+                self.guard_coverage = torch.ones(batch, device=q.device)  # the warm-up step allocates it
+            self.guard.measure(q, keys, scale, self.positions, self.with_new,
+                               self.positions_valid, out=self.guard_coverage)
         if sliding_window and sliding_window < self.capacity:  # exceeded already (``eligible``): the window
             window = (self.position - sliding_window + 1 + torch.arange(sliding_window, device=q.device)).clamp_min(0)
             positions = window.expand(batch, kv_heads, sliding_window)
@@ -224,6 +232,8 @@ def eligible(runtime: AttentionRuntime, total: int, capacity: int, sliding_windo
         return "an offloaded sliding-window layer (it reads its window, not the selection)"
     if runtime.observers or runtime.measure_recall:
         return "observers or recall measurement attached"
+    if runtime.guard is not None and runtime.guard.holding:
+        return "the accuracy guard holds dense attention"
     if any(entry is None or entry.capacity < capacity for entry in store.layers):
         return "the KV store reserved fewer tokens than the sequence needs"
     return None
@@ -284,6 +294,8 @@ class GraphDecoder:
         self.runtime.store.flush_due()
         self.input_ids.copy_(tokens)
         self.position_ids.copy_(position_ids)
+        if self.static.guard is not None:  # what undo_step puts back if the guard finds the step missed
+            self._head_before = self.runtime.head.static_snapshot()
         if self.graph is not None:
             self.graph.replay()
             logits = self.logits
@@ -327,6 +339,24 @@ class GraphDecoder:
         logger.info("captured a decode step: batch %d, %d positions", self.input_ids.shape[0], self.mask.shape[1])
         self.graph.replay()
         return self.logits
+
+    def guard_missed(self) -> bool:
+        """Whether the accuracy guard finds that the step just run missed (reads its coverage)."""
+        if self.static.guard is None:
+            return False
+        self.static.guard.coverage = self.static.guard_coverage
+        return self.static.guard.missed()
+
+    def undo_step(self) -> None:
+        """Take back the step just run (the guard redoes it eagerly and densely) and end fixed-shape decode:
+        the head's query goes back to before the step, the stored lengths to before its token (what it
+        wrote at its position is rewritten by the redo)."""
+        self.runtime.head.static_restore(self._head_before)
+        self.steps -= 1
+        self.runtime.attended_tokens.pop()
+        self.finish()
+        store = self.runtime.store
+        store.truncate(max(store.length(layer) for layer in range(store.num_layers)) - 1)
 
     def abandon(self) -> None:
         """Leave the rest of the sequence to eager steps (a step ran out of memory): count the steps that

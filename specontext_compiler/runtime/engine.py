@@ -12,6 +12,7 @@ import gc
 import logging
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -48,6 +49,16 @@ def cyclic_gc_paused():
     finally:
         if was_enabled:
             gc.enable()
+
+
+@dataclass
+class Prefilled:
+    """A prompt after :meth:`GenerationEngine.prefill`: its tokens, mask, last logits and the time it took."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    logits: torch.Tensor
+    seconds: float
 
 
 class LaggedStopCheck:
@@ -187,22 +198,43 @@ class GenerationEngine:
         """Teacher forcing: prefill ``input_ids`` [B, T], then feed ``continuation`` [B, N] one token per
         decode step (sparse selection applies as in generation). Returns the logits that predicted each
         continuation token, [B, N, V]."""
-        batch, prompt_length = input_ids.shape
+        mask = torch.ones_like(input_ids)
+        return self.replay_from(self.prefill(input_ids, mask, input_ids.shape[1] + continuation.shape[1]), continuation)
+
+    def replay_from(self, prefilled: "Prefilled", continuation: torch.Tensor) -> torch.Tensor:
+        """:meth:`replay` after :meth:`prefill` (a prompt without padding)."""
+        batch, prompt_length = prefilled.input_ids.shape
         steps = continuation.shape[1]
         attention_mask = torch.ones(batch, prompt_length + steps, dtype=torch.long, device=self.device)
-        self.runtime.reset(prompt_length + steps, padding_free=True)
+        logits = prefilled.logits
         outputs = []
         with torch.no_grad(), activate(self.runtime):
-            logits = self.run_chunks(self.step, input_ids, attention_mask[:, :prompt_length], keep_all=False)
             for index in range(steps):
                 outputs.append(logits[:, -1].float())
                 if index + 1 == steps:
                     break
                 position = torch.full((batch, 1), prompt_length + index, device=self.device)
-                logits = self.run_step(
-                    self.step, continuation[:, index:index + 1], attention_mask[:, :prompt_length + index + 1], position
-                )
+                logits = self.guarded_step(continuation[:, index:index + 1], attention_mask[:, :prompt_length + index + 1],
+                                           position)
         return torch.stack(outputs, dim=1)
+
+    def guarded_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """One eager decode step under the accuracy guard (runtime/accuracy_guard.py): a step whose selection
+        missed is rolled back and run again densely."""
+        guard = self.runtime.guard
+        if guard is None:
+            return self.run_step(self.step, input_ids, attention_mask, position_ids)
+        holding = guard.holding
+        state = None if holding else self.runtime.snapshot()
+        logits = self.run_step(self.step, input_ids, attention_mask, position_ids)
+        if not holding and guard.missed():
+            logits = None  # the missed step's tensors go before the redo allocates its own
+            self.runtime.rollback(state)
+            guard.trigger()
+            logits = self.run_step(self.step, input_ids, attention_mask, position_ids)
+            holding = True
+        guard.step_done(holding)
+        return logits
 
     def compile_fixed_shape_step(self) -> None:
         """Fixed-shape decode steps through Inductor: it fuses the elementwise operators between the matrix
@@ -243,7 +275,14 @@ class GenerationEngine:
                 self.decoder = self._fixed_shape_decoder(attention_mask, capacity)
                 if self.decoder is None:
                     return None
-            return self.decoder.decode(tokens, position)
+            logits = self.decoder.decode(tokens, position)
+            if self.decoder.guard_missed():  # the guard redoes the step eagerly, densely (guarded_step)
+                self.decoder.undo_step()
+                self.abandoned_fixed_shape_steps += self.decoder.steps
+                self.decoder = None
+                self.runtime.guard.trigger()
+                return None
+            return logits
         except torch.OutOfMemoryError as error:
             failure = error  # handled below, once the failed step's frames (and tensors) are gone
             traceback.clear_frames(error.__traceback__)  # the traceback stays; its frames' tensors go
@@ -270,10 +309,30 @@ class GenerationEngine:
         settings: DecodingSettings,
         streamer=None,
     ) -> torch.Tensor | GenerateDecoderOnlyOutput:
+        """Prefill the prompt, then decode (:meth:`prefill`, :meth:`decode`)."""
+        prefilled = self.prefill(input_ids, attention_mask, input_ids.shape[1] + settings.max_new_tokens)
+        return self.decode(prefilled, settings, streamer)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, reserve_tokens: int) -> "Prefilled":
+        """Start a new batch of sequences: reset the runtime (KV reserved for ``reserve_tokens``) and feed
+        the prompt through the step in chunks. What :meth:`decode` continues from."""
+        self.runtime.reset(reserve_tokens, padding_free=bool(attention_mask.all()))
+        with torch.no_grad(), activate(self.runtime), cyclic_gc_paused():
+            _synchronize(self.device)
+            start = time.perf_counter()
+            logits = self.run_chunks(self.step, input_ids, attention_mask, keep_all=False)
+            _synchronize(self.device)
+        return Prefilled(input_ids, attention_mask, logits, time.perf_counter() - start)
+
+    def decode(self, prefilled: "Prefilled", settings: DecodingSettings, streamer=None) -> torch.Tensor | GenerateDecoderOnlyOutput:
+        """The decode loop after :meth:`prefill`: one step per new token, from the runtime's state as the
+        prefill left it (a caller may roll the runtime back to that state and decode again)."""
+        input_ids, attention_mask, logits = prefilled.input_ids, prefilled.attention_mask, prefilled.logits
         config = settings.config
         batch, prompt_length = input_ids.shape
-        self.runtime.reset(prompt_length + settings.max_new_tokens, padding_free=bool(attention_mask.all()))
         self.runtime.prefetcher.reset_stats()
+        if self.runtime.guard is not None:
+            self.runtime.guard.reset_stats()
         processors = build_logits_processors(settings, prompt_length, self.device)
         eos = torch.tensor(settings.eos_token_ids, device=self.device) if settings.eos_token_ids else None
         if eos is not None and settings.pad_token_id is None:
@@ -296,10 +355,8 @@ class GenerationEngine:
         self.abandoned_fixed_shape_steps = 0
         capacity = prompt_length + settings.max_new_tokens
         stop = LaggedStopCheck(self.device)
+        attended_before = len(self.runtime.attended_tokens)
         with torch.no_grad(), activate(self.runtime), cyclic_gc_paused():
-            _synchronize(self.device)
-            t0 = time.perf_counter()
-            logits = self.run_chunks(self.step, input_ids, attention_mask, keep_all=False)
             _synchronize(self.device)
             t1 = time.perf_counter()
             try:
@@ -329,7 +386,7 @@ class GenerationEngine:
                     if self.decode_mode != "eager" and not self.fixed_shape_abandoned:
                         logits = self._fixed_shape_step(next_tokens[:, None], attention_mask, position, capacity)
                     if logits is None:
-                        logits = self.run_step(self.step, next_tokens[:, None], attention_mask, position)
+                        logits = self.guarded_step(next_tokens[:, None], attention_mask, position)
                     decode_steps += 1
             finally:
                 if self.decoder is not None:  # the stored lengths catch up with the steps that ran
@@ -342,7 +399,7 @@ class GenerationEngine:
         new_tokens = sequences.shape[1] - prompt_length
         decode_seconds = t2 - t1
         # Tokens each decode step attended to (per sequence and KV head): the selection when sparse.
-        decode_attended = self.runtime.attended_tokens[-decode_steps:] if decode_steps and self.runtime.attended_tokens else [
+        decode_attended = self.runtime.attended_tokens[attended_before:] if decode_steps and self.runtime.attended_tokens else [
             prompt_length + 1 + i for i in range(decode_steps)
         ]
         attended = sum(decode_attended) / len(decode_attended) if decode_attended else 0.0
@@ -351,9 +408,9 @@ class GenerationEngine:
             "prompt_tokens": prompt_length,
             "new_tokens": new_tokens,
             "steps": decode_steps,
-            "prefill_seconds": t1 - t0,
+            "prefill_seconds": prefilled.seconds,
             "decode_seconds": decode_seconds,
-            "prefill_tokens_per_s": batch * prompt_length / max(t1 - t0, 1e-9),
+            "prefill_tokens_per_s": batch * prompt_length / max(prefilled.seconds, 1e-9),
             "tokens_per_s": batch * decode_steps / decode_seconds if decode_steps else 0.0,
             "ms_per_step": 1e3 * decode_seconds / decode_steps if decode_steps else 0.0,
             "kv_bytes": self.runtime.store.nbytes(),
@@ -365,9 +422,11 @@ class GenerationEngine:
             "fixed_shape_steps": self.abandoned_fixed_shape_steps + (0 if self.decoder is None else self.decoder.steps),
             "fixed_shape_abandoned": self.fixed_shape_abandoned,
             "graph_capture_seconds": 0.0 if self.decoder is None else self.decoder.capture_seconds,
+            **({"guard": False} if self.runtime.guard is None else self.runtime.guard.stats()),
         }
         logger.info(
-            "generated %d x %d tokens: prefill %.2f s, decode %.1f tok/s", batch, new_tokens, t1 - t0, self.stats["tokens_per_s"]
+            "generated %d x %d tokens: prefill %.2f s, decode %.1f tok/s", batch, new_tokens, prefilled.seconds,
+            self.stats["tokens_per_s"]
         )
         if config.return_dict_in_generate:
             return GenerateDecoderOnlyOutput(

@@ -1,0 +1,97 @@
+"""The accuracy guard's cost in a decode step, on the GPU: 8B shape, random bf16, 32K prompts.
+
+    python -m benchmarks.guard_overhead --batches 1 16 --out guard_overhead_h200
+
+One compiled model (Llama-3.1-8B shape, ``token_budget=2048``, the default CUDA-graph decode), three
+settings measured back to back in one run: guard off; guard on with threshold 0 (every step measures
+its coverage and the host reads it, nothing is ever redone: the guard's cost when it does not fire);
+guard at its default threshold (random weights attend almost uniformly, so it fires: how much a
+trigger costs, and that the graph path's undo works on a GPU). Step time as in benchmarks/e2e.py (the
+difference of two generates), with the step's roofline (weights + selected KV + the guard layer's keys
+over measured HBM bandwidth). Writes benchmarks/results/<out>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+
+import torch
+
+import specontext
+from benchmarks.e2e import SHORT, _prompt, hbm_bandwidth, llama_8b_random
+from benchmarks.results_file import write_results
+from specontext_compiler.config import GuardSettings
+from specontext_compiler.runtime.accuracy_guard import AccuracyGuard
+
+TOKEN_BUDGET = 2048
+
+
+def step_ms(compiled, ids, new_tokens: int) -> tuple[float, dict]:
+    def generate(tokens):
+        compiled.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        return dict(compiled.stats)
+
+    generate(new_tokens + SHORT)
+    short, long = generate(SHORT), generate(new_tokens + SHORT)
+    steps = long["steps"] - short["steps"]
+    return 1e3 * (long["decode_seconds"] - short["decode_seconds"]) / steps, long
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--budget", default="135GB")
+    parser.add_argument("--out", default="guard_overhead")
+    args = parser.parse_args()
+    hbm = hbm_bandwidth()
+    model = llama_8b_random()
+    compiled = specontext.compile(model, args.budget, token_budget=TOKEN_BUDGET, offload="none", progress=False)
+    runtime = compiled.runtime
+    settings = {"off": None, "threshold_0": GuardSettings(threshold=0.0), "default": GuardSettings()}
+    shape = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_token_layer = 2 * shape.num_key_value_heads * (shape.hidden_size // shape.num_attention_heads) * 2  # K+V bf16
+    rows = []
+    for batch in args.batches:
+        ids = _prompt(batch, args.context)
+        for name, setting in settings.items():
+            guard = None if setting is None else AccuracyGuard(setting, layer=None)
+            runtime.guard = guard
+            if guard is not None:
+                runtime.guard_preferred = compiled.head.layers[0]
+                runtime.guard_candidates = set(range(shape.num_hidden_layers))
+            try:
+                ms, stats = step_ms(compiled, ids, args.new_tokens)
+            except torch.OutOfMemoryError as error:
+                rows.append({"batch": batch, "guard": name, "error": str(error).splitlines()[0]})
+                continue
+            selected = batch * TOKEN_BUDGET * shape.num_hidden_layers * kv_token_layer
+            guard_keys = 0 if guard is None else batch * args.context * kv_token_layer // 2
+            floor = (weights + selected + guard_keys) / hbm
+            row = {"batch": batch, "guard": name, "ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms,
+                   "roofline_ms": 1e3 * floor, "step_over_roofline": ms / (1e3 * floor),
+                   "fixed_shape_steps": stats["fixed_shape_steps"], "steps": stats["steps"],
+                   **{k: v for k, v in stats.items() if k.startswith("guard")}}
+            rows.append(row)
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+        base = next((r["ms_per_step"] for r in rows if r["batch"] == batch and r["guard"] == "off" and "ms_per_step" in r), None)
+        for row in rows:
+            if row["batch"] == batch and base and "ms_per_step" in row:
+                row["overhead_vs_off"] = row["ms_per_step"] / base - 1
+    print(f"{'batch':>5} {'guard':>12} {'ms/step':>9} {'roofline':>9} {'overhead':>9} {'triggers':>8}")
+    for row in rows:
+        if "ms_per_step" in row:
+            print(f"{row['batch']:5d} {row['guard']:>12} {row['ms_per_step']:9.2f} {row['roofline_ms']:9.2f} "
+                  f"{100 * row.get('overhead_vs_off', 0):8.1f}% {row.get('guard_triggers', 0):8}")
+    write_results({"command": "python -m benchmarks.guard_overhead " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+                   "machine": torch.cuda.get_device_name(), "host": platform.node(), "date": datetime.date.today().isoformat(),
+                   "torch": torch.__version__, "hbm_bytes_per_s": hbm, "context": args.context, "token_budget": TOKEN_BUDGET,
+                   "rows": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The RULER-style suite (specontext_compiler/evaluation/ruler.py) over selection methods and budgets.
+
+    .venv/bin/python -m benchmarks.ruler --split fit --lengths 4096 --budgets 0.06 0.12 --prompts 4
+
+Per prompt: one dense prefill, then every method x budget decodes greedily from it (the runtime rolled
+back to the prefilled state each time: evaluation/shared_prefill.py). Score: share of the reference
+strings in the output (RULER's string_match_all), per task, length, method and budget, with dense beside.
+Methods: dense, the draft-free retrieval head and its variants (``HEADS``), StreamingLLM, Quest, oracle
+top-k. Budgets are fractions of the prompt (the token budget is rounded to an integer per prompt).
+
+Writes benchmarks/results/<out>.json (every output) and <out>.png (score against budget per method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from tqdm import tqdm
+
+import specontext
+from specontext_compiler.evaluation import ruler
+from specontext_compiler.evaluation.shared_prefill import DENSE, HeadChoice, Method, generate_each
+from specontext_compiler.models import load_model
+from specontext_compiler.retrieval import OracleTopK, QuestPages, StreamingLLM, TargetLayerHead, default_layers
+
+try:
+    from .results_file import RESULTS, write_results
+except ImportError:  # run as a script
+    from results_file import RESULTS, write_results
+
+
+def head_variants(num_layers: int) -> dict[str, object]:
+    """Every head measured (names as in docs/accuracy.md): the draft-free head's variants and the baselines."""
+    layer = default_layers(num_layers)[0]
+    spread = tuple(sorted({round(f * (num_layers - 1)) for f in (2 / 3, 5 / 6, 29 / 30)}))
+    return {
+        "head": lambda: TargetLayerHead(layer, lookahead=0),
+        "head_look1": lambda: TargetLayerHead(layer, lookahead=1),
+        "head_look2": lambda: TargetLayerHead(layer, lookahead=2),
+        "head_multi_look1": lambda: TargetLayerHead(spread, lookahead=1),
+        "head_noprior_look1": lambda: TargetLayerHead(layer, prefill_prior=False, lookahead=1),
+        "head_w32_look1": lambda: TargetLayerHead(layer, query_weight=32.0, lookahead=1),
+        "head_multi_noprior_look1": lambda: TargetLayerHead(spread, prefill_prior=False, lookahead=1),
+        "streaming": StreamingLLM,
+        "quest": QuestPages,
+        "oracle": OracleTopK,
+    }
+
+
+def load(name: str, device: str):
+    if name == "smollm2":
+        return load_model("smollm2", device=device), True
+    return load_model(name, device=device), False  # a GGUF path: a base model, plain prompts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2", help="'smollm2' or a .gguf path (base model: plain prompts)")
+    parser.add_argument("--split", choices=ruler.SPLITS, default="fit")
+    parser.add_argument("--tasks", nargs="+", default=None, help="default: every task of the split")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.03, 0.06, 0.12, 0.25])
+    parser.add_argument("--heads", nargs="+", default=None, help="default: every variant (head_variants)")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--first-prompt", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    (model, tokenizer), chat = load(args.model, args.device)
+    variants = head_variants(model.config.num_hidden_layers)
+    names = args.heads or list(variants)
+    unknown = [name for name in names if name not in variants]
+    if unknown:
+        raise SystemExit(f"unknown heads {unknown}; known: {', '.join(variants)}")
+    tasks = args.tasks or list(ruler.tasks_of(args.split))
+    choice = HeadChoice({name: variants[name]() for name in names})
+    compiled = specontext.compile(model, "200GB", draft=choice, offload="none")
+    samples = ruler.suite(tokenizer, tasks, args.lengths, args.prompts, args.split, chat, args.first_prompt)
+    rows = []
+    started = time.perf_counter()
+    for sample in tqdm(samples, desc="ruler", unit="prompt"):
+        methods = [DENSE] + [Method(name, max(16, round(b * sample.tokens))) for b in args.budgets for name in names]
+        outputs = generate_each(compiled, choice, sample.input_ids.to(args.device), methods, sample.max_new_tokens)
+        for (method, tokens), budget in zip(outputs.items(), [None] + [b for b in args.budgets for _ in names]):
+            text = tokenizer.decode(tokens[0], skip_special_tokens=True)
+            rows.append({"task": sample.task, "length": sample.tokens, "target_length": None, "index": sample.index,
+                         "method": method.head or "dense", "budget": budget, "token_budget": method.token_budget,
+                         "score": sample.score(text), "output": text, "references": list(sample.references)})
+        for row in rows[-len(methods):]:
+            row["target_length"] = next(length for length in args.lengths if sample.tokens <= length)
+    summary = summarize(rows)
+    print_table(summary, names, args.budgets)
+    name = args.out or f"ruler_{'smollm2' if args.model == 'smollm2' else 'gguf'}_{args.split}"
+    payload = {
+        "command": "python -m benchmarks.ruler " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+                   f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}, torch {torch.__version__}",
+        "date": datetime.date.today().isoformat(),
+        "seconds": time.perf_counter() - started,
+        "model": args.model, "split": args.split, "tasks": tasks, "heads": names, "budgets": args.budgets,
+        "summary": summary, "rows": rows,
+    }
+    write_results(payload, name)
+    plot(summary, names, args.budgets, RESULTS / f"{name}.png")
+
+
+def summarize(rows) -> list[dict]:
+    """Mean score per (length, method, budget), over niah tasks, every task, and per task."""
+    groups = defaultdict(list)
+    for row in rows:
+        key = (row["target_length"], row["method"], row["budget"])
+        groups[key + ("all",)].append(row["score"])
+        groups[key + (row["task"],)].append(row["score"])
+        if row["task"].startswith("niah"):
+            groups[key + ("niah",)].append(row["score"])
+    return [{"length": k[0], "method": k[1], "budget": k[2], "tasks": k[3], "score": statistics.fmean(v), "prompts": len(v)}
+            for k, v in sorted(groups.items(), key=lambda item: str(item[0]))]
+
+
+def print_table(summary, names, budgets) -> None:
+    table = {(row["length"], row["method"], row["budget"], row["tasks"]): row["score"] for row in summary}
+    for length in sorted({row["length"] for row in summary}):
+        for tasks in ("niah", "all"):
+            dense = table.get((length, "dense", None, tasks))
+            if dense is None:
+                continue
+            print(f"\n{length} tokens, {tasks} tasks: dense {100 * dense:.1f}")
+            print(f"{'method':22s}" + "".join(f"{b:>9.0%}" for b in budgets))
+            for name in names:
+                print(f"{name:22s}" + "".join(f"{100 * table.get((length, name, b, tasks), float('nan')):9.1f}" for b in budgets))
+
+
+def plot(summary, names, budgets, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({row["length"] for row in summary})
+    table = {(row["length"], row["method"], row["budget"], row["tasks"]): row["score"] for row in summary}
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        for name in names:
+            ax.plot([100 * b for b in budgets], [100 * table.get((length, name, b, "niah"), float("nan")) for b in budgets],
+                    marker="o", label=name)
+        dense = table.get((length, "dense", None, "niah"))
+        if dense is not None:
+            ax.axhline(100 * dense, color="black", linestyle="--", label="dense")
+        ax.set(title=f"{length} tokens, niah tasks", xlabel="token budget (% of prompt)", ylabel="score (%)", xscale="log")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The accuracy guard: notice when a step's selection misses the attention it needed, and redo it densely.
+
+The retrieval head ranks the context before layer 0 of a step runs, from what it saw of earlier steps;
+nothing in the selection itself says whether it found what the step's queries attend to. The guard
+measures it exactly, on one layer: at the guard layer (resident on the GPU) the step's own query is
+softmaxed over *every* stored key of that layer, and the share of that attention mass falling on the
+selected positions (and the new token) is the step's **coverage**, per sequence (averaged over KV heads,
+the group's query heads summed as the selection shares them). It reads one layer's keys per step (not
+its values): 1/num_layers of the K cache, no more than the draft-free head reads to score.
+
+When any sequence's coverage falls below ``threshold``, the engine rolls the step back (the transaction
+that out-of-memory recovery uses) and runs it again attending densely, then attends densely for
+``hold_steps`` more steps before the selection resumes, where the guard measures it again: a selection
+that still misses triggers again. A batch attends densely while any of its sequences is held (one step
+shape for the batch). Counters in ``stats``: steps checked, triggers, steps redone and dense steps.
+
+Threshold and hold were chosen on the suite's fit split (docs/accuracy.md), not on what they are
+reported on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import GuardSettings
+from ..retrieval.base import group_probabilities
+
+
+class AccuracyGuard:
+    """The guard's state for one compiled model: the last step's coverage, the dense hold, counters."""
+
+    def __init__(self, settings: GuardSettings, layer: int):
+        self.settings = settings
+        self.layer = layer
+        self.coverage: torch.Tensor | None = None  # [B] for the step that just ran (None: not measured)
+        self.dense_left = 0
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.checks = 0
+        self.triggers = 0
+        self.dense_steps = 0
+        self.min_coverage = 1.0
+        self.max_coverage = 0.0
+        self.coverage_sum = 0.0
+
+    def stats(self) -> dict:
+        return {
+            "guard_layer": self.layer,
+            "guard_threshold": self.settings.threshold,
+            "guard_checks": self.checks,
+            "guard_triggers": self.triggers,
+            "guard_redone_steps": self.triggers,
+            "guard_dense_steps": self.dense_steps,
+            "guard_mean_coverage": self.coverage_sum / self.checks if self.checks else None,
+            "guard_min_coverage": self.min_coverage if self.checks else None,
+            "guard_max_coverage": self.max_coverage if self.checks else None,
+        }
+
+    def new_sequence(self) -> None:
+        self.coverage = None
+        self.dense_left = 0
+
+    @property
+    def holding(self) -> bool:
+        """Whether the next step attends densely (a trigger's hold)."""
+        return self.dense_left > 0
+
+    def measure(self, q: torch.Tensor, keys: torch.Tensor, scale: float, positions: torch.Tensor,
+                key_valid: torch.Tensor | None, counted: torch.Tensor | None = None, out: torch.Tensor | None = None):
+        """Coverage of the guard layer's attention by ``positions`` [B, Hkv, N] (the selection and the new
+        token), q [B, Hq, 1, D] over ``keys`` [B, Hkv, T, D] (every stored token, the new one included);
+        ``counted`` bool like positions (False: a padding entry); writes ``out`` [B] in place if given."""
+        groups = q.shape[1] // keys.shape[1]
+        mass = group_probabilities(q[:, :, -1], keys, scale, key_valid)  # [B, Hkv, T]
+        picked = mass.gather(2, positions)
+        if counted is not None:
+            picked = picked * counted
+        coverage = (picked.sum(-1) / groups).mean(1)
+        if out is None:
+            self.coverage = coverage
+        else:
+            out.copy_(coverage)
+            self.coverage = out
+
+    def missed(self) -> bool:
+        """After a step: whether its selection missed (reads the coverage on the host); counts the check."""
+        if self.coverage is None:
+            return False
+        coverage = self.coverage.float().cpu()
+        self.coverage = None
+        self.checks += 1
+        lowest = float(coverage.min())
+        self.min_coverage = min(self.min_coverage, lowest)
+        self.max_coverage = max(self.max_coverage, float(coverage.max()))
+        self.coverage_sum += float(coverage.mean())
+        return lowest < self.settings.threshold
+
+    def trigger(self) -> None:
+        """The step is redone densely, and ``hold_steps`` more after it."""
+        self.triggers += 1
+        self.dense_left = self.settings.hold_steps + 1
+
+    def step_done(self, dense: bool) -> None:
+        if dense and self.dense_left:
+            self.dense_left -= 1
+            self.dense_steps += 1
+
+
+def guard_layer(settings: GuardSettings, preferred: int, num_layers: int, resident: set[int]) -> int | None:
+    """The layer the guard measures: ``settings.layer`` or ``preferred``, else the nearest resident one."""
+    wanted = preferred if settings.layer is None else settings.layer
+    if not resident:
+        return None
+    return min(resident, key=lambda layer: (abs(layer - wanted), -layer))
+
+
+def guard_preference(settings: GuardSettings, head, num_layers: int) -> int:
+    """The layer the guard would rather measure: ``settings.layer``, else the retrieval head's (first)
+    scoring layer, else 5/6 of the depth (where the draft-free head scores)."""
+    from ..retrieval.target_layer_head import default_layers
+
+    if settings.layer is not None:
+        if settings.layer >= num_layers:
+            raise ValueError(f"guard layer {settings.layer} but the model has layers 0..{num_layers - 1}")
+        return settings.layer
+    layers = getattr(head, "layers", None)
+    return layers[0] if layers else default_layers(num_layers)[0]

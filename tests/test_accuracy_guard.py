@@ -1,0 +1,107 @@
+"""The accuracy guard (runtime/accuracy_guard.py): a head made to miss, and the guard restoring dense tokens."""
+
+import pytest
+import torch
+
+import specontext
+from specontext_compiler.config import GuardSettings
+from specontext_compiler.retrieval import StreamingLLM
+from test_cuda_graph_decode import poisoned  # noqa: F401 (a fixture: unwritten positions hold NaN)
+from tiny_models import padded_batch, tiny_model
+
+GENERATE = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+
+
+class OldestTokens(StreamingLLM):
+    """A head that misses on purpose: it ranks the oldest tokens first (recency reversed)."""
+
+    name = "oldest"
+
+    def score(self, input_ids, attention_mask, past):
+        return -super().score(input_ids, attention_mask, past)
+
+    def score_static(self, key_valid):
+        return -self._static_scores
+
+
+def compile_missing(guard, **options):
+    # No sinks, no window, 4 of ~40 tokens: a tiny random model spreads its attention far wider than that.
+    return specontext.compile(tiny_model("llama"), "1GB", token_budget=5, sink_tokens=0, local_window=0,
+                              draft=OldestTokens(), offload="none", progress=False, guard=guard, **options)
+
+
+@pytest.mark.parametrize("decode_mode", ["eager", "fixed"])
+def test_guard_restores_the_dense_tokens_of_a_head_that_misses(decode_mode, poisoned):
+    ids, mask = padded_batch(96, [40, 33], seed=5)
+    dense = specontext.compile(tiny_model("llama"), "1GB", token_budget=None, progress=False)
+    expected = dense.generate(ids, attention_mask=mask, **GENERATE)
+    unguarded = compile_missing(False)
+    unguarded.engine.decode_mode = decode_mode
+    assert not torch.equal(unguarded.generate(ids, attention_mask=mask, **GENERATE), expected)  # it does miss
+    guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=0))
+    guarded.engine.decode_mode = decode_mode
+    assert torch.equal(guarded.generate(ids, attention_mask=mask, **GENERATE), expected)
+    stats = guarded.stats
+    steps = stats["steps"]
+    assert stats["guard_triggers"] == stats["guard_checks"] == stats["guard_dense_steps"] == steps
+    assert stats["guard_max_coverage"] < 0.6
+    assert stats["fixed_shape_steps"] == 0  # every fixed-shape step was taken back
+
+
+def test_guard_holds_dense_then_selects_again():
+    ids, mask = padded_batch(96, [40, 33], seed=5)
+    guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=3))
+    guarded.generate(ids, attention_mask=mask, **GENERATE)
+    stats = guarded.stats
+    # 19 steps: a trigger (its redo) and 3 held steps, then the selection is tried again and misses.
+    assert stats["guard_triggers"] == 5 and stats["guard_checks"] == 5
+    assert stats["guard_dense_steps"] == 19
+
+
+def test_guard_keeps_a_selection_that_covers_the_attention():
+    """A budget above the context: every step is dense, nothing measured; the oracle at a generous
+    budget covers more than a low threshold: no trigger, the sparse tokens stay."""
+    ids, mask = padded_batch(96, [40, 33], seed=5)
+    oracle = specontext.compile(tiny_model("llama"), "1GB", token_budget=30, selection="oracle", offload="none",
+                                progress=False, guard=GuardSettings(threshold=0.05))
+    sparse = specontext.compile(tiny_model("llama"), "1GB", token_budget=30, selection="oracle", offload="none",
+                                progress=False, guard=False)
+    assert torch.equal(oracle.generate(ids, attention_mask=mask, **GENERATE),
+                       sparse.generate(ids, attention_mask=mask, **GENERATE))
+    assert oracle.stats["guard_triggers"] == 0 and oracle.stats["guard_checks"] == oracle.stats["steps"]
+    assert 0.05 < oracle.stats["guard_mean_coverage"] <= 1.0
+
+
+def test_guard_replay_redoes_missed_steps():
+    ids, _ = padded_batch(96, [40], seed=6)
+    continuation = torch.randint(3, 96, (1, 12))
+    dense = specontext.compile(tiny_model("llama"), "1GB", token_budget=None, progress=False)
+    guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=0))
+    torch.testing.assert_close(guarded.replay(ids, continuation), dense.replay(ids, continuation))
+
+
+def test_guard_is_on_by_default_and_measures_a_resident_full_attention_layer(monkeypatch):
+    monkeypatch.setattr("specontext_compiler.config.DEFAULT_GUARD", True)
+    compiled = specontext.compile(tiny_model("llama"), "1GB", token_budget=16, offload=[1], progress=False)
+    ids, mask = padded_batch(96, [40], seed=5)
+    compiled.generate(ids, attention_mask=mask, **GENERATE)
+    assert compiled.runtime.guard is not None and compiled.runtime.guard.layer == 0  # layer 1 is offloaded
+    assert compiled.stats["guard_checks"] > 0
+
+
+@pytest.mark.parametrize("guard, error, match", [
+    ("yes", TypeError, "guard must be True, False or a GuardSettings"),
+    (GuardSettings.__new__(GuardSettings), None, None),
+])
+def test_bad_guard_options_are_refused(guard, error, match):
+    if error is None:
+        for bad, message in [(dict(threshold=1.0), "threshold"), (dict(threshold=-0.1), "threshold"),
+                             (dict(hold_steps=-1), "hold_steps"), (dict(hold_steps=1.5), "hold_steps"),
+                             (dict(layer=-2), "layer")]:
+            with pytest.raises(ValueError, match=message):
+                GuardSettings(**bad)
+        with pytest.raises(ValueError, match="guard layer 9"):
+            specontext.compile(tiny_model("llama"), "1GB", progress=False, guard=GuardSettings(layer=9))
+        return
+    with pytest.raises(error, match=match):
+        specontext.compile(tiny_model("llama"), "1GB", progress=False, guard=guard)
