@@ -27,7 +27,7 @@ import specontext
 from specontext_compiler.evaluation import ruler
 from specontext_compiler.evaluation.shared_prefill import DENSE, HeadChoice, Method, generate_each
 from specontext_compiler.models import load_model
-from specontext_compiler.retrieval import OracleTopK, QuestPages, StreamingLLM, TargetLayerHead, default_layers
+from specontext_compiler.retrieval import OracleTopK, QuestPages, StreamingLLM, TargetLayerHead
 
 try:
     from .results_file import RESULTS, write_results
@@ -36,17 +36,24 @@ except ImportError:  # run as a script
 
 
 def head_variants(num_layers: int) -> dict[str, object]:
-    """Every head measured (names as in docs/accuracy.md): the draft-free head's variants and the baselines."""
-    layer = default_layers(num_layers)[0]
-    spread = tuple(sorted({round(f * (num_layers - 1)) for f in (2 / 3, 5 / 6, 29 / 30)}))
+    """Every head measured (names as in docs/accuracy.md): the draft-free head's variants and the baselines.
+
+    ``v1``: the head before the suite existed (layer at 5/6 of the depth, prior, weight 8, no lookahead).
+    ``d80``: one layer at 0.8 of the depth (SmolLM2: 23, the best single layer teacher-forced on the fit
+    split, benchmarks/ruler_layers.py); ``d72-80``: three layers at 0.72-0.8 of the depth (SmolLM2:
+    21-23); ``look1``: lookahead 1; ``noprior``: without the prefill prior.
+    """
+    def at(*fractions):
+        return tuple(sorted({round(f * (num_layers - 1)) for f in fractions}))
+
+    one, three = at(0.8), at(0.72, 0.76, 0.8)
     return {
-        "head": lambda: TargetLayerHead(layer, lookahead=0),
-        "head_look1": lambda: TargetLayerHead(layer, lookahead=1),
-        "head_look2": lambda: TargetLayerHead(layer, lookahead=2),
-        "head_multi_look1": lambda: TargetLayerHead(spread, lookahead=1),
-        "head_noprior_look1": lambda: TargetLayerHead(layer, prefill_prior=False, lookahead=1),
-        "head_w32_look1": lambda: TargetLayerHead(layer, query_weight=32.0, lookahead=1),
-        "head_multi_noprior_look1": lambda: TargetLayerHead(spread, prefill_prior=False, lookahead=1),
+        "v1": lambda: TargetLayerHead(at(5 / 6), lookahead=0),
+        "d80_look1": lambda: TargetLayerHead(one, lookahead=1),
+        "d80_look1_noprior": lambda: TargetLayerHead(one, prefill_prior=False, lookahead=1),
+        "d72-80_look1": lambda: TargetLayerHead(three, lookahead=1),
+        "d72-80_look1_noprior": lambda: TargetLayerHead(three, prefill_prior=False, lookahead=1),
+        "d72-80_look0": lambda: TargetLayerHead(three, lookahead=0),
         "streaming": StreamingLLM,
         "quest": QuestPages,
         "oracle": OracleTopK,
@@ -54,9 +61,8 @@ def head_variants(num_layers: int) -> dict[str, object]:
 
 
 def load(name: str, device: str):
-    if name == "smollm2":
-        return load_model("smollm2", device=device), True
-    return load_model(name, device=device), False  # a GGUF path: a base model, plain prompts
+    """The model and whether its prompts are chat turns (SmolLM2-Instruct) or plain text (a base model)."""
+    return load_model(name, device=device), "smollm2" in str(name).lower()
 
 
 def main() -> None:
@@ -67,6 +73,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.03, 0.06, 0.12, 0.25])
     parser.add_argument("--heads", nargs="+", default=None, help="default: every variant (head_variants)")
+    parser.add_argument("--guard-heads", nargs="*", default=[], help="also run these heads with the accuracy guard")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--first-prompt", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -81,22 +88,28 @@ def main() -> None:
         raise SystemExit(f"unknown heads {unknown}; known: {', '.join(variants)}")
     tasks = args.tasks or list(ruler.tasks_of(args.split))
     choice = HeadChoice({name: variants[name]() for name in names})
-    compiled = specontext.compile(model, "200GB", draft=choice, offload="none")
+    runs = [(name, False) for name in names] + [(name, True) for name in args.guard_heads]
+    labels = [name + ("+guard" if guard else "") for name, guard in runs]
+    compiled = specontext.compile(model, "200GB", draft=choice, offload="none", guard=bool(args.guard_heads))
     samples = ruler.suite(tokenizer, tasks, args.lengths, args.prompts, args.split, chat, args.first_prompt)
     rows = []
     started = time.perf_counter()
     for sample in tqdm(samples, desc="ruler", unit="prompt"):
-        methods = [DENSE] + [Method(name, max(16, round(b * sample.tokens))) for b in args.budgets for name in names]
-        outputs = generate_each(compiled, choice, sample.input_ids.to(args.device), methods, sample.max_new_tokens)
-        for (method, tokens), budget in zip(outputs.items(), [None] + [b for b in args.budgets for _ in names]):
-            text = tokenizer.decode(tokens[0], skip_special_tokens=True)
-            rows.append({"task": sample.task, "length": sample.tokens, "target_length": None, "index": sample.index,
-                         "method": method.head or "dense", "budget": budget, "token_budget": method.token_budget,
-                         "score": sample.score(text), "output": text, "references": list(sample.references)})
-        for row in rows[-len(methods):]:
-            row["target_length"] = next(length for length in args.lengths if sample.tokens <= length)
+        plan = [(DENSE, None)] + [(Method(name, max(16, round(b * sample.tokens)), guard), b)
+                                  for b in args.budgets for name, guard in runs]
+        stats = {}
+        outputs = generate_each(compiled, choice, sample.input_ids.to(args.device), [m for m, _ in plan],
+                                sample.max_new_tokens, stats)
+        for method, budget in plan:
+            text = tokenizer.decode(outputs[method][0], skip_special_tokens=True)
+            rows.append({"task": sample.task, "length": sample.tokens, "index": sample.index,
+                         "target_length": next(length for length in args.lengths if sample.tokens <= length),
+                         "method": (method.head or "dense") + ("+guard" if method.guard else ""), "budget": budget,
+                         "token_budget": method.token_budget, "score": sample.score(text), "output": text,
+                         "references": list(sample.references),
+                         **{k: v for k, v in stats[method].items() if k in GUARD_STATS}})
     summary = summarize(rows)
-    print_table(summary, names, args.budgets)
+    print_table(summary, labels, args.budgets)
     name = args.out or f"ruler_{'smollm2' if args.model == 'smollm2' else 'gguf'}_{args.split}"
     payload = {
         "command": "python -m benchmarks.ruler " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
@@ -108,7 +121,10 @@ def main() -> None:
         "summary": summary, "rows": rows,
     }
     write_results(payload, name)
-    plot(summary, names, args.budgets, RESULTS / f"{name}.png")
+    plot(summary, labels, args.budgets, RESULTS / f"{name}.png")
+
+
+GUARD_STATS = ("guard_checks", "guard_triggers", "guard_dense_steps", "steps", "guard_mean_coverage", "guard_min_coverage")
 
 
 def summarize(rows) -> list[dict]:

@@ -128,8 +128,8 @@ def _guard_option(value):
 
     if value is None or value is False:
         return False
-    if not isinstance(value, dict) or set(value) - {"threshold", "hold_steps", "layer"}:
-        raise ValueError(f"guard is {value!r}; accepted: null or an object of threshold, hold_steps, layer")
+    if not isinstance(value, dict) or set(value) - {"threshold", "hold_steps", "check_every", "layer"}:
+        raise ValueError(f"guard is {value!r}; accepted: null or an object of threshold, hold_steps, check_every, layer")
     return GuardSettings(**value)
 
 

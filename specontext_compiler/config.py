@@ -99,6 +99,8 @@ def _non_negative_int(name: str, value) -> int:
 DEFAULT_THRESHOLD = 0.5
 #: Dense steps after a trigger before the selection is tried again.
 DEFAULT_HOLD_STEPS = 16
+#: Steps between two host reads of the coverage (docs/accuracy.md: the read's cost on an H200 at batch 1).
+DEFAULT_CHECK_EVERY = 8
 #: Whether compile turns the guard on when not told (tests of other features turn it off: tests/conftest.py).
 DEFAULT_GUARD = True
 
@@ -110,12 +112,16 @@ class GuardSettings:
     Attributes:
         threshold: minimum coverage, in [0, 1), of the guard layer's attention mass by a step's selection.
         hold_steps: dense steps after a trigger before selecting again.
+        check_every: steps between two reads of the coverage on the host (every step measures; a read
+            makes the host wait for the GPU, which costs a step's Python time at batch 1); a read sees the
+            lowest coverage since the previous one and redoes the step it follows.
         layer: the guard layer; None: the retrieval head's scoring layer, or 5/6 of the depth, moved to the
             nearest layer whose KV stays on the GPU.
     """
 
     threshold: float = DEFAULT_THRESHOLD
     hold_steps: int = DEFAULT_HOLD_STEPS
+    check_every: int = DEFAULT_CHECK_EVERY
     layer: int | None = None
 
     def __post_init__(self):
@@ -123,6 +129,8 @@ class GuardSettings:
             raise ValueError(f"guard threshold must be a number in [0, 1); got {self.threshold!r}")
         if isinstance(self.hold_steps, bool) or not isinstance(self.hold_steps, int) or self.hold_steps < 0:
             raise ValueError(f"guard hold_steps must be a non-negative int; got {self.hold_steps!r}")
+        if isinstance(self.check_every, bool) or not isinstance(self.check_every, int) or self.check_every < 1:
+            raise ValueError(f"guard check_every must be a positive int; got {self.check_every!r}")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
             raise ValueError(f"guard layer must be a non-negative int or None; got {self.layer!r}")
 

@@ -38,7 +38,7 @@ def test_guard_restores_the_dense_tokens_of_a_head_that_misses(decode_mode, pois
     unguarded = compile_missing(False)
     unguarded.engine.decode_mode = decode_mode
     assert not torch.equal(unguarded.generate(ids, attention_mask=mask, **GENERATE), expected)  # it does miss
-    guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=0))
+    guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=0, check_every=1))
     guarded.engine.decode_mode = decode_mode
     assert torch.equal(guarded.generate(ids, attention_mask=mask, **GENERATE), expected)
     stats = guarded.stats
@@ -50,7 +50,7 @@ def test_guard_restores_the_dense_tokens_of_a_head_that_misses(decode_mode, pois
 
 def test_guard_holds_dense_then_selects_again():
     ids, mask = padded_batch(96, [40, 33], seed=5)
-    guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=3))
+    guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=3, check_every=1))
     guarded.generate(ids, attention_mask=mask, **GENERATE)
     stats = guarded.stats
     # 19 steps: a trigger (its redo) and 3 held steps, then the selection is tried again and misses.
@@ -58,12 +58,24 @@ def test_guard_holds_dense_then_selects_again():
     assert stats["guard_dense_steps"] == 19
 
 
+@pytest.mark.parametrize("decode_mode", ["eager", "fixed"])
+def test_guard_reads_every_n_steps_the_lowest_coverage_since_the_last_read(decode_mode):
+    ids, mask = padded_batch(96, [40, 33], seed=5)
+    guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=0, check_every=4))
+    guarded.engine.decode_mode = decode_mode
+    guarded.generate(ids, attention_mask=mask, **GENERATE)
+    stats = guarded.stats  # 19 steps: reads after steps 4, 8, 12, 16, each redoing its step densely
+    assert stats["guard_checks"] == stats["guard_triggers"] == stats["guard_dense_steps"] == 4
+    if decode_mode == "fixed":
+        assert stats["fixed_shape_steps"] == 15
+
+
 def test_guard_keeps_a_selection_that_covers_the_attention():
     """A budget above the context: every step is dense, nothing measured; the oracle at a generous
     budget covers more than a low threshold: no trigger, the sparse tokens stay."""
     ids, mask = padded_batch(96, [40, 33], seed=5)
     oracle = specontext.compile(tiny_model("llama"), "1GB", token_budget=30, selection="oracle", offload="none",
-                                progress=False, guard=GuardSettings(threshold=0.05))
+                                progress=False, guard=GuardSettings(threshold=0.05, check_every=1))
     sparse = specontext.compile(tiny_model("llama"), "1GB", token_budget=30, selection="oracle", offload="none",
                                 progress=False, guard=False)
     assert torch.equal(oracle.generate(ids, attention_mask=mask, **GENERATE),
@@ -76,7 +88,7 @@ def test_guard_replay_redoes_missed_steps():
     ids, _ = padded_batch(96, [40], seed=6)
     continuation = torch.randint(3, 96, (1, 12))
     dense = specontext.compile(tiny_model("llama"), "1GB", token_budget=None, progress=False)
-    guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=0))
+    guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=0, check_every=1))
     torch.testing.assert_close(guarded.replay(ids, continuation), dense.replay(ids, continuation))
 
 
@@ -97,7 +109,7 @@ def test_bad_guard_options_are_refused(guard, error, match):
     if error is None:
         for bad, message in [(dict(threshold=1.0), "threshold"), (dict(threshold=-0.1), "threshold"),
                              (dict(hold_steps=-1), "hold_steps"), (dict(hold_steps=1.5), "hold_steps"),
-                             (dict(layer=-2), "layer")]:
+                             (dict(layer=-2), "layer"), (dict(check_every=0), "check_every")]:
             with pytest.raises(ValueError, match=message):
                 GuardSettings(**bad)
         with pytest.raises(ValueError, match="guard layer 9"):

@@ -84,10 +84,13 @@ class Method:
 
     head: str | None
     token_budget: int | float | None
+    guard: bool = False  # with the accuracy guard the model was compiled with
 
     @property
     def label(self) -> str:
-        return "dense" if self.token_budget is None else f"{self.head}@{self.token_budget:g}"
+        if self.token_budget is None:
+            return "dense"
+        return f"{self.head}{'+guard' if self.guard else ''}@{self.token_budget:g}"
 
 
 DENSE = Method(None, None)
@@ -95,6 +98,11 @@ DENSE = Method(None, None)
 
 def _select(compiled, choice: HeadChoice, method: Method) -> None:
     runtime = compiled.runtime
+    if not hasattr(compiled, "_compiled_guard"):
+        compiled._compiled_guard = runtime.guard
+    if method.guard and compiled._compiled_guard is None:
+        raise ValueError(f"{method.label} asks for the accuracy guard but the model was compiled without one")
+    runtime.guard = compiled._compiled_guard if method.guard else None
     if method.token_budget is None:
         runtime.sparse = None
         return
@@ -109,10 +117,11 @@ def _prefill(compiled, input_ids: torch.Tensor, reserve: int):
 
 
 def generate_each(compiled, choice: HeadChoice, input_ids: torch.Tensor, methods, max_new_tokens: int,
-                  **generate_kwargs) -> dict[Method, torch.Tensor]:
+                  stats: dict | None = None, **generate_kwargs) -> dict[Method, torch.Tensor]:
     """Greedy new tokens [B, <= max_new_tokens] of every method, all decoded from one prefill of ``input_ids``.
 
-    ``compiled`` must have been compiled with ``draft=choice``; ``generate_kwargs`` are ``generate``'s.
+    ``compiled`` must have been compiled with ``draft=choice``; ``generate_kwargs`` are ``generate``'s;
+    ``stats``, if given, receives each method's ``compiled.stats``.
     """
     runtime = compiled.runtime
     settings = resolve_generation_config(compiled.generation_config, None, input_ids.shape[1],
@@ -126,8 +135,10 @@ def generate_each(compiled, choice: HeadChoice, input_ids: torch.Tensor, methods
             runtime.rollback(state)
             _select(compiled, choice, method)
             outputs[method] = compiled.engine.decode(prefilled, settings)[:, input_ids.shape[1]:]
+            if stats is not None:
+                stats[method] = dict(compiled.engine.stats)
     finally:
-        _select(compiled, choice, Method(choice.active, compiled.config.token_budget))
+        _select(compiled, choice, Method(choice.active, compiled.config.token_budget, compiled._compiled_guard is not None))
     return outputs
 
 
@@ -144,5 +155,5 @@ def replay_each(compiled, choice: HeadChoice, input_ids: torch.Tensor, continuat
             _select(compiled, choice, method)
             outputs[method] = compiled.engine.replay_from(prefilled, continuation.to(compiled.device))
     finally:
-        _select(compiled, choice, Method(choice.active, compiled.config.token_budget))
+        _select(compiled, choice, Method(choice.active, compiled.config.token_budget, compiled._compiled_guard is not None))
     return outputs

@@ -37,17 +37,18 @@ import torch
 
 from .base import KeyCache, RetrievalHead, group_probabilities
 
-#: Where the default scoring layer sits, as a fraction of the depth (see the module docstring).
-DEFAULT_DEPTH = 5 / 6
+#: Where the default scoring layers sit, as fractions of the depth (see the module docstring).
+DEFAULT_DEPTHS = (0.72, 0.76, 0.8)
 #: Weight of the scoring layers' attention against the prefill prior (measured; module docstring).
 DEFAULT_QUERY_WEIGHT = 8.0
 #: Positions after each scored one that share its score (measured; module docstring).
-DEFAULT_LOOKAHEAD = 0
+DEFAULT_LOOKAHEAD = 1
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
-    """The draft-free head's scoring layer for a model of ``num_layers`` layers: 5/6 of the depth."""
-    return (round(DEFAULT_DEPTH * (num_layers - 1)),)
+    """The draft-free head's scoring layers for a model of ``num_layers`` layers: at 0.72, 0.76 and 0.8 of
+    the depth (SmolLM2's 30 layers: 21, 22, 23; fewer where the depth rounds two to one)."""
+    return tuple(sorted({round(depth * (num_layers - 1)) for depth in DEFAULT_DEPTHS}))
 
 
 class TargetLayerHead(RetrievalHead):

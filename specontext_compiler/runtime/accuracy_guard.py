@@ -32,8 +32,10 @@ class AccuracyGuard:
     def __init__(self, settings: GuardSettings, layer: int):
         self.settings = settings
         self.layer = layer
-        self.coverage: torch.Tensor | None = None  # [B] for the step that just ran (None: not measured)
+        self.coverage: torch.Tensor | None = None  # [B]: lowest since the last check (None: not measured)
+        self.buffer: torch.Tensor | None = None  # the fixed-shape steps' coverage buffer, while they run
         self.dense_left = 0
+        self._since_check = 0
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -59,7 +61,9 @@ class AccuracyGuard:
 
     def new_sequence(self) -> None:
         self.coverage = None
+        self.buffer = None
         self.dense_left = 0
+        self._since_check = 0
 
     @property
     def holding(self) -> bool:
@@ -77,18 +81,28 @@ class AccuracyGuard:
         if counted is not None:
             picked = picked * counted
         coverage = (picked.sum(-1) / groups).mean(1)
-        if out is None:
-            self.coverage = coverage
-        else:
-            out.copy_(coverage)
-            self.coverage = out
+        if out is None:  # eager steps: the lowest since the last check
+            self.coverage = coverage if self.coverage is None else torch.minimum(self.coverage, coverage)
+        else:  # fixed-shape steps: a buffer the captured step lowers in place, reset after each check
+            torch.minimum(out, coverage, out=out)
+            self.buffer = self.coverage = out
+
+    @property
+    def check_due(self) -> bool:
+        """Whether the host reads the coverage after the next step (every ``check_every`` steps)."""
+        return self._since_check + 1 >= self.settings.check_every
 
     def missed(self) -> bool:
-        """After a step: whether its selection missed (reads the coverage on the host); counts the check."""
-        if self.coverage is None:
+        """After each step: on a check step, whether the lowest coverage since the last check fell below
+        the threshold (reads it on the host); between checks, False without reading anything."""
+        self._since_check += 1
+        # A replayed CUDA graph lowers the buffer without running this Python: read the buffer then.
+        measured = self.coverage if self.coverage is not None else self.buffer
+        if self._since_check < self.settings.check_every or measured is None:
             return False
-        coverage = self.coverage.float().cpu()
-        self.coverage = None
+        self._since_check = 0
+        coverage = measured.to("cpu", torch.float32, copy=True)  # the buffer is refilled below
+        self.reset_coverage()
         self.checks += 1
         lowest = float(coverage.min())
         self.min_coverage = min(self.min_coverage, lowest)
@@ -96,9 +110,16 @@ class AccuracyGuard:
         self.coverage_sum += float(coverage.mean())
         return lowest < self.settings.threshold
 
+    def reset_coverage(self) -> None:
+        """Forget the coverage measured so far (a fixed-shape step's buffer goes back to 1)."""
+        if self.buffer is not None:
+            self.buffer.fill_(1.0)
+        self.coverage = None
+
     def trigger(self) -> None:
         """The step is redone densely, and ``hold_steps`` more after it."""
         self.triggers += 1
+        self.buffer = None  # the fixed-shape decoder, if any, is gone
         self.dense_left = self.settings.hold_steps + 1
 
     def step_done(self, dense: bool) -> None:
@@ -116,7 +137,7 @@ def guard_layer(settings: GuardSettings, preferred: int, num_layers: int, reside
 
 
 def guard_preference(settings: GuardSettings, head, num_layers: int) -> int:
-    """The layer the guard would rather measure: ``settings.layer``, else the retrieval head's (first)
+    """The layer the guard would rather measure: ``settings.layer``, else the retrieval head's (deepest)
     scoring layer, else 5/6 of the depth (where the draft-free head scores)."""
     from ..retrieval.target_layer_head import default_layers
 
@@ -125,4 +146,4 @@ def guard_preference(settings: GuardSettings, head, num_layers: int) -> int:
             raise ValueError(f"guard layer {settings.layer} but the model has layers 0..{num_layers - 1}")
         return settings.layer
     layers = getattr(head, "layers", None)
-    return layers[0] if layers else default_layers(num_layers)[0]
+    return layers[-1] if layers else default_layers(num_layers)[-1]

@@ -294,7 +294,7 @@ class GraphDecoder:
         self.runtime.store.flush_due()
         self.input_ids.copy_(tokens)
         self.position_ids.copy_(position_ids)
-        if self.static.guard is not None:  # what undo_step puts back if the guard finds the step missed
+        if self.static.guard is not None and self.static.guard.check_due:  # what undo_step puts back
             self._head_before = self.runtime.head.static_snapshot()
         if self.graph is not None:
             self.graph.replay()
@@ -342,10 +342,7 @@ class GraphDecoder:
 
     def guard_missed(self) -> bool:
         """Whether the accuracy guard finds that the step just run missed (reads its coverage)."""
-        if self.static.guard is None:
-            return False
-        self.static.guard.coverage = self.static.guard_coverage
-        return self.static.guard.missed()
+        return self.static.guard is not None and self.static.guard.missed()
 
     def undo_step(self) -> None:
         """Take back the step just run (the guard redoes it eagerly and densely) and end fixed-shape decode:

@@ -225,7 +225,7 @@ class GenerationEngine:
         if guard is None:
             return self.run_step(self.step, input_ids, attention_mask, position_ids)
         holding = guard.holding
-        state = None if holding else self.runtime.snapshot()
+        state = None if holding or not guard.check_due else self.runtime.snapshot()
         logits = self.run_step(self.step, input_ids, attention_mask, position_ids)
         if not holding and guard.missed():
             logits = None  # the missed step's tensors go before the redo allocates its own
