@@ -23,7 +23,6 @@ import specontext
 from benchmarks.e2e import SHORT, _prompt, hbm_bandwidth, llama_8b_random
 from benchmarks.results_file import write_results
 from specontext_compiler.config import GuardSettings
-from specontext_compiler.runtime.accuracy_guard import AccuracyGuard
 
 TOKEN_BUDGET = 2048
 
@@ -63,11 +62,8 @@ def main() -> None:
         ids = _prompt(batch, args.context)
         for name in order:
             setting = settings[name]
-            guard = None if setting is None else AccuracyGuard(setting, layer=None)
-            runtime.guard = guard
-            if guard is not None:
-                runtime.guard_preferred = compiled.head.layers[-1]
-                runtime.guard_candidates = set(range(shape.num_hidden_layers))
+            compiled.set_guard(setting)
+            guard = runtime.guard
             try:
                 ms, stats = step_ms(compiled, ids, args.new_tokens)
             except torch.OutOfMemoryError as error:

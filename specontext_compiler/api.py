@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .capture import CapturedStep, bound_data_dependent_sizes, check_supported, export_step, shadow_model
-from .config import DEFAULT_TOKEN_BUDGET, CompileConfig, check_offload_layers, format_bytes
+from .config import DEFAULT_TOKEN_BUDGET, CompileConfig, GuardSettings, check_offload_layers, format_bytes
 from .passes import attention_infos, default_passes, run_passes
 from .planning import kv_bytes_per_token, weight_bytes
 from .planning.memory_model import ModelShape
@@ -117,10 +117,7 @@ class SpeContextModel:
         self.window = config.local_window + 1
         store = KVStore(len(self.layers), [self.device] * len(self.layers), self.dtype, window=self.window, elastic=config.elastic)
         self.runtime = AttentionRuntime(store, sparse, self.head)
-        if config.guard is not None and sparse is not None:
-            self.runtime.guard = AccuracyGuard(config.guard, layer=None)
-            self.runtime.guard_preferred = guard_preference(config.guard, self.head, len(self.layers))
-            self.runtime.guard_candidates = {info.layer for info in self.layers if not info.sliding_window}
+        self.set_guard(config.guard)
         shape = ModelShape.from_config(hf_config, dtype, weights)
         self.memory = MemoryManager(
             self.runtime, shape, config.budget_bytes, config.offload, config.token_budget, self.window,
@@ -133,6 +130,17 @@ class SpeContextModel:
         )
         if config.compile_decode_step:
             self.engine.compile_fixed_shape_step()
+
+    def set_guard(self, settings: GuardSettings | None) -> None:
+        """Turn the accuracy guard on with ``settings`` (runtime/accuracy_guard.py), or off (None); from the
+        next sequence on. Dense attention (``token_budget=None``) has nothing to guard."""
+        runtime = self.runtime
+        if settings is None or runtime.sparse is None:
+            runtime.guard = None
+            return
+        runtime.guard = AccuracyGuard(settings, layer=None)
+        runtime.guard_preferred = guard_preference(settings, self.head, len(self.layers))
+        runtime.guard_candidates = {info.layer for info in self.layers if not info.sliding_window}
 
     def _capture(self, last_only: bool) -> CapturedStep:
         aux_layers = self.head.aux_layers if self.head is not None else ()

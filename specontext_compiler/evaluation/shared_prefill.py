@@ -96,13 +96,12 @@ class Method:
 DENSE = Method(None, None)
 
 
-def _select(compiled, choice: HeadChoice, method: Method) -> None:
+def _select(compiled, choice: HeadChoice, method: Method, guard) -> None:
+    """Make ``method`` the runtime's selection; ``guard``: the accuracy guard the model was compiled with."""
     runtime = compiled.runtime
-    if not hasattr(compiled, "_compiled_guard"):
-        compiled._compiled_guard = runtime.guard
-    if method.guard and compiled._compiled_guard is None:
+    if method.guard and guard is None:
         raise ValueError(f"{method.label} asks for the accuracy guard but the model was compiled without one")
-    runtime.guard = compiled._compiled_guard if method.guard else None
+    runtime.guard = guard if method.guard else None
     if method.token_budget is None:
         runtime.sparse = None
         return
@@ -110,10 +109,24 @@ def _select(compiled, choice: HeadChoice, method: Method) -> None:
     runtime.sparse = SparseSettings(method.token_budget, compiled.config.sink_tokens, compiled.config.local_window)
 
 
-def _prefill(compiled, input_ids: torch.Tensor, reserve: int):
+def _each(compiled, choice: HeadChoice, input_ids: torch.Tensor, reserve: int, methods, run) -> dict:
+    """``run(prefilled)`` for every method, each from the state one dense prefill of ``input_ids`` left;
+    the runtime's selection, guard and active head are put back afterwards."""
+    runtime = compiled.runtime
     input_ids, mask = compiled._check_inputs(input_ids, None)
     compiled._check_budget(input_ids.shape[0], input_ids.shape[1], reserve)
-    return compiled.engine.prefill(input_ids, mask, reserve)
+    saved = runtime.sparse, runtime.guard, choice.active
+    outputs = {}
+    try:
+        prefilled = compiled.engine.prefill(input_ids, mask, reserve)
+        state = runtime.snapshot()
+        for method in methods:
+            runtime.rollback(state)
+            _select(compiled, choice, method, saved[1])
+            outputs[method] = run(prefilled, method)
+    finally:
+        runtime.sparse, runtime.guard, choice.active = saved
+    return outputs
 
 
 def generate_each(compiled, choice: HeadChoice, input_ids: torch.Tensor, methods, max_new_tokens: int,
@@ -123,37 +136,22 @@ def generate_each(compiled, choice: HeadChoice, input_ids: torch.Tensor, methods
     ``compiled`` must have been compiled with ``draft=choice``; ``generate_kwargs`` are ``generate``'s;
     ``stats``, if given, receives each method's ``compiled.stats``.
     """
-    runtime = compiled.runtime
     settings = resolve_generation_config(compiled.generation_config, None, input_ids.shape[1],
                                          {"max_new_tokens": max_new_tokens, "do_sample": False, **generate_kwargs},
                                          compiled.max_positions)
-    prefilled = _prefill(compiled, input_ids, input_ids.shape[1] + max_new_tokens)
-    state = runtime.snapshot()
-    outputs = {}
-    try:
-        for method in methods:
-            runtime.rollback(state)
-            _select(compiled, choice, method)
-            outputs[method] = compiled.engine.decode(prefilled, settings)[:, input_ids.shape[1]:]
-            if stats is not None:
-                stats[method] = dict(compiled.engine.stats)
-    finally:
-        _select(compiled, choice, Method(choice.active, compiled.config.token_budget, compiled._compiled_guard is not None))
-    return outputs
+
+    def decode(prefilled, method):
+        tokens = compiled.engine.decode(prefilled, settings)[:, input_ids.shape[1]:]
+        if stats is not None:
+            stats[method] = dict(compiled.engine.stats)
+        return tokens
+
+    return _each(compiled, choice, input_ids, input_ids.shape[1] + max_new_tokens, methods, decode)
 
 
 def replay_each(compiled, choice: HeadChoice, input_ids: torch.Tensor, continuation: torch.Tensor,
                 methods) -> dict[Method, torch.Tensor]:
     """Teacher-forced logits [B, N, V] of every method over ``continuation``, from one prefill."""
-    runtime = compiled.runtime
-    prefilled = _prefill(compiled, input_ids, input_ids.shape[1] + continuation.shape[1])
-    state = runtime.snapshot()
-    outputs = {}
-    try:
-        for method in methods:
-            runtime.rollback(state)
-            _select(compiled, choice, method)
-            outputs[method] = compiled.engine.replay_from(prefilled, continuation.to(compiled.device))
-    finally:
-        _select(compiled, choice, Method(choice.active, compiled.config.token_budget, compiled._compiled_guard is not None))
-    return outputs
+    continuation = continuation.to(compiled.device)
+    return _each(compiled, choice, input_ids, input_ids.shape[1] + continuation.shape[1], methods,
+                 lambda prefilled, method: compiled.engine.replay_from(prefilled, continuation))

@@ -128,12 +128,12 @@ class AccuracyGuard:
             self.dense_steps += 1
 
 
-def guard_layer(settings: GuardSettings, preferred: int, num_layers: int, resident: set[int]) -> int | None:
-    """The layer the guard measures: ``settings.layer`` or ``preferred``, else the nearest resident one."""
-    wanted = preferred if settings.layer is None else settings.layer
+def guard_layer(preferred: int, resident: set[int]) -> int | None:
+    """The layer the guard measures: of the ``resident`` full-attention layers, the one nearest
+    ``preferred`` (:func:`guard_preference`), the deeper one on a tie; None if there is none."""
     if not resident:
         return None
-    return min(resident, key=lambda layer: (abs(layer - wanted), -layer))
+    return min(resident, key=lambda layer: (abs(layer - preferred), -layer))
 
 
 def guard_preference(settings: GuardSettings, head, num_layers: int) -> int:

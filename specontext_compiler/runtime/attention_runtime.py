@@ -214,7 +214,7 @@ class AttentionRuntime:
         """Measure on the full-attention layer nearest the preferred one whose KV is on the GPU now."""
         resident = {layer for layer in self.guard_candidates
                     if not self.store.is_offloaded(layer) and layer not in self.resident_until}
-        self.guard.layer = guard_layer(self.guard.settings, self.guard_preferred, self.store.num_layers, resident)
+        self.guard.layer = guard_layer(self.guard_preferred, resident)
 
     def snapshot(self) -> tuple:
         """The state between two steps (stored length, the head's state, counters), for :meth:`rollback`."""

@@ -1,0 +1,33 @@
+"""One prefill, many selections (evaluation/shared_prefill.py) against one compiled model per method."""
+
+import torch
+
+import specontext
+from specontext_compiler.config import GuardSettings
+from specontext_compiler.evaluation.shared_prefill import DENSE, HeadChoice, Method, generate_each, replay_each
+from specontext_compiler.retrieval import OracleTopK, StreamingLLM, TargetLayerHead
+from tiny_models import padded_batch, tiny_model
+
+GUARD = GuardSettings(threshold=0.6, check_every=1)
+
+
+def test_each_method_decodes_as_its_own_compiled_model_and_the_runtime_is_put_back():
+    model = tiny_model("llama")
+    ids, _ = padded_batch(96, [40], seed=3)
+    choice = HeadChoice({"head": TargetLayerHead(1), "streaming": StreamingLLM(), "oracle": OracleTopK()})
+    compiled = specontext.compile(model, "1GB", token_budget=16, draft=choice, offload="none", progress=False, guard=GUARD)
+    methods = [DENSE, Method("head", 12), Method("streaming", 12), Method("oracle", 12), Method("head", 12, True)]
+    out = generate_each(compiled, choice, ids, methods, 10)
+    for method in methods:
+        options = dict(token_budget=method.token_budget, offload="none", progress=False, guard=GUARD if method.guard else False)
+        if method.head == "head":
+            options["draft"] = TargetLayerHead(1)
+        elif method.head:
+            options["selection"] = method.head
+        expected = specontext.compile(model, "1GB", **options).generate(ids, max_new_tokens=10, do_sample=False)[:, 40:]
+        assert torch.equal(out[method], expected), method.label
+    runtime = compiled.runtime
+    assert runtime.guard is not None and choice.active == "head" and runtime.sparse.token_budget == 16
+    logits = replay_each(compiled, choice, ids, out[DENSE], methods)
+    dense = specontext.compile(model, "1GB", token_budget=None, progress=False).replay(ids, out[DENSE])
+    torch.testing.assert_close(logits[DENSE], dense)
