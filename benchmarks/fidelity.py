@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=3072)
     parser.add_argument("--new-tokens", type=int, default=1024)
     parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument("--first-prompt", type=int, default=0)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.06, 0.12])
     parser.add_argument("--heads", nargs="+", default=["d72-80_look1", "v1", "streaming", "oracle"])
     parser.add_argument("--guard-heads", nargs="*", default=["d72-80_look1"])
@@ -79,14 +80,15 @@ def main() -> None:
     runs = [(name, False) for name in args.heads] + [(name, True) for name in args.guard_heads]
     rows = []
     started = time.perf_counter()
-    for index in tqdm(range(args.prompts), desc="prompts"):
+    for index in tqdm(range(args.first_prompt, args.first_prompt + args.prompts), desc="prompts"):
         ids = prompt_ids(tokenizer, index, args.context).to(args.device)
         final = ids.shape[1] + args.new_tokens
         eos = compiled.generation_config.eos_token_id
         continuation = generate_each(compiled, choice, ids, [DENSE], args.new_tokens, min_new_tokens=args.new_tokens,
                                      pad_token_id=eos if isinstance(eos, int) else 0)[DENSE]
         plan = [(Method(name, round(b * final), guard), b) for b in args.budgets for name, guard in runs]
-        logits = replay_each(compiled, choice, ids, continuation, [DENSE] + [m for m, _ in plan])
+        stats = {}
+        logits = replay_each(compiled, choice, ids, continuation, [DENSE] + [m for m, _ in plan], stats)
         reference = F.log_softmax(logits[DENSE].float(), -1)
         for method, budget in plan:
             got = F.log_softmax(logits[method].float(), -1)
@@ -96,22 +98,28 @@ def main() -> None:
                          "method": method.head + ("+guard" if method.guard else ""), "budget": budget,
                          "token_budget": method.token_budget, "top1_agreement": float(agree.mean()),
                          "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
-                         "top1_agreement_last_half": float(agree[:, args.new_tokens // 2:].mean())})
+                         "top1_agreement_last_half": float(agree[:, args.new_tokens // 2:].mean()),
+                         **{k: v for k, v in stats[method].items() if k.startswith("guard_") or k == "steps"}})
             print(f"prompt {index} {rows[-1]['method']:>20s} @{budget:.0%}: top-1 {rows[-1]['top1_agreement']:.4f} "
                   f"KL {rows[-1]['mean_kl']:.4f}")
         print("dense continuation starts:", repr(tokenizer.decode(continuation[0, :60])))
-    summary = {}
-    for row in rows:
-        key = f"{row['method']}@{row['budget']}"
-        summary.setdefault(key, []).append(row)
-    summary = {key: {"top1_agreement": sum(r["top1_agreement"] for r in v) / len(v),
-                     "mean_kl": sum(r["mean_kl"] for r in v) / len(v), "prompts": len(v)} for key, v in summary.items()}
-    for key, value in summary.items():
+        write_results(payload(args, rows, started, complete=False), args.out, quiet=True)  # a cut-short run keeps its rows
+    result = payload(args, rows, started, complete=True)
+    for key, value in result["summary"].items():
         print(f"{key:28s} top-1 {value['top1_agreement']:.4f}  KL {value['mean_kl']:.4f}")
-    write_results({"command": "python -m benchmarks.fidelity " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-                   "machine": f"{platform.node()}, {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}, torch {torch.__version__}",
-                   "date": datetime.date.today().isoformat(), "seconds": time.perf_counter() - started,
-                   "summary": summary, "rows": rows}, args.out)
+    write_results(result, args.out)
+
+
+def payload(args, rows: list[dict], started: float, complete: bool) -> dict:
+    groups = {}
+    for row in rows:
+        groups.setdefault(f"{row['method']}@{row['budget']}", []).append(row)
+    summary = {key: {"top1_agreement": sum(r["top1_agreement"] for r in v) / len(v),
+                     "mean_kl": sum(r["mean_kl"] for r in v) / len(v), "prompts": len(v)} for key, v in groups.items()}
+    return {"command": "python -m benchmarks.fidelity " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+            "machine": f"{platform.node()}, {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}, torch {torch.__version__}",
+            "date": datetime.date.today().isoformat(), "seconds": time.perf_counter() - started, "complete": complete,
+            "summary": summary, "rows": rows}
 
 
 if __name__ == "__main__":

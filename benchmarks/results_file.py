@@ -10,7 +10,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def write_results(payload: dict, name: str) -> Path:
+def write_results(payload: dict, name: str, quiet: bool = False) -> Path:
     """Write ``payload`` as ``<name>.json`` under benchmarks/results/ (and $OUT); returns the path."""
     RESULTS.mkdir(exist_ok=True)
     text = json.dumps(payload, indent=2)
@@ -18,5 +18,6 @@ def write_results(payload: dict, name: str) -> Path:
     path.write_text(text)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"{name}.json").write_text(text)
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
     return path

@@ -94,6 +94,21 @@ def main() -> None:
     samples = ruler.suite(tokenizer, tasks, args.lengths, args.prompts, args.split, chat, args.first_prompt)
     rows = []
     started = time.perf_counter()
+    name = args.out or f"ruler_{'smollm2' if args.model == 'smollm2' else 'gguf'}_{args.split}"
+
+    def payload(complete: bool) -> dict:
+        return {
+            "command": "python -m benchmarks.ruler " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+            "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+                       f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}, torch {torch.__version__}",
+            "date": datetime.date.today().isoformat(),
+            "seconds": time.perf_counter() - started,
+            "complete": complete, "prompts_done": len({(r["task"], r["length"], r["index"]) for r in rows}),
+            "prompts_planned": len(samples),
+            "model": args.model, "split": args.split, "tasks": tasks, "heads": names, "budgets": args.budgets,
+            "summary": summarize(rows), "rows": rows,
+        }
+
     for sample in tqdm(samples, desc="ruler", unit="prompt"):
         plan = [(DENSE, None)] + [(Method(name, max(16, round(b * sample.tokens)), guard), b)
                                   for b in args.budgets for name, guard in runs]
@@ -108,20 +123,11 @@ def main() -> None:
                          "token_budget": method.token_budget, "score": sample.score(text), "output": text,
                          "references": list(sample.references),
                          **{k: v for k, v in stats[method].items() if k in GUARD_STATS}})
-    summary = summarize(rows)
-    print_table(summary, labels, args.budgets)
-    name = args.out or f"ruler_{'smollm2' if args.model == 'smollm2' else 'gguf'}_{args.split}"
-    payload = {
-        "command": "python -m benchmarks.ruler " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-                   f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}, torch {torch.__version__}",
-        "date": datetime.date.today().isoformat(),
-        "seconds": time.perf_counter() - started,
-        "model": args.model, "split": args.split, "tasks": tasks, "heads": names, "budgets": args.budgets,
-        "summary": summary, "rows": rows,
-    }
-    write_results(payload, name)
-    plot(summary, labels, args.budgets, RESULTS / f"{name}.png")
+        write_results(payload(complete=False), name, quiet=True)  # a run cut short keeps what it measured
+    result = payload(complete=True)
+    print_table(result["summary"], labels, args.budgets)
+    write_results(result, name)
+    plot(result["summary"], labels, args.budgets, RESULTS / f"{name}.png")
 
 
 GUARD_STATS = ("guard_checks", "guard_triggers", "guard_dense_steps", "steps", "guard_mean_coverage", "guard_min_coverage")

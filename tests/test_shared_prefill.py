@@ -16,16 +16,25 @@ def test_each_method_decodes_as_its_own_compiled_model_and_the_runtime_is_put_ba
     ids, _ = padded_batch(96, [40], seed=3)
     choice = HeadChoice({"head": TargetLayerHead(1), "streaming": StreamingLLM(), "oracle": OracleTopK()})
     compiled = specontext.compile(model, "1GB", token_budget=16, draft=choice, offload="none", progress=False, guard=GUARD)
-    methods = [DENSE, Method("head", 12), Method("streaming", 12), Method("oracle", 12), Method("head", 12, True)]
-    out = generate_each(compiled, choice, ids, methods, 10)
+    # Two guarded methods in a row: the first one's hold after its trigger must not leak into the second,
+    # whose wide selection alone never triggers.
+    methods = [DENSE, Method("head", 12), Method("streaming", 12), Method("oracle", 12), Method("head", 6, True),
+               Method("head", 36, True)]
+    stats = {}
+    out = generate_each(compiled, choice, ids, methods, 10, stats)
+    guard_keys = ("guard_checks", "guard_triggers", "guard_dense_steps")
     for method in methods:
         options = dict(token_budget=method.token_budget, offload="none", progress=False, guard=GUARD if method.guard else False)
         if method.head == "head":
             options["draft"] = TargetLayerHead(1)
         elif method.head:
             options["selection"] = method.head
-        expected = specontext.compile(model, "1GB", **options).generate(ids, max_new_tokens=10, do_sample=False)[:, 40:]
+        alone = specontext.compile(model, "1GB", **options)
+        expected = alone.generate(ids, max_new_tokens=10, do_sample=False)[:, 40:]
         assert torch.equal(out[method], expected), method.label
+        if method.guard:
+            assert {k: stats[method][k] for k in guard_keys} == {k: alone.stats[k] for k in guard_keys}, method.label
+    assert stats[methods[-2]]["guard_triggers"] > 0 and stats[methods[-1]]["guard_dense_steps"] == 0
     runtime = compiled.runtime
     assert runtime.guard is not None and choice.active == "head" and runtime.sparse.token_budget == 16
     logits = replay_each(compiled, choice, ids, out[DENSE], methods)

@@ -102,6 +102,8 @@ def _select(compiled, choice: HeadChoice, method: Method, guard) -> None:
     if method.guard and guard is None:
         raise ValueError(f"{method.label} asks for the accuracy guard but the model was compiled without one")
     runtime.guard = guard if method.guard else None
+    if method.guard:  # the sequence starts again here: no hold or coverage left from the method before
+        guard.new_sequence()
     if method.token_budget is None:
         runtime.sparse = None
         return
@@ -150,8 +152,16 @@ def generate_each(compiled, choice: HeadChoice, input_ids: torch.Tensor, methods
 
 
 def replay_each(compiled, choice: HeadChoice, input_ids: torch.Tensor, continuation: torch.Tensor,
-                methods) -> dict[Method, torch.Tensor]:
-    """Teacher-forced logits [B, N, V] of every method over ``continuation``, from one prefill."""
+                methods, stats: dict | None = None) -> dict[Method, torch.Tensor]:
+    """Teacher-forced logits [B, N, V] of every method over ``continuation``, from one prefill;
+    ``stats``, if given, receives each method's accuracy-guard stats (empty without the guard)."""
     continuation = continuation.to(compiled.device)
-    return _each(compiled, choice, input_ids, input_ids.shape[1] + continuation.shape[1], methods,
-                 lambda prefilled, method: compiled.engine.replay_from(prefilled, continuation))
+
+    def replay(prefilled, method):
+        logits = compiled.engine.replay_from(prefilled, continuation)
+        if stats is not None:
+            guard = compiled.runtime.guard
+            stats[method] = {} if guard is None else guard.stats()
+        return logits
+
+    return _each(compiled, choice, input_ids, input_ids.shape[1] + continuation.shape[1], methods, replay)

@@ -208,6 +208,8 @@ class GenerationEngine:
         attention_mask = torch.ones(batch, prompt_length + steps, dtype=torch.long, device=self.device)
         logits = prefilled.logits
         outputs = []
+        if self.runtime.guard is not None:
+            self.runtime.guard.reset_stats()
         with torch.no_grad(), activate(self.runtime):
             for index in range(steps):
                 outputs.append(logits[:, -1].float())
