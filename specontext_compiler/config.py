@@ -157,8 +157,8 @@ class CompileConfig:
         sink_tokens: first tokens always attended (attention sinks).
         local_window: most recent tokens always attended.
         selection: "retrieval_head" (the method) or a baseline: "streaming", "quest", "oracle".
-        retrieval_layer: scoring layer(s) of the draft-free head, an int or a tuple of ints (None: 5/6 of
-            the depth), or the scoring layer of a draft model (an int; None: calibrate's choice or the
+        retrieval_layer: scoring layer(s) of the draft-free head, an int or a tuple of ints (None: the
+            layers at 0.72, 0.76 and 0.8 of the depth, ``target_layer_head.DEFAULT_DEPTHS``), or the scoring layer of a draft model (an int; None: calibrate's choice or the
             draft's last layer).
         draft: None (a head from the target itself), a homologous transformers model or its directory,
             an EAGLE-3 checkpoint directory, or a calibrated head directory (``specontext.calibrate``).

@@ -47,6 +47,21 @@ def test_fixed_shape_decode_gives_the_eager_tokens(family, poisoned):
     assert compiled.stats["attended_tokens_per_step"] <= 16
 
 
+def test_fixed_shape_decode_of_the_multi_layer_lookahead_head_gives_the_eager_tokens(poisoned):
+    """The default head's shape on a deeper model: three scoring layers merged, lookahead 1 (2-layer tiny
+    models round the default depths to one layer)."""
+    from specontext_compiler.retrieval import TargetLayerHead
+
+    model = tiny_model("qwen3", num_hidden_layers=5)
+    compiled = specontext.compile(model, "1GB", token_budget=14, offload="none", local_window=4, progress=False,
+                                  draft=TargetLayerHead((2, 3, 4), lookahead=1))
+    ids, mask = padded_batch(96, [40, 33], seed=6)
+    expected = compiled.generate(ids, attention_mask=mask, **GENERATE)
+    compiled.engine.decode_mode = "fixed"
+    assert torch.equal(compiled.generate(ids, attention_mask=mask, **GENERATE), expected)
+    assert compiled.stats["fixed_shape_steps"] == 23
+
+
 def test_fixed_shape_decode_streaming_head_and_no_padding(poisoned):
     model = tiny_model("llama")
     compiled = specontext.compile(model, "1GB", token_budget=12, selection="streaming", offload="none", progress=False)

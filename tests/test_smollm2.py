@@ -44,3 +44,25 @@ def test_left_padded_batch_matches_hf(smollm2, smollm2_compiled):
         ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=pad)
     out = smollm2_compiled.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=pad)
     assert torch.equal(ref, out)
+
+
+def test_the_converted_gguf_cache_loads_what_the_gguf_file_holds(smollm2, monkeypatch):
+    """load_model keeps a GGUF file converted to safetensors + JSON (models._converted_gguf); what it loads
+    from there equals what transformers reads from the GGUF file itself."""
+    from specontext_compiler.models import gguf_cache_root, load_model
+
+    model, tokenizer = smollm2
+    assert gguf_cache_root() is not None
+    monkeypatch.setenv("SPECONTEXT_CACHE", "")  # no cache: straight from the GGUF file
+    assert gguf_cache_root() is None
+    direct, direct_tokenizer = load_model("smollm2")
+    cached, loaded = model.state_dict(), direct.state_dict()
+    assert cached.keys() == loaded.keys()
+    assert all(torch.equal(cached[name], loaded[name]) for name in cached)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Naïve café: 2+2?\n\tok"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text == direct_tokenizer.apply_chat_template([{"role": "user", "content": "Naïve café: 2+2?\n\tok"}],
+                                                        tokenize=False, add_generation_prompt=True)
+    assert tokenizer(text)["input_ids"] == direct_tokenizer(text)["input_ids"]
+    where = {"quantization_config": None, "_name_or_path": None}  # the GGUF's, and the folder read
+    assert model.config.to_dict() | where == direct.config.to_dict() | where

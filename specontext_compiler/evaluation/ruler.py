@@ -337,6 +337,9 @@ def make_sample(task: str, tokenizer, length: int, index: int, split: str = "fit
     def ids(n: int) -> torch.Tensor:
         return encode(tokenizer, prompt.context(n) + "\n" + prompt.question, prompt.answer_prefix, chat)
 
+    shortest = ids(1).shape[1]
+    if shortest > length:
+        raise ValueError(f"task {task!r} needs at least {shortest} tokens of input; got length={length}")
     low, high = 1, 8
     while ids(high).shape[1] <= length:  # grow until too long, then bisect
         low, high = high, high * 2
