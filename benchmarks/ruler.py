@@ -28,6 +28,7 @@ from specontext_compiler.evaluation import ruler
 from specontext_compiler.evaluation.shared_prefill import DENSE, HeadChoice, Method, generate_each
 from specontext_compiler.models import load_model
 from specontext_compiler.retrieval import OracleTopK, QuestPages, StreamingLLM, TargetLayerHead
+from specontext_compiler.retrieval.target_layer_head import default_layers
 
 try:
     from .results_file import RESULTS, write_results
@@ -35,13 +36,15 @@ except ImportError:  # run as a script
     from results_file import RESULTS, write_results
 
 
-def head_variants(num_layers: int) -> dict[str, object]:
+def head_variants(num_layers: int, layer_types=None) -> dict[str, object]:
     """Every head measured (names as in docs/accuracy.md): the draft-free head's variants and the baselines.
 
     ``v1``: the head before the suite existed (layer at 5/6 of the depth, prior, weight 8, no lookahead).
     ``d80``: one layer at 0.8 of the depth (SmolLM2: 23, the best single layer teacher-forced on the fit
     split, benchmarks/ruler_layers.py); ``d72-80``: three layers at 0.72-0.8 of the depth (SmolLM2:
-    21-23); ``look1``: lookahead 1; ``noprior``: without the prefill prior.
+    21-23); ``look1``: lookahead 1; ``noprior``: without the prefill prior. On a model with sliding-window
+    layers (``layer_types``), ``d72-80_look1`` is the depths as they are and ``d72-80_full_look1`` each
+    moved to the nearest full-attention layer (the default there: target_layer_head.default_layers).
     """
     def at(*fractions):
         return tuple(sorted({round(f * (num_layers - 1)) for f in fractions}))
@@ -54,6 +57,8 @@ def head_variants(num_layers: int) -> dict[str, object]:
         "d72-80_look1": lambda: TargetLayerHead(three, lookahead=1),
         "d72-80_look1_noprior": lambda: TargetLayerHead(three, prefill_prior=False, lookahead=1),
         "d72-80_look0": lambda: TargetLayerHead(three, lookahead=0),
+        **({"d72-80_full_look1": lambda: TargetLayerHead(default_layers(num_layers, layer_types), lookahead=1)}
+           if default_layers(num_layers, layer_types) != three else {}),
         "streaming": StreamingLLM,
         "quest": QuestPages,
         "oracle": OracleTopK,
@@ -81,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
 
     (model, tokenizer), chat = load(args.model, args.device)
-    variants = head_variants(model.config.num_hidden_layers)
+    variants = head_variants(model.config.num_hidden_layers, getattr(model.config, "layer_types", None))
     names = args.heads or list(variants)
     unknown = [name for name in names if name not in variants]
     if unknown:

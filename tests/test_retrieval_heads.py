@@ -212,3 +212,13 @@ def test_bad_drafts_are_refused(target, tmp_path):
         specontext.compile(target, "1GB", draft=tiny_model("llama", seed=3), retrieval_layer=(0, 1), **SPARSE)
     with pytest.raises(ValueError, match="tokenizer"):
         specontext.calibrate(target, texts=["some words"], token_budget=24, sink_tokens=2, local_window=4)
+
+
+def test_default_scoring_layers_move_off_sliding_window_layers():
+    from specontext_compiler.retrieval.target_layer_head import default_layers
+
+    assert default_layers(30) == (21, 22, 23)  # SmolLM2
+    gemma3 = (["sliding_attention"] * 5 + ["full_attention"]) * 3  # Gemma-3-270M's 18 layers
+    assert default_layers(18) == (12, 13, 14)
+    assert default_layers(18, gemma3) == (11, 17)
+    assert default_layers(18, ["full_attention"] * 18) == (12, 13, 14)

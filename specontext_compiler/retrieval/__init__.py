@@ -34,7 +34,10 @@ def build_head(config, model) -> RetrievalHead:
     if draft is None:
         num_layers = target.num_hidden_layers
         layers = config.retrieval_layer
-        layers = default_layers(num_layers) if layers is None else (layers,) if isinstance(layers, int) else layers
+        if layers is None:
+            layers = default_layers(num_layers, getattr(target, "layer_types", None))
+        elif isinstance(layers, int):
+            layers = (layers,)
         for layer in layers:
             if layer >= num_layers:
                 raise ValueError(f"retrieval_layer={layer} but the model has layers 0..{num_layers - 1}")

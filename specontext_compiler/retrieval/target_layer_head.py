@@ -45,10 +45,20 @@ DEFAULT_QUERY_WEIGHT = 8.0
 DEFAULT_LOOKAHEAD = 1
 
 
-def default_layers(num_layers: int) -> tuple[int, ...]:
+def default_layers(num_layers: int, layer_types: Sequence[str] | None = None) -> tuple[int, ...]:
     """The draft-free head's scoring layers for a model of ``num_layers`` layers: at 0.72, 0.76 and 0.8 of
-    the depth (SmolLM2's 30 layers: 21, 22, 23; fewer where the depth rounds two to one)."""
-    return tuple(sorted({round(depth * (num_layers - 1)) for depth in DEFAULT_DEPTHS}))
+    the depth (SmolLM2's 30 layers: 21, 22, 23; fewer where the depth rounds two to one).
+
+    ``layer_types`` (the config's, e.g. Gemma 3's ``"sliding_attention"`` / ``"full_attention"``): each
+    layer moves to the nearest full-attention layer (the deeper one on a tie). A sliding-window layer is
+    trained to look at its window only, so its attention says nothing about the far context the selection
+    is for (Gemma-3-270M's 18 layers: 12, 13, 14 -> 11, 17).
+    """
+    layers = {round(depth * (num_layers - 1)) for depth in DEFAULT_DEPTHS}
+    full = [index for index, kind in enumerate(layer_types or ()) if kind == "full_attention"]
+    if layer_types is not None and full and len(full) < num_layers:
+        layers = {min(full, key=lambda candidate: (abs(candidate - layer), -candidate)) for layer in layers}
+    return tuple(sorted(layers))
 
 
 class TargetLayerHead(RetrievalHead):
