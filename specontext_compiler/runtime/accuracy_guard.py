@@ -52,7 +52,6 @@ class AccuracyGuard:
             "guard_threshold": self.settings.threshold,
             "guard_checks": self.checks,
             "guard_triggers": self.triggers,
-            "guard_redone_steps": self.triggers,
             "guard_dense_steps": self.dense_steps,
             "guard_mean_coverage": self.coverage_sum / self.checks if self.checks else None,
             "guard_min_coverage": self.min_coverage if self.checks else None,
