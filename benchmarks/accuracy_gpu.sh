@@ -30,75 +30,57 @@ ruler() {  # SPLIT LENGTH PROMPTS NAME TASKS... (FIRST: the first prompt's index
         --first-prompt "${FIRST:-0}" --budgets $budgets --heads $heads --guard-heads d72-80_look1 --tasks "$@" \
         --out "$name"
 }
+fit_split() {  # LENGTH PROMPTS PREFIX: each fit task in its own process
+    for task in niah_single_noise niah_single_text niah_multikey_text; do
+        ruler fit "$1" "$2" "${3}_fit_$task" "$task"
+    done
+}
+heldout_4k() {  # PREFIX: prompts 0-2 of every held-out task, in four processes
+    ruler heldout 4096 3 "${1}_heldout_a" niah_single_noise niah_single_text niah_single_word
+    ruler heldout 4096 3 "${1}_heldout_b" niah_single_uuid niah_multikey_text niah_multikey_needles
+    ruler heldout 4096 3 "${1}_heldout_c" niah_multikey_uuid niah_multivalue niah_multiquery
+    ruler heldout 4096 3 "${1}_heldout_d" variable_tracking common_words frequent_words
+}
+fidelity() {  # PREFIX ARGS...: one process per prompt (0-2)
+    local prefix=$1
+    shift
+    for prompt in 0 1 2; do
+        run "${prefix}_$prompt" benchmarks.fidelity --model "$model" --context 3072 --new-tokens 1024 --prompts 1 \
+            --first-prompt "$prompt" --budgets 0.06 0.12 --out "${prefix}_$prompt" "$@"
+    done
+}
+niah_more=(niah_single_noise niah_single_text niah_single_word niah_single_uuid niah_multikey_text
+    niah_multikey_needles niah_multikey_uuid niah_multivalue niah_multiquery)
 case $phase in
 4k)
-    for task in niah_single_noise niah_single_text niah_multikey_text; do
-        ruler fit 4096 6 "ruler_4k_fit_$task" "$task"
-    done
-    ruler heldout 4096 3 ruler_4k_heldout_a niah_single_noise niah_single_text niah_single_word
-    ruler heldout 4096 3 ruler_4k_heldout_b niah_single_uuid niah_multikey_text niah_multikey_needles
-    ruler heldout 4096 3 ruler_4k_heldout_c niah_multikey_uuid niah_multivalue niah_multiquery
-    ruler heldout 4096 3 ruler_4k_heldout_d variable_tracking common_words frequent_words
-    for prompt in 0 1 2; do
-        run "fidelity_$prompt" benchmarks.fidelity --model "$model" --context 3072 --new-tokens 1024 --prompts 1 \
-            --first-prompt "$prompt" --budgets 0.06 0.12 --out "fidelity_gpu_$prompt"
-    done
+    fit_split 4096 6 ruler_4k
+    heldout_4k ruler_4k
+    fidelity fidelity_gpu
     ;;
 7k)
-    for task in niah_single_noise niah_single_text niah_multikey_text; do
-        ruler fit 7168 4 "ruler_7k_fit_$task" "$task"
-    done
+    fit_split 7168 4 ruler_7k
     ruler heldout 7168 2 ruler_7k_heldout_a niah_single_noise niah_single_text niah_single_word niah_single_uuid
     ruler heldout 7168 2 ruler_7k_heldout_b niah_multikey_text niah_multikey_needles niah_multikey_uuid
     ruler heldout 7168 2 ruler_7k_heldout_c niah_multivalue niah_multiquery variable_tracking
     ruler heldout 7168 2 ruler_7k_heldout_d common_words frequent_words
     ;;
-guard)  # the 4K runs again with the default head and its guarded variant only (evaluation/shared_prefill.py
-    # had let one method's guard hold leak into the next guarded method; fixed, tested in test_shared_prefill.py)
-    heads=d72-80_look1
-    for task in niah_single_noise niah_single_text niah_multikey_text; do
-        ruler fit 4096 6 "ruler_guard_4k_fit_$task" "$task"
-    done
-    ruler heldout 4096 3 ruler_guard_4k_heldout_a niah_single_noise niah_single_text niah_single_word
-    ruler heldout 4096 3 ruler_guard_4k_heldout_b niah_single_uuid niah_multikey_text niah_multikey_needles
-    ruler heldout 4096 3 ruler_guard_4k_heldout_c niah_multikey_uuid niah_multivalue niah_multiquery
-    ruler heldout 4096 3 ruler_guard_4k_heldout_d variable_tracking common_words frequent_words
-    FIRST=3 ruler heldout 4096 4 ruler_guard_4k_heldout_more_a niah_single_noise niah_single_text niah_single_word
-    FIRST=3 ruler heldout 4096 4 ruler_guard_4k_heldout_more_b niah_single_uuid niah_multikey_text niah_multikey_needles
-    FIRST=3 ruler heldout 4096 4 ruler_guard_4k_heldout_more_c niah_multikey_uuid niah_multivalue niah_multiquery
-    for prompt in 0 1 2; do
-        run "fidelity_guard_$prompt" benchmarks.fidelity --model "$model" --context 3072 --new-tokens 1024 --prompts 1 \
-            --first-prompt "$prompt" --budgets 0.06 0.12 --heads d72-80_look1 --guard-heads d72-80_look1 \
-            --out "fidelity_gpu_guard_$prompt"
-    done
-    ;;
-4k_more)
-    for task in niah_single_noise niah_single_text niah_single_word niah_single_uuid niah_multikey_text \
-        niah_multikey_needles niah_multikey_uuid niah_multivalue niah_multiquery; do
+4k_more)  # one process per task
+    for task in "${niah_more[@]}"; do
         FIRST=3 ruler heldout 4096 4 "ruler_4k_heldout_more_$task" "$task"
     done
     ;;
-*)
-    echo "unknown phase $phase (4k, 7k or guard)  # the 4K runs again with the default head and its guarded variant only (evaluation/shared_prefill.py
+guard)  # the 4K runs again with the default head and its guarded variant only (evaluation/shared_prefill.py
     # had let one method's guard hold leak into the next guarded method; fixed, tested in test_shared_prefill.py)
     heads=d72-80_look1
-    for task in niah_single_noise niah_single_text niah_multikey_text; do
-        ruler fit 4096 6 "ruler_guard_4k_fit_$task" "$task"
-    done
-    ruler heldout 4096 3 ruler_guard_4k_heldout_a niah_single_noise niah_single_text niah_single_word
-    ruler heldout 4096 3 ruler_guard_4k_heldout_b niah_single_uuid niah_multikey_text niah_multikey_needles
-    ruler heldout 4096 3 ruler_guard_4k_heldout_c niah_multikey_uuid niah_multivalue niah_multiquery
-    ruler heldout 4096 3 ruler_guard_4k_heldout_d variable_tracking common_words frequent_words
-    FIRST=3 ruler heldout 4096 4 ruler_guard_4k_heldout_more_a niah_single_noise niah_single_text niah_single_word
-    FIRST=3 ruler heldout 4096 4 ruler_guard_4k_heldout_more_b niah_single_uuid niah_multikey_text niah_multikey_needles
-    FIRST=3 ruler heldout 4096 4 ruler_guard_4k_heldout_more_c niah_multikey_uuid niah_multivalue niah_multiquery
-    for prompt in 0 1 2; do
-        run "fidelity_guard_$prompt" benchmarks.fidelity --model "$model" --context 3072 --new-tokens 1024 --prompts 1 \
-            --first-prompt "$prompt" --budgets 0.06 0.12 --heads d72-80_look1 --guard-heads d72-80_look1 \
-            --out "fidelity_gpu_guard_$prompt"
-    done
+    fit_split 4096 6 ruler_guard_4k
+    heldout_4k ruler_guard_4k
+    FIRST=3 ruler heldout 4096 4 ruler_guard_4k_heldout_more_a "${niah_more[@]:0:3}"
+    FIRST=3 ruler heldout 4096 4 ruler_guard_4k_heldout_more_b "${niah_more[@]:3:3}"
+    FIRST=3 ruler heldout 4096 4 ruler_guard_4k_heldout_more_c "${niah_more[@]:6:3}"
+    fidelity fidelity_gpu_guard --heads d72-80_look1 --guard-heads d72-80_look1
     ;;
-4k_more)" >&2
+*)
+    echo "unknown phase $phase (4k, 7k, 4k_more or guard)" >&2
     exit 2
     ;;
 esac
