@@ -165,22 +165,30 @@ def print_table(summary, names, budgets) -> None:
 
 
 def plot(summary, names, budgets, path) -> None:
+    """Niah score against budget per method, one panel per length."""
+    table = {(row["length"], row["method"], row["budget"], row["tasks"]): row["score"] for row in summary}
+    panels = [(f"{length} tokens, niah tasks",
+               {name: [table.get((length, name, b, "niah"), float("nan")) for b in budgets] for name in names},
+               table.get((length, "dense", None, "niah")))
+              for length in sorted({row["length"] for row in summary})]
+    plot_panels(panels, budgets, path)
+
+
+def plot_panels(panels, budgets, path) -> None:
+    """``panels``: (title, {method: score per budget}, dense score or None), scores in [0, 1]; one panel
+    each, side by side, written to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lengths = sorted({row["length"] for row in summary})
-    table = {(row["length"], row["method"], row["budget"], row["tasks"]): row["score"] for row in summary}
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
-    for ax, length in zip(axes[0], lengths):
-        for name in names:
-            ax.plot([100 * b for b in budgets], [100 * table.get((length, name, b, "niah"), float("nan")) for b in budgets],
-                    marker="o", label=name)
-        dense = table.get((length, "dense", None, "niah"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, curves, dense) in zip(axes[0], panels):
+        for name, scores in curves.items():
+            ax.plot([100 * b for b in budgets], [100 * score for score in scores], marker="o", label=name)
         if dense is not None:
             ax.axhline(100 * dense, color="black", linestyle="--", label="dense")
-        ax.set(title=f"{length} tokens, niah tasks", xlabel="token budget (% of prompt)", ylabel="score (%)", xscale="log")
+        ax.set(title=title, xlabel="token budget (% of prompt)", ylabel="niah score (%)", xscale="log")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

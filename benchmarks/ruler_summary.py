@@ -30,8 +30,10 @@ from collections import defaultdict
 
 try:
     from .results_file import RESULTS, write_results
+    from .ruler import plot_panels
 except ImportError:  # run as a script
     from results_file import RESULTS, write_results
+    from ruler import plot_panels
 
 DEFAULT = "d72-80_look1"
 METHODS = ("dense", DEFAULT, DEFAULT + "+guard", "v1", "quest", "streaming", "oracle")
@@ -167,7 +169,7 @@ def main() -> None:
     guard = guard_analysis(rows)
     print("\nacceptance:", json.dumps(checks, indent=1))
     print("guard:", json.dumps(guard, indent=1))
-    write_results({"inputs": args.inputs, "guard_inputs": args.guard_inputs, "repeat_check": repeat, "commands": commands, "acceptance": acceptance(table, budgets), "guard": guard,
+    write_results({"inputs": args.inputs, "guard_inputs": args.guard_inputs, "repeat_check": repeat, "commands": commands, "acceptance": checks, "guard": guard,
                    "scores": [{"length": k[0], "split": k[1], "tasks": k[2], "method": k[3], "budget": k[4],
                                "score": v[0], "prompts": v[1]} for k, v in sorted(table.items(), key=lambda i: str(i[0]))]},
                   args.out)
@@ -175,26 +177,14 @@ def main() -> None:
 
 
 def plot(table: dict, budgets: list[float], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = sorted({(k[0], k[1]) for k in table})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
-    for ax, (length, split) in zip(axes[0], panels):
-        for method in METHODS[1:]:
-            ax.plot([100 * b for b in budgets],
-                    [100 * table.get((length, split, "niah", method, b), (float("nan"),))[0] for b in budgets],
-                    marker="o", label=method)
+    """Niah score against budget per method, one panel per (length, split)."""
+    panels = []
+    for length, split in sorted({(k[0], k[1]) for k in table}):
         dense, prompts = table[(length, split, "niah", "dense", None)]
-        ax.axhline(100 * dense, color="black", linestyle="--", label="dense")
-        ax.set(title=f"{length} tokens, {split} ({prompts} niah prompts)", xlabel="token budget (% of prompt)",
-               ylabel="niah score (%)", xscale="log")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+        curves = {method: [table.get((length, split, "niah", method, b), (float("nan"),))[0] for b in budgets]
+                  for method in METHODS[1:]}
+        panels.append((f"{length} tokens, {split} ({prompts} niah prompts)", curves, dense))
+    plot_panels(panels, budgets, path)
 
 
 if __name__ == "__main__":
