@@ -95,7 +95,7 @@ def main() -> None:
             kl = (reference.exp() * (reference - got)).sum(-1)  # [1, N]
             agree = (got.argmax(-1) == reference.argmax(-1)).float()
             rows.append({"prompt": index, "prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens,
-                         "method": method.head + ("+guard" if method.guard else ""), "budget": budget,
+                         "method": method.name, "budget": budget,
                          "token_budget": method.token_budget, "top1_agreement": float(agree.mean()),
                          "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
                          "top1_agreement_last_half": float(agree[:, args.new_tokens // 2:].mean()),

@@ -124,7 +124,7 @@ def main() -> None:
             text = tokenizer.decode(outputs[method][0], skip_special_tokens=True)
             rows.append({"task": sample.task, "length": sample.tokens, "index": sample.index,
                          "target_length": next(length for length in args.lengths if sample.tokens <= length),
-                         "method": (method.head or "dense") + ("+guard" if method.guard else ""), "budget": budget,
+                         "method": method.name, "budget": budget,
                          "token_budget": method.token_budget, "score": sample.score(text), "output": text,
                          "references": list(sample.references),
                          **{k: v for k, v in stats[method].items() if k in GUARD_STATS}})

@@ -115,8 +115,9 @@ class GuardSettings:
         check_every: steps between two reads of the coverage on the host (every step measures; a read
             makes the host wait for the GPU, which costs a step's Python time at batch 1); a read sees the
             lowest coverage since the previous one and redoes the step it follows.
-        layer: the guard layer; None: the retrieval head's scoring layer, or 5/6 of the depth, moved to the
-            nearest layer whose KV stays on the GPU.
+        layer: the guard layer; None: the retrieval head's (deepest) scoring layer, or the deepest of the
+            draft-free head's default layers, moved to the nearest full-attention layer whose KV stays on
+            the GPU.
     """
 
     threshold: float = DEFAULT_THRESHOLD
@@ -157,9 +158,9 @@ class CompileConfig:
         sink_tokens: first tokens always attended (attention sinks).
         local_window: most recent tokens always attended.
         selection: "retrieval_head" (the method) or a baseline: "streaming", "quest", "oracle".
-        retrieval_layer: scoring layer(s) of the draft-free head, an int or a tuple of ints (None: the
-            layers at 0.72, 0.76 and 0.8 of the depth, ``target_layer_head.DEFAULT_DEPTHS``), or the scoring layer of a draft model (an int; None: calibrate's choice or the
-            draft's last layer).
+        retrieval_layer: scoring layer(s) of the draft-free head, an int or a tuple of ints (None:
+            ``target_layer_head.default_layers``: at 0.72, 0.76 and 0.8 of the depth), or the scoring
+            layer of a draft model (an int; None: calibrate's choice or the draft's last layer).
         draft: None (a head from the target itself), a homologous transformers model or its directory,
             an EAGLE-3 checkpoint directory, or a calibrated head directory (``specontext.calibrate``).
         offload: where each layer's full KV lives: "none" (GPU), "all" (host memory), "auto" (the memory

@@ -87,10 +87,15 @@ class Method:
     guard: bool = False  # with the accuracy guard the model was compiled with
 
     @property
-    def label(self) -> str:
+    def name(self) -> str:
+        """The method without its budget: the head's name (``+guard`` with the guard), or "dense"."""
         if self.token_budget is None:
             return "dense"
-        return f"{self.head}{'+guard' if self.guard else ''}@{self.token_budget:g}"
+        return f"{self.head}{'+guard' if self.guard else ''}"
+
+    @property
+    def label(self) -> str:
+        return self.name if self.token_budget is None else f"{self.name}@{self.token_budget:g}"
 
 
 DENSE = Method(None, None)

@@ -1,32 +1,26 @@
 """The retrieval head derived from the target model itself (``draft=None``).
 
-Construction, chosen by measurement: a token's score is
+A token's score is
 
     prior (every layer's attention from the prompt's last token, averaged over layers)
-    + query_weight x (layer L's attention from the *previous* token's query)
+    + query_weight x sum over the scoring layers L of (L's attention from the *previous* token's query)
 
-summed over each KV group's query heads. Both parts exist before layer 0 of a decode step runs: the
-prior is computed once, during prefill, from the attention rows the prefill computes anyway; the
-previous step's query at layer L was recorded by the runtime. So one small product ranks the context
-for every layer without waiting on any of them. The head keeps its own copy of layer L's keys
-(1/num_layers of the K cache), filled by prefill and appended each step.
+summed over each KV group's query heads, and with ``lookahead`` each position also receives the score
+of the one before it (the previous token found what it copied; the current token copies what follows).
+Both parts exist before layer 0 of a decode step runs: the prior is computed once, during prefill, from
+the attention rows the prefill computes anyway; the previous step's queries at the scoring layers were
+recorded by the runtime. So one small product ranks the context for every layer without waiting on any
+of them. The head keeps its own copy of the scoring layers' keys, filled by prefill and appended each step.
 
-Why two parts, measured on SmolLM2-135M-Instruct (30 layers), ~2K-token code-word documents, token
-budget 256 (4 sinks, 64-token window); docs/accuracy.md names the commands:
+Why these parts (docs/accuracy.md has the measurements and commands): one layer cannot do both jobs
+(early layers cover most of the attention mass, which is static and taken once as the prior; deep layers
+find what the step needs); the deep part's mass is small next to the prior's, so it is weighted up (8x);
+three layers at 0.72-0.8 of the depth with lookahead 1 matched oracle top-k on the RULER-style suite's
+fit split (2K, 6% budget: 66.7 like oracle, where the earlier single layer at 5/6 of the depth without
+lookahead scored 44.4). On models with sliding-window layers the scoring layers move to full-attention ones.
 
-* One layer cannot do both jobs. Early layers put most attention mass on tokens that stay the same
-  from step to step (layer 5's selection covers 0.915 of all layers' mass) but find no code word
-  (0/8); layer 24 (5/6 of the depth) finds as many code words as dense attention (6/8) but covers
-  0.70 of the mass. The mass early layers want is static: a selection from the prompt's last token
-  covers as much of it (0.903) as the previous token's layer-5 query does (0.900), so it is taken
-  once, at prefill, as the prior.
-* Weight: layer 24's attention mass outside the sinks is small next to the prior's, so its part is
-  weighted up. Code words found in 16 prompts (dense 10): layer 24 alone 10, prior + 1x 8, 2x 8,
-  3x 8, 4x 9, 8x 10. With 8x: 10/16, recall 0.914, teacher-forced agreement 0.910 over 64 tokens; a
-  held-out set of 16 more prompts: 7/16 against dense 6/16, recall 0.914, agreement 0.906.
-
-``retrieval_layer=`` picks the scoring layer(s) (default 5/6 of the depth) and
-:func:`specontext.calibrate` measures it for a given model.
+``retrieval_layer=`` picks the scoring layer(s) (default :func:`default_layers`) and
+:func:`specontext.calibrate` measures them for a given model.
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ def guard_layer(preferred: int, resident: set[int]) -> int | None:
 
 def guard_preference(settings: GuardSettings, head, num_layers: int) -> int:
     """The layer the guard would rather measure: ``settings.layer``, else the retrieval head's (deepest)
-    scoring layer, else 5/6 of the depth (where the draft-free head scores)."""
+    scoring layer, else the deepest of the draft-free head's default layers."""
     from ..retrieval.target_layer_head import default_layers
 
     if settings.layer is not None:
