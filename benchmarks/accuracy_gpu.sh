@@ -7,13 +7,19 @@
 # PHASE "4k": the suite at ~4K tokens on the fit and held-out splits, and long-generation fidelity;
 # PHASE "7k": the suite at ~7K tokens on both splits; PHASE "4k_more": 4 more prompts of each niah
 # task of the held-out split at ~4K (prompts 3-6; "4k" ran 0-2); PHASE "guard": the 4K runs and fidelity
-# again, with the default head and its guarded variant only. Each job stops after SECONDS (a job cut short
+# again, with the default head and its guarded variant only; PHASE "select": the head's candidate variants
+# (benchmarks/ruler_select.py) on the fit split at ~4K (10 prompts per task) and ~7K (4), budgets 3% and 6%,
+# then the rule of ruler_select.py picks one and writes its name to $CHOICE (default ~/ruler_chosen_head.txt);
+# PHASE "chosen": that variant, guarded and not, with oracle top-k on the held-out split at ~4K (prompts
+# 0-2 of every task, 3-6 of the niah tasks) and long-generation fidelity. Each job stops after SECONDS (a job cut short
 # keeps the prompts it finished: the benchmarks write their JSON after every prompt); logs and JSON go
 # to benchmarks/results/ and, packed in one archive, to $OUT when the device tool set it.
 set -u
 model=$1 phase=$2 limit=$3
 heads="d72-80_look1 v1 streaming quest oracle"
+guard_heads=d72-80_look1
 budgets="0.03 0.06 0.12 0.25"
+choice=${CHOICE:-$HOME/ruler_chosen_head.txt}  # the select phase writes it, the chosen phase reads it
 logs=benchmarks/results/logs_$phase
 mkdir -p "$logs"
 out=${OUT:-}
@@ -27,7 +33,7 @@ ruler() {  # SPLIT LENGTH PROMPTS NAME TASKS... (FIRST: the first prompt's index
     local split=$1 length=$2 prompts=$3 name=$4
     shift 4
     run "$name" benchmarks.ruler --model "$model" --split "$split" --lengths "$length" --prompts "$prompts" \
-        --first-prompt "${FIRST:-0}" --budgets $budgets --heads $heads --guard-heads d72-80_look1 --tasks "$@" \
+        --first-prompt "${FIRST:-0}" --budgets $budgets --heads $heads --guard-heads $guard_heads --tasks "$@" \
         --out "$name"
 }
 fit_split() {  # LENGTH PROMPTS PREFIX: each fit task in its own process
@@ -79,8 +85,28 @@ guard)  # the 4K runs again with the default head and its guarded variant only (
     FIRST=3 ruler heldout 4096 4 ruler_guard_4k_heldout_more_c "${niah_more[@]:6:3}"
     fidelity fidelity_gpu_guard --heads d72-80_look1 --guard-heads d72-80_look1
     ;;
+select)  # fit split only: what ruler_select.py chooses from
+    heads="$(python -c 'from benchmarks.ruler_select import CANDIDATES; print(*CANDIDATES)') oracle"
+    guard_heads="" budgets="0.03 0.06"
+    for task in niah_single_noise niah_single_text niah_multikey_text; do
+        ruler fit 4096 5 "ruler_select_4k_${task}_a" "$task"
+        FIRST=5 ruler fit 4096 5 "ruler_select_4k_${task}_b" "$task"
+        ruler fit 7168 4 "ruler_select_7k_$task" "$task"
+    done
+    wait
+    python -m benchmarks.ruler_select --inputs 'ruler_select_[47]k_*' --choice "$choice" >"$logs/select.log" 2>&1
+    ;;
+chosen)  # the variant the select phase chose, on the held-out split
+    chosen=$(cat "$choice") || exit 2
+    heads="$chosen oracle" guard_heads=$chosen
+    heldout_4k ruler_chosen_4k
+    FIRST=3 ruler heldout 4096 4 ruler_chosen_4k_heldout_more_a "${niah_more[@]:0:3}"
+    FIRST=3 ruler heldout 4096 4 ruler_chosen_4k_heldout_more_b "${niah_more[@]:3:3}"
+    FIRST=3 ruler heldout 4096 4 ruler_chosen_4k_heldout_more_c "${niah_more[@]:6:3}"
+    fidelity fidelity_gpu_chosen --heads "$chosen" oracle --guard-heads "$chosen"
+    ;;
 *)
-    echo "unknown phase $phase (4k, 7k, 4k_more or guard)" >&2
+    echo "unknown phase $phase (4k, 7k, 4k_more, guard, select or chosen)" >&2
     exit 2
     ;;
 esac
@@ -88,6 +114,7 @@ wait
 nvidia-smi --query-gpu=name,memory.used --format=csv >"$logs/gpu.txt" 2>&1
 if [ -n "$out" ]; then
     tar czf "$out/accuracy_$phase.tar.gz" "$logs" benchmarks/results/ruler_*k_*.json benchmarks/results/ruler_guard_*.json \
+        benchmarks/results/ruler_select_*.json benchmarks/results/ruler_chosen_*.json \
         benchmarks/results/fidelity_gpu_*.json 2>/dev/null
 fi
 tail -n 3 "$logs"/*.log

@@ -57,6 +57,14 @@ def head_variants(num_layers: int, layer_types=None) -> dict[str, object]:
         "d72-80_look1": lambda: TargetLayerHead(three, lookahead=1),
         "d72-80_look1_noprior": lambda: TargetLayerHead(three, prefill_prior=False, lookahead=1),
         "d72-80_look0": lambda: TargetLayerHead(three, lookahead=0),
+        # candidates of the selection phase (benchmarks/ruler_select.py; docs/accuracy.md):
+        "d72-80_look2": lambda: TargetLayerHead(three, lookahead=2),
+        "d72-80_look1_behind1": lambda: TargetLayerHead(three, lookahead=1, lookbehind=1),
+        "d72-80_look1_win16": lambda: TargetLayerHead(three, lookahead=1, prior_window=16),
+        "d72-80_look1_win64": lambda: TargetLayerHead(three, lookahead=1, prior_window=64),
+        "d72-80_look1_w4": lambda: TargetLayerHead(three, lookahead=1, query_weight=4.0),
+        "d72-80_look1_w16": lambda: TargetLayerHead(three, lookahead=1, query_weight=16.0),
+        "d60-90_look1": lambda: TargetLayerHead(at(0.6, 0.7, 0.8, 0.9), lookahead=1),
         **({"d72-80_full_look1": lambda: TargetLayerHead(default_layers(num_layers, layer_types), lookahead=1)}
            if default_layers(num_layers, layer_types) != three else {}),
         "streaming": StreamingLLM,

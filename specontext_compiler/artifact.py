@@ -98,7 +98,8 @@ def _head_description(head) -> tuple[dict, dict[str, torch.Tensor]]:
         return {"kind": "none"}, {}
     if isinstance(head, TargetLayerHead):
         return {"kind": "target_layer", "layers": list(head.layers), "prefill_prior": head.prefill_prior,
-                "query_weight": head.query_weight, "lookahead": head.lookahead}, {}
+                "query_weight": head.query_weight, "lookahead": head.lookahead, "lookbehind": head.lookbehind,
+                "prior_window": head.prior_window}, {}
     if isinstance(head, StreamingLLM):
         return {"kind": "streaming"}, {}
     if isinstance(head, QuestPages):
@@ -148,8 +149,15 @@ def _head_from_description(description: dict, tensors: dict[str, torch.Tensor], 
         lookahead = description.get("lookahead", 0)  # artifacts from before it existed: 0
         if not _is_int(lookahead) or not 0 <= lookahead <= 64:
             raise ArtifactError(file, f"lookahead is {lookahead!r}; accepted: an integer in [0, 64]")
+        lookbehind = description.get("lookbehind", 0)  # artifacts from before these existed: 0 and 1
+        if not _is_int(lookbehind) or not 0 <= lookbehind <= 64:
+            raise ArtifactError(file, f"lookbehind is {lookbehind!r}; accepted: an integer in [0, 64]")
+        prior_window = description.get("prior_window", 1)
+        if not _is_int(prior_window) or not 1 <= prior_window <= 4096:
+            raise ArtifactError(file, f"prior_window is {prior_window!r}; accepted: an integer in [1, 4096]")
         return TargetLayerHead(tuple(description["layers"]), prefill_prior=description["prefill_prior"],
-                               query_weight=description["query_weight"], lookahead=lookahead)
+                               query_weight=description["query_weight"], lookahead=lookahead,
+                               lookbehind=lookbehind, prior_window=prior_window)
     return {"none": lambda: None, "streaming": StreamingLLM, "oracle": OracleTopK,
             "quest": lambda: QuestPages(description["page_size"])}[kind]()
 

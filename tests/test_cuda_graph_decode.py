@@ -47,14 +47,15 @@ def test_fixed_shape_decode_gives_the_eager_tokens(family, poisoned):
     assert compiled.stats["attended_tokens_per_step"] <= 16
 
 
-def test_fixed_shape_decode_of_the_multi_layer_lookahead_head_gives_the_eager_tokens(poisoned):
+@pytest.mark.parametrize("options", [{}, {"lookbehind": 1, "prior_window": 4}])
+def test_fixed_shape_decode_of_the_multi_layer_lookahead_head_gives_the_eager_tokens(poisoned, options):
     """The default head's shape on a deeper model: three scoring layers merged, lookahead 1 (2-layer tiny
-    models round the default depths to one layer)."""
+    models round the default depths to one layer); and with its other options."""
     from specontext_compiler.retrieval import TargetLayerHead
 
     model = tiny_model("qwen3", num_hidden_layers=5)
     compiled = specontext.compile(model, "1GB", token_budget=14, offload="none", local_window=4, progress=False,
-                                  draft=TargetLayerHead((2, 3, 4), lookahead=1))
+                                  draft=TargetLayerHead((2, 3, 4), lookahead=1, **options))
     ids, mask = padded_batch(96, [40, 33], seed=6)
     expected = compiled.generate(ids, attention_mask=mask, **GENERATE)
     compiled.engine.decode_mode = "fixed"

@@ -471,6 +471,8 @@ def test_symbolic_links_are_refused(exported, tmp_path):
     ("head.json", lambda h: h.update(kind="pickle"), "unknown retrieval head kind"),
     ("head.json", lambda h: h.update(layers=[99]), "layers"),
     ("head.json", lambda h: h.update(layers="0"), "layers"),
+    ("head.json", lambda h: h.update(lookbehind=-1), "lookbehind"),
+    ("head.json", lambda h: h.update(prior_window=10**9), "prior_window"),
     ("config.json", lambda c: c.update(model_type="no-such-model"), "not a usable transformers config"),
 ])
 def test_malformed_json_files_name_the_file_and_the_value(exported, tmp_path, file, edit, problem):
@@ -518,6 +520,17 @@ def test_bad_export_and_load_arguments(exported, tmp_path):
         specontext.load(path)(torch.ones(1, 4, dtype=torch.long))
     quest = specontext.compile(tiny_model("llama"), "1GB", token_budget=16, selection="quest", progress=False)
     assert json.loads((specontext.export(quest, tmp_path / "quest") / "head.json").read_text())["kind"] == "quest"
+
+
+def test_every_option_of_the_draft_free_head_survives_its_description(tmp_path):
+    from specontext_compiler.artifact import _head_description, _head_from_description
+    from specontext_compiler.retrieval import TargetLayerHead
+
+    head = TargetLayerHead((1, 2), query_weight=4.0, lookahead=2, lookbehind=1, prior_window=16)
+    description, tensors = _head_description(head)
+    loaded = _head_from_description(json.loads(json.dumps(description)), tensors, tmp_path / "head.json", 4)
+    for name in ("layers", "prefill_prior", "query_weight", "lookahead", "lookbehind", "prior_window"):
+        assert getattr(loaded, name) == getattr(head, name), name
 
 
 def test_draft_heads_are_refused_before_writing(tmp_path):

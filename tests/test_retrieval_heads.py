@@ -119,6 +119,41 @@ def test_draft_free_head_scores_against_a_float64_reference(target, prompts):
         assert float(scores.masked_select(~mask.bool()[:, None, :]).abs().max()) == 0.0
 
 
+def test_windowed_prior_and_lookbehind_score_against_a_float64_reference(target, prompts):
+    """``prior_window=W``: the prior averages the attention of the prompt's last W queries (each causal);
+    ``lookbehind=2``: each position also gets the scores of the two positions after it."""
+    ids, mask = prompts
+    captured = {}
+
+    def record(layer, q, keys, scale):
+        captured[layer] = (q.double(), keys.double(), scale)
+
+    window, past = 5, ids.shape[1]
+    head = TargetLayerHead((1, 3), prior_window=window, lookahead=1, lookbehind=2)
+    model = specontext.compile(target, "1GB", draft=head, **SPARSE)
+    model.runtime.observers.append(record)
+    model(ids, attention_mask=mask)
+    scores = model.head.score(ids[:, -1:], mask, past).double()
+
+    def attention(layer, row):  # [B, Hkv, P]: query ``row``'s attention, causal, padding masked
+        q, keys, scale = captured[layer]
+        grouped = q[:, :, row].reshape(q.shape[0], keys.shape[1], -1, q.shape[-1])
+        logits = torch.einsum("bhgd,bhpd->bhgp", grouped, keys[:, :, :past]) * scale
+        visible = mask.bool() & (torch.arange(past) <= row)
+        return torch.softmax(logits.masked_fill(~visible[:, None, None, :], float("-inf")), -1).sum(2)
+
+    prior = torch.stack([sum(attention(layer, past - 1 - back) for back in range(window)) / window
+                         for layer in range(4)]).mean(0)
+    query = sum(attention(layer, past - 1) for layer in (1, 3))
+    spread = (query + torch.nn.functional.pad(query[..., :-1], (1, 0))
+              + torch.nn.functional.pad(query[..., 1:], (0, 1)) + torch.nn.functional.pad(query[..., 2:], (0, 2)))
+    torch.testing.assert_close(scores, prior + head.query_weight * spread, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="prior_window"):
+        TargetLayerHead(1, prior_window=0)
+    with pytest.raises(ValueError, match="lookbehind"):
+        TargetLayerHead(1, lookbehind=-1)
+
+
 def test_eagle3_scores_match_a_float64_reference(target, eagle_dir):
     """The head's scores at one step, recomputed by hand from the checkpoint's tensors."""
     from safetensors.torch import load_file
