@@ -44,7 +44,7 @@ from .config import CompileConfig, format_bytes, parse_budget
 logger = logging.getLogger(__name__)
 
 FORMAT = "specontext-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: prefetch and wait return the tokens the next op takes (ops.py)
 MANIFEST = "manifest.json"
 PROGRAM = "step.pt2"
 HEAD_TENSORS = "head.safetensors"

@@ -73,13 +73,18 @@ def sparse_attention(
     softcap: float,
     sliding_window: int,
     indices: torch.Tensor,
+    ready: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of ``q`` over the past tokens at ``indices`` (per KV head) plus the new tokens."""
+    """Attention of ``q`` over the past tokens at ``indices`` (per KV head) plus the new tokens.
+
+    ``indices`` is the selection attention computes from (an offloaded layer: the one its prefetch
+    loaded); ``ready`` is the layer's ``wait`` output, so the graph orders load -> wait -> attention.
+    """
     return active_runtime().attention(layer, q, k, v, mask, scale, softcap, sliding_window, indices)
 
 
 @sparse_attention.register_fake
-def _sparse_attention_fake(q, k, v, layer, mask, scale, softcap, sliding_window, indices):
+def _sparse_attention_fake(q, k, v, layer, mask, scale, softcap, sliding_window, indices, ready=None):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
 
 
@@ -95,29 +100,37 @@ def is_retrieve_node(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target == torch.ops.specontext.retrieve.default
 
 
+# prefetch and wait return an empty tensor that the next op takes as input: they have side effects (copies
+# into the layer's slots, a stream join) that no output shows, and an op whose output nobody reads is dead
+# code to FX, AOTAutograd and Inductor. With the edges retrieve -> prefetch -> wait -> sparse_attention the
+# graph states the order the runtime needs, and every compiler keeps it.
 @torch.library.custom_op(f"{LIBRARY}::prefetch", mutates_args=())
-def prefetch(indices: torch.Tensor, layer: int) -> None:
-    """Start moving layer ``layer``'s selected KV (``indices``, the retrieve output) into its GPU slots.
+def prefetch(indices: torch.Tensor, layer: int) -> torch.Tensor:
+    """Start moving layer ``layer``'s KV at ``indices`` (the step's selection) into its GPU slots; returns
+    the token ``wait`` takes (an empty tensor).
 
-    Asynchronous on a GPU (a side stream); a no-op for GPU-resident layers and dense steps.
+    Asynchronous on a GPU (a side stream); nothing moves for GPU-resident layers and dense steps.
     """
-    active_runtime().prefetch(layer)
+    active_runtime().prefetch(indices, layer)
+    return indices.new_empty(0)
 
 
 @prefetch.register_fake
 def _prefetch_fake(indices, layer):
-    return None
+    return indices.new_empty(0)
 
 
 @torch.library.custom_op(f"{LIBRARY}::wait", mutates_args=())
-def wait(layer: int) -> None:
-    """Layer ``layer``'s sparse attention is next: make the compute stream wait for its prefetch only."""
+def wait(issued: torch.Tensor, layer: int) -> torch.Tensor:
+    """Layer ``layer``'s sparse attention is next: the compute stream waits for its loads (``issued``:
+    the layer's ``prefetch`` output); returns the token its attention takes (an empty tensor)."""
     active_runtime().wait(layer)
+    return issued.new_empty(0)
 
 
 @wait.register_fake
-def _wait_fake(layer):
-    return None
+def _wait_fake(issued, layer):
+    return issued.new_empty(0)
 
 
 def is_prefetch_node(node: torch.fx.Node) -> bool:

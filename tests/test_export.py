@@ -374,28 +374,41 @@ def test_program_strings_torch_would_evaluate_or_call_are_refused(exported, tmp_
 
 
 @pytest.mark.parametrize("mode", ["eager", "fixed"])
-def test_attention_reads_the_runtimes_own_selection_not_the_graphs(mode, monkeypatch):
-    """A loaded program is data: whatever tensor its sparse-attention nodes pass as indices (here positions
-    far outside the KV buffers, which the Triton kernels would read unchecked), attention reads the
-    selection the runtime's retrieval made."""
+def test_a_selection_outside_the_kv_buffers_is_never_read(mode, monkeypatch):
+    """A loaded program is data: attention computes from the selection its graph passes, so a selection far
+    outside the KV buffers (which the Triton kernels would read unchecked) is clamped to the stored
+    positions in an eager step, and refused in a fixed-shape step (which follows its retrieval only)."""
+    from specontext_compiler.runtime import attention_runtime
     from specontext_compiler.runtime.attention_runtime import AttentionRuntime
     from specontext_compiler.runtime.cuda_graph_decode import StaticDecodeRuntime
 
     compiled = specontext.compile(tiny_model("llama"), "1GB", token_budget=16, offload="none", progress=False)
     compiled.engine.decode_mode = mode
     ids, mask = padded_batch(96, [40, 27], seed=4)
-    expected = compiled.generate(ids, attention_mask=mask, **GENERATE)
+    compiled.generate(ids, attention_mask=mask, **GENERATE)
     for runtime in (AttentionRuntime, StaticDecodeRuntime):
         original = runtime.attention
 
         def attention(self, layer, q, k, v, mask, scale, softcap, sliding_window=0, indices=None, _original=original):
-            if indices is not None:
+            if indices is not None and indices.numel():
                 indices = torch.full_like(indices, 2**40)
             return _original(self, layer, q, k, v, mask, scale, softcap, sliding_window, indices)
 
         monkeypatch.setattr(runtime, "attention", attention)
-    assert torch.equal(compiled.generate(ids, attention_mask=mask, **GENERATE), expected)
-    assert compiled.stats["fixed_shape_steps"] == (11 if mode == "fixed" else 0)
+    read = []
+    reference = attention_runtime.sparse_decode_attention
+
+    def spy(q, keys, values, positions, *args):
+        read.append(int(positions.max()) < keys.shape[2])
+        return reference(q, keys, values, positions, *args)
+
+    monkeypatch.setattr(attention_runtime, "sparse_decode_attention", spy)
+    if mode == "fixed":
+        with pytest.raises(ValueError, match="other than its retrieval's output"):
+            compiled.generate(ids, attention_mask=mask, **GENERATE)
+        return
+    compiled.generate(ids, attention_mask=mask, **GENERATE)
+    assert read and all(read)
 
 
 @pytest.mark.parametrize("entry", [

@@ -178,10 +178,11 @@ def test_schedule_prefetch_places_prefetches_early_and_waits_late():
     # all prefetches right after the retrieval, in layer order
     assert names[retrieve + 1:retrieve + 4] == ["specontext::prefetch"] * 3
     assert [nodes[retrieve + 1 + i].args[1] for i in range(3)] == [0, 1, 2]
-    # each wait immediately before its layer's attention
+    # each wait immediately before its layer's attention, which takes its output
     for i, name in enumerate(names):
         if name == "specontext::sparse_attention":
-            assert names[i - 1] == "specontext::wait" and nodes[i - 1].args[0] == nodes[i].meta["specontext"].layer
+            assert names[i - 1] == "specontext::wait" and nodes[i - 1].args[1] == nodes[i].meta["specontext"].layer
+            assert nodes[i].args[9] is nodes[i - 1]
     check_schedule(model.graph)
     # a wait moved after its attention breaks the schedule
     graph = model.graph.graph
@@ -389,9 +390,10 @@ def test_out_of_memory_in_fixed_shape_decode_replans_and_decodes_eagerly(where, 
     calls, failed = [], []
 
     def run_out_of_memory(self, *args, **kwargs):
-        if method == "prefetch" and args[0] in self._prefetched:  # attention's call, once the graph's ran
+        layer = args[1] if method == "prefetch" else args[0] if args else 3  # prefetch(indices, layer)
+        if method == "prefetch" and layer in self._prefetched:  # attention's call, once the graph's ran
             return original(self, *args, **kwargs)
-        calls.append(args[0] if args else 3)
+        calls.append(layer)
         if method == "begin" or calls.count(3) == 3:
             if method == "flush_due":  # one layer's rows moved, the other's not
                 self.flush(2)

@@ -1,11 +1,12 @@
 """``schedule_prefetch``: a ``specontext::prefetch`` and a ``specontext::wait`` per sparse layer.
 
 The paper's point 2: the step's indices exist before layer 0 runs, so every layer's selected KV can be
-in flight while earlier layers compute. The pass builds a networkx DAG of the graph (data edges, plus
-the ordering edges prefetch(l) -> wait(l) -> sparse_attention(l)), places each prefetch as *early* as
-its input allows (right after its indices are produced, in layer order, so the side stream loads
-layer 0 first) and each wait as *late* as possible (right before its layer's attention), then checks
-that the node order is a topological order of that DAG.
+in flight while earlier layers compute. Each sparse layer gets ``issued = prefetch(indices, layer)``,
+``ready = wait(issued, layer)`` and ``sparse_attention(..., indices, ready)``: data edges, so dead-code
+elimination, ``torch.export`` and AOTAutograd keep the pair and its order (ops/ explains why). The pass
+places each prefetch as *early* as its input allows (right after the indices are produced, in layer
+order, so the side stream loads layer 0 first) and each wait as *late* as possible (right before its
+layer's attention), then checks the wiring and that the node order is a topological order.
 
 Every sparse layer gets the pair, resident or offloaded: the runtime decides per step what a prefetch
 moves (nothing for resident layers), so layers can migrate between tiers without recompiling.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import networkx as nx
 import torch
+from torch._guards import detect_fake_mode
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ops import is_prefetch_node, is_wait_node
@@ -25,25 +27,18 @@ def _sparse_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 
 def dependency_graph(gm: torch.fx.GraphModule) -> nx.DiGraph:
-    """The graph's nodes with data edges (input -> user) and the prefetch/wait ordering edges."""
+    """The graph's nodes and data edges (input -> user)."""
     dag = nx.DiGraph()
     for node in gm.graph.nodes:
         dag.add_node(node)
         for source in node.all_input_nodes:
             dag.add_edge(source, node)
-    prefetches = {n.args[1]: n for n in gm.graph.nodes if is_prefetch_node(n)}
-    waits = {n.args[0]: n for n in gm.graph.nodes if is_wait_node(n)}
-    for node in _sparse_nodes(gm):
-        layer = node.meta["specontext"].layer
-        if layer in waits:
-            dag.add_edge(waits[layer], node)
-            if layer in prefetches:
-                dag.add_edge(prefetches[layer], waits[layer])
     return dag
 
 
 def check_schedule(gm: torch.fx.GraphModule) -> None:
-    """Raise if the prefetch schedule is incomplete or the node order breaks a dependency."""
+    """Raise if a sparse layer lacks its prefetch -> wait -> attention chain or the node order breaks a
+    dependency."""
     dag = dependency_graph(gm)
     if not nx.is_directed_acyclic_graph(dag):
         raise ValueError("prefetch schedule has a cycle")
@@ -51,12 +46,22 @@ def check_schedule(gm: torch.fx.GraphModule) -> None:
     late = [(a.name, b.name) for a, b in dag.edges if order[a] >= order[b]]
     if late:
         raise ValueError(f"nodes run before what they depend on: {late[:5]}")
-    prefetched = {n.args[1] for n in gm.graph.nodes if is_prefetch_node(n)}
-    waited = {n.args[0] for n in gm.graph.nodes if is_wait_node(n)}
     for node in _sparse_nodes(gm):
         layer = node.meta["specontext"].layer
-        if layer not in prefetched or layer not in waited:
-            raise ValueError(f"sparse layer {layer} has no prefetch/wait pair")
+        ready = node.args[9] if len(node.args) > 9 else node.kwargs.get("ready")
+        issued = ready.args[0] if isinstance(ready, torch.fx.Node) and is_wait_node(ready) else None
+        if not (ready is not None and issued is not None and ready.args[1] == layer and is_prefetch_node(issued)
+                and issued.args[1] == layer and issued.args[0] is node.args[8]):
+            raise ValueError(f"sparse layer {layer} has no prefetch/wait pair feeding its attention")
+
+
+def _give_fake_value(node: torch.fx.Node, like: torch.fx.Node) -> None:
+    """``node.meta["val"]`` (what torch.export's verifier asks of every node): the empty tensor the op returns."""
+    example = like.meta.get("val")
+    fake_mode = detect_fake_mode((example,))
+    if fake_mode is not None:
+        with fake_mode:
+            node.meta["val"] = example.new_empty(0)
 
 
 def schedule_prefetch(gm: torch.fx.GraphModule) -> PassResult:
@@ -74,10 +79,13 @@ def schedule_prefetch(gm: torch.fx.GraphModule) -> PassResult:
     for node in sparse:
         layer = node.meta["specontext"].layer
         with gm.graph.inserting_after(anchor):
-            anchor = gm.graph.call_function(torch.ops.specontext.prefetch.default, (indices, layer))
-        # As late as possible: immediately before the layer's attention.
+            anchor = issued = gm.graph.call_function(torch.ops.specontext.prefetch.default, (indices, layer))
+        # As late as possible: immediately before the layer's attention, which takes its output.
         with gm.graph.inserting_before(node):
-            gm.graph.call_function(torch.ops.specontext.wait.default, (layer,))
+            ready = gm.graph.call_function(torch.ops.specontext.wait.default, (issued, layer))
+        node.args = (*node.args[:9], ready)
+        _give_fake_value(issued, indices)
+        _give_fake_value(ready, indices)
     check_schedule(gm)
     gm.recompile()
     return PassResult(gm, True)

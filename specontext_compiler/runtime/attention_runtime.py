@@ -166,7 +166,9 @@ class AttentionRuntime:
         # (the last chunk of a prompt one token past a multiple of the chunk size).
         self.prefilling = False
         self._key_valid: torch.Tensor | None = None
-        self._indices: torch.Tensor | None = None  # this step's selection (retrieve)
+        self._indices: torch.Tensor | None = None  # this step's selection (retrieve's output)
+        self._received: tuple[torch.Tensor, torch.Tensor] | None = None  # another selection a graph fed, checked
+        self._loads_for: torch.Tensor | None = None  # the selection this step's loads follow
         self._budget = 0
         self.attended_tokens: list[int] = []
         # Diagnostics for benchmarks: per sparse step and layer, the share of the layer's true attention
@@ -243,6 +245,7 @@ class AttentionRuntime:
                              and total > budget and not (self.guard is not None and self.guard.holding))
         self.attended_tokens.append(budget if self._sparse_step else total)
         empty = torch.empty(batch, num_kv_heads, 0, dtype=torch.long, device=input_ids.device)
+        self._indices, self._received, self._loads_for = empty, None, None
         if not self._sparse_step:
             return empty
         self._key_valid = attention_mask[:, :past].bool()
@@ -250,15 +253,40 @@ class AttentionRuntime:
         if self.head.per_layer:
             return empty
         scores = self.head.score(input_ids, attention_mask, past)
-        indices = select_tokens(scores, self._key_valid, self._budget, self.sparse.sink_tokens, self.sparse.local_window)
-        self._indices = indices
-        if self.prefetcher.active:
-            self.prefetcher.begin_step(indices, self._key_valid, past)
-        return indices
+        self._indices = select_tokens(scores, self._key_valid, self._budget, self.sparse.sink_tokens,
+                                      self.sparse.local_window)
+        return self._indices
 
-    def prefetch(self, layer: int) -> None:
-        """Start moving layer ``layer``'s selected KV to its slots (offloaded layers of sparse steps)."""
-        if self._sparse_step:
+    def _selection(self, indices: torch.Tensor) -> torch.Tensor:
+        """The selection a sparse op received. Retrieve's own output passes as it is; another tensor (a graph
+        edited or loaded from disk computed it) must have its shape, and is clamped to the stored
+        positions: the kernels read memory at these positions without checking them."""
+        if indices is self._indices:
+            return indices
+        if self._received is not None and indices is self._received[0]:
+            return self._received[1]
+        expected = self._indices.shape
+        if indices.dtype != torch.long or indices.shape != expected or indices.device != self._indices.device:
+            raise ValueError(f"a sparse op received a selection of shape {tuple(indices.shape)}, {indices.dtype} on "
+                             f"{indices.device}; accepted: int64 {tuple(expected)} on {self._indices.device}, as "
+                             "specontext::retrieve returns")
+        checked = indices.clamp(0, self._key_valid.shape[1] - 1)
+        self._received = (indices, checked)
+        return checked
+
+    def _begin_loads(self, indices: torch.Tensor) -> None:
+        """The step's loads follow ``indices`` (checked); one selection per step for every offloaded layer."""
+        if self._loads_for is None:
+            self.prefetcher.begin_step(indices, self._key_valid, self._key_valid.shape[1])
+            self._loads_for = indices
+        elif indices is not self._loads_for:
+            raise ValueError("offloaded layers received different selections in one step; they share one slot "
+                             "map, so every prefetch and sparse attention of a step must take the same indices")
+
+    def prefetch(self, indices: torch.Tensor, layer: int) -> None:
+        """Start moving layer ``layer``'s KV at ``indices`` to its slots (offloaded layers of sparse steps)."""
+        if self._sparse_step and self.prefetcher.active and not self.head.per_layer:
+            self._begin_loads(self._selection(indices))
             self.prefetcher.prefetch(layer)
 
     def wait(self, layer: int) -> None:
@@ -289,6 +317,7 @@ class AttentionRuntime:
         sparse = indices is not None and self._sparse_step and not windowed
         offloaded = self.store.is_offloaded(layer)
         if sparse and offloaded:
+            self._begin_loads(self._selection(indices))  # (a no-op once the layer's prefetch ran)
             self.prefetcher.ensure(layer)  # loads land before this step's token enters the ring
         keys, values = self.store.append(layer, k, v)
         if mask is not None and mask.shape[-1] != total:
@@ -309,9 +338,8 @@ class AttentionRuntime:
         if sparse and offloaded:
             return self._sparse_offloaded(layer, q, k, v, keys, scale, softcap)
         if sparse:
-            # The runtime's own selection, not whatever tensor the graph passed: a loaded program is data,
-            # and the kernels trust their indices.
-            return self._sparse(layer, q, keys, values, None if self.head.per_layer else self._indices, scale, softcap)
+            return self._sparse(layer, q, keys, values, None if self.head.per_layer else self._selection(indices),
+                                scale, softcap)
         if self.padding_free and (not sliding_window or total <= sliding_window):
             mask = None
         return dense_attention(q, keys, values, mask, scale, softcap)

@@ -107,7 +107,7 @@ class StaticDecodeRuntime:
         scores = self.head.score_static(self.key_valid)
         indices = select_tokens(scores, self.key_valid, self.budget, self.sparse.sink_tokens,
                                 self.sparse.local_window, past=self.position)
-        self.indices = indices  # what attention reads (not the graph's argument: the kernels trust indices)
+        self.indices = indices  # the step's selection: the graph passes it to prefetch and attention
         # The positions every resident full-attention layer reads: the selection and the new token (once
         # per step, not per layer), and whether each is a real token where the batch has padding.
         newest = self.position.view(1, 1, 1).expand(*indices.shape[:2], 1)
@@ -141,7 +141,13 @@ class StaticDecodeRuntime:
         if self._side is not None:  # loads start once the indices exist (fork from the capturing stream)
             self._ready.record(torch.cuda.current_stream(self.position.device))
 
-    def prefetch(self, layer: int) -> None:
+    def _follows_retrieval(self, indices: torch.Tensor) -> None:
+        if indices is not self.indices:
+            raise ValueError("a fixed-shape decode step received a selection other than its retrieval's output; "
+                             "only the eager step follows an edited selection")
+
+    def prefetch(self, indices: torch.Tensor, layer: int) -> None:
+        self._follows_retrieval(indices)
         if not self.store.is_offloaded(layer) or layer in self._prefetched:
             return
         self._prefetched.add(layer)
@@ -167,6 +173,7 @@ class StaticDecodeRuntime:
             torch.cuda.current_stream(self.position.device).wait_event(loaded)
 
     def attention(self, layer, q, k, v, mask, scale, softcap, sliding_window=0, indices=None):
+        self._follows_retrieval(indices)
         if self.store.is_offloaded(layer):
             return self._offloaded_attention(layer, q, k, v, scale, softcap)
         entry = self.store.layers[layer]
@@ -195,7 +202,7 @@ class StaticDecodeRuntime:
     def _offloaded_attention(self, layer, q, k, v, scale, softcap):
         """Attention over the layer's slots (its selection) + the new token, whose K/V enter the ring."""
         store, fast = self.store, self.store.fast[layer]
-        self.prefetch(layer)  # a no-op where the graph's prefetch node ran it already
+        self.prefetch(self.indices, layer)  # a no-op where the graph's prefetch node ran it already
         self.wait(layer)  # the loads read the ring: they land before the new token takes its oldest row
         row = (self.position % store.window).view(1)
         fast.ring_key.index_copy_(2, row, k)
