@@ -43,6 +43,8 @@ SYSTEMS = ("hf_eager", "hf_static_compile", "hf_offloaded", "specontext_80gb", "
 TOKEN_BUDGET = 2048
 INDUCTOR = False  # --inductor: compile_decode_step=True (the fixed-shape step through Inductor before its CUDA graph)
 SHORT = 3  # tokens of the shorter generate (prefill, the eager warm-up step, one replay)
+GUARD = True  # --no-guard: the accuracy guard off (on random weights it finds low coverage and turns steps dense)
+BUDGET = "80GB"  # --budget: the specontext_80gb systems' budget (the name stays; "135GB" is what an H200 holds)
 
 
 def llama_8b_random():
@@ -108,12 +110,12 @@ _COMPILED: dict = {}
 def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> dict:
     import specontext
 
-    budget = "24GB" if "24gb" in system else "80GB"
+    budget = "24GB" if "24gb" in system else BUDGET
     if system not in _COMPILED:  # one compile per system (torch.export of the 8B step takes a while)
         _COMPILED.clear()
         offload = "all" if system.endswith("_offloaded") else "auto"
         _COMPILED[system] = specontext.compile(model, budget, token_budget=TOKEN_BUDGET, offload=offload, progress=False,
-                                               compile_decode_step=INDUCTOR)
+                                               compile_decode_step=INDUCTOR, guard=GUARD)
     compiled = _COMPILED[system]
     compiled.engine.decode_mode = "eager" if system.endswith("_eager") else "graph"
 
@@ -121,9 +123,11 @@ def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> di
         compiled.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
         return dict(compiled.stats)
 
-    generate(new_tokens + SHORT)  # warm-up with both measured shapes (Triton and Inductor compile for them)
+    warm = generate(new_tokens + SHORT)  # warm-up with both measured shapes (Triton and Inductor compile for them)
     generate(SHORT)
     short, stats = generate(SHORT), generate(new_tokens + SHORT)
+    # A call at a length not seen before (another KV capacity): what a user pays for a new prompt length.
+    other = generate(new_tokens + 2 * SHORT + 1)
     # As for HF: the difference of two generates over the steps they differ by, so that what happens once
     # per call (the first fixed-shape step, run eagerly as the warm-up, and the graph capture) cancels.
     steps = stats["steps"] - short["steps"]
@@ -131,6 +135,9 @@ def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> di
             "ms_per_step": 1e3 * (stats["decode_seconds"] - short["decode_seconds"]) / steps,
             "ms_per_step_with_capture": 1e3 * stats["decode_seconds"] / stats["steps"],
             "graph_capture_seconds": stats["graph_capture_seconds"],
+            "compile_seconds_first_call": warm.get("compile_seconds", 0.0),
+            "compile_seconds_new_length": other.get("compile_seconds", 0.0),
+            "ms_per_step_new_length_call": 1e3 * other["decode_seconds"] / max(other["steps"], 1),
             "h2d_bytes_per_step": stats["h2d_bytes"] / max(stats["steps"], 1),
             "h2d_bytes_full_reload_per_step": stats["h2d_bytes_full_reload"] / max(stats["steps"], 1),
             "selection_overlap": stats["selection_overlap"],
@@ -203,6 +210,7 @@ def measure(model, system: str, context: int, batch: int, new_tokens: int, hbm: 
 
 
 def main() -> None:
+    global INDUCTOR, BUDGET, GUARD
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768])
@@ -213,16 +221,18 @@ def main() -> None:
     parser.add_argument("--check-only", action="store_true", help="only compare graph, fixed and eager decode tokens")
     parser.add_argument("--inductor", action="store_true",
                         help="compile_decode_step=True: SpeContext's fixed-shape step through Inductor")
+    parser.add_argument("--no-guard", action="store_true", help="the accuracy guard off (random weights trigger it)")
+    parser.add_argument("--skip-check", action="store_true", help="skip the tiny-model graph-decode token check")
+    parser.add_argument("--budget", default=BUDGET, help="budget of the specontext_80gb systems")
     parser.add_argument("--out", default="e2e")
     args = parser.parse_args()
 
-    global INDUCTOR
-    INDUCTOR = args.inductor
+    INDUCTOR, BUDGET, GUARD = args.inductor, args.budget, not args.no_guard
     if args.kernels:
         from specontext_compiler.kernels import use_kernels
 
         use_kernels(True)
-    check = check_graph_decode()
+    check = {} if args.skip_check else check_graph_decode()
     if args.check_only:
         return
     hbm = hbm_bandwidth()
@@ -234,6 +244,7 @@ def main() -> None:
             for batch in args.batches:
                 row = measure(model, system, context, batch, args.new_tokens, hbm)
                 rows.append(row)
+                write_results(payload(args, hbm, check, rows, complete=False), args.out, quiet=True)
                 if "error" in row:
                     print(f"{system:24s} {context:>7d} x{batch:<3d} {row['error'][:60]}")
                     break  # larger batches will not fit either
@@ -242,14 +253,17 @@ def main() -> None:
                       f"roofline {row['roofline_ms']:5.2f} ms (x{row['step_over_roofline']:.2f})  "
                       f"peak {row['peak_gpu_gb']:5.1f} GB")
     _COMPILED.clear()
-    payload = {"command": "PYTHONPATH=. python benchmarks/e2e.py " + " ".join(
-                   f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                   for k, v in vars(args).items()),
-               "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
-               "torch": torch.__version__, "hbm_copy_gb_s": hbm / 1e9, "token_budget": TOKEN_BUDGET,
-               "fused_projections": True,  # q/k/v and gate/up as one product each (projection_fusion.py)
-               "graph_decode_check": check, "rows": rows}
-    write_results(payload, args.out)
+    write_results(payload(args, hbm, check, rows, complete=True), args.out)
+
+
+def payload(args, hbm: float, check: dict, rows: list[dict], complete: bool) -> dict:
+    return {"command": "PYTHONPATH=. python benchmarks/e2e.py " + " ".join(
+                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                for k, v in vars(args).items()),
+            "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "hbm_copy_gb_s": hbm / 1e9, "token_budget": TOKEN_BUDGET,
+            "fused_projections": True,  # q/k/v and gate/up as one product each (projection_fusion.py)
+            "guard": GUARD, "complete": complete, "graph_decode_check": check, "rows": rows}
 
 
 if __name__ == "__main__":

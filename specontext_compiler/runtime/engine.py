@@ -151,6 +151,7 @@ class GenerationEngine:
         self.memory = memory  # MemoryManager: moves layers to host memory as sequences grow, retries on OOM
         self.fixed_shape_abandoned = False
         self.abandoned_fixed_shape_steps = 0
+        self.compile_seconds = 0.0  # this generate's calls of the compiled step that (re)compiled it
 
     # -- prefill --------------------------------------------------------------------------------------
     def run_chunks(self, step: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_all: bool) -> torch.Tensor:
@@ -246,10 +247,15 @@ class GenerationEngine:
         compiled = torch.compile(self.step, options={"coordinate_descent_tuning": True})
 
         def fixed_shape_step(**inputs):
+            compiles = torch._dynamo.utils.counters["frames"]["ok"]
+            started = time.perf_counter()
             # The selection's width is data-dependent to the tracer (an unbacked size, as at export): without
             # this Dynamo breaks the step in two at the retrieval and Inductor never sees it whole.
             with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-                return compiled(**inputs)
+                logits = compiled(**inputs)
+            if torch._dynamo.utils.counters["frames"]["ok"] != compiles:  # this call compiled (a new shape)
+                self.compile_seconds += time.perf_counter() - started
+            return logits
 
         self.fixed_shape_step = fixed_shape_step
 
@@ -355,6 +361,7 @@ class GenerationEngine:
         self.decoder = None
         self.fixed_shape_abandoned = False  # a fixed-shape step ran out of memory: eager from there on
         self.abandoned_fixed_shape_steps = 0
+        self.compile_seconds = 0.0
         capacity = prompt_length + settings.max_new_tokens
         stop = LaggedStopCheck(self.device)
         attended_before = len(self.runtime.attended_tokens)
@@ -424,6 +431,7 @@ class GenerationEngine:
             "fixed_shape_steps": self.abandoned_fixed_shape_steps + (0 if self.decoder is None else self.decoder.steps),
             "fixed_shape_abandoned": self.fixed_shape_abandoned,
             "graph_capture_seconds": 0.0 if self.decoder is None else self.decoder.capture_seconds,
+            "compile_seconds": self.compile_seconds,
             **({"guard": False} if self.runtime.guard is None else self.runtime.guard.stats()),
         }
         logger.info(
