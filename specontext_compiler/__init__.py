@@ -5,7 +5,8 @@ The implementation package. Users import :mod:`specontext`, which re-exports the
 
 from .api import SpeContextModel, compile
 from .artifact import ArtifactError, export, load
-from .retrieval.calibrate import CalibratedHead, CalibrationReport, calibrate
+from .calibration import calibrate
+from .retrieval.calibrated_head import CalibratedHead, CalibrationReport
 from .capture import SUPPORTED_FAMILIES
 from .config import GuardSettings, parse_budget
 from .dynamo_backend import register as _register_dynamo_backend

@@ -37,6 +37,7 @@ from typing import BinaryIO
 import torch
 
 from .artifact_safety import UnsafeProgram
+from .artifact_head import HeadDescriptionError, head_description, head_from_description
 from .artifact_safety import scan_program_archive
 from .capture import CapturedStep
 from .config import CompileConfig, format_bytes, parse_budget
@@ -90,39 +91,6 @@ def versions() -> dict:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-# -- the retrieval head as JSON + safetensors ---------------------------------------------------------------
-def _head_description(head) -> tuple[dict, dict[str, torch.Tensor]]:
-    from .retrieval import OracleTopK, QuestPages, StreamingLLM, TargetLayerHead
-
-    if head is None:
-        return {"kind": "none"}, {}
-    if isinstance(head, TargetLayerHead):
-        return {"kind": "target_layer", "layers": list(head.layers), "prefill_prior": head.prefill_prior,
-                "query_weight": head.query_weight, "lookahead": head.lookahead, "lookbehind": head.lookbehind,
-                "prior_window": head.prior_window}, {}
-    if isinstance(head, StreamingLLM):
-        return {"kind": "streaming"}, {}
-    if isinstance(head, QuestPages):
-        return {"kind": "quest", "page_size": head.page_size}, {}
-    if isinstance(head, OracleTopK):
-        return {"kind": "oracle"}, {}
-    raise ValueError(
-        f"export does not support a {type(head).__name__} retrieval head yet; supported: the draft-free head "
-        "(draft=None, or a calibrated draft-free head) and the baselines (streaming, quest, oracle)"
-    )
-
-
-HEADS = {  # head.json: kind -> {key: (check, what is accepted)}
-    "none": {}, "streaming": {}, "oracle": {},
-    "quest": {"page_size": (lambda v: _is_int(v) and v > 0, "a positive integer")},
-    "target_layer": {
-        "layers": (lambda v: isinstance(v, list) and v and all(_is_int(i) and i >= 0 for i in v), "layer indices"),
-        "prefill_prior": (lambda v: isinstance(v, bool), "true or false"),
-        "query_weight": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-    },
-}
-
-
 def _guard_option(value):
     """options.json's guard: null/false (off; artifacts from before the guard: false) or its settings."""
     from .runtime.accuracy_guard import GuardSettings
@@ -132,34 +100,6 @@ def _guard_option(value):
     if not isinstance(value, dict) or set(value) - {"threshold", "hold_steps", "check_every", "layer"}:
         raise ValueError(f"guard is {value!r}; accepted: null or an object of threshold, hold_steps, check_every, layer")
     return GuardSettings(**value)
-
-
-def _head_from_description(description: dict, tensors: dict[str, torch.Tensor], file: Path, layers: int | None):
-    from .retrieval import OracleTopK, QuestPages, StreamingLLM, TargetLayerHead
-
-    kind = description.get("kind")
-    if kind not in HEADS:
-        raise ArtifactError(file, f"unknown retrieval head kind {kind!r}; accepted: {', '.join(HEADS)}")
-    for key, (accepts, what) in HEADS[kind].items():
-        if key not in description or not accepts(description[key]):
-            raise ArtifactError(file, f"{key} is {description.get(key, 'missing')!r}; accepted: {what}")
-    if kind == "target_layer":
-        if layers is not None and max(description["layers"]) >= layers:
-            raise ArtifactError(file, f"layers {description['layers']} name a layer the model's {layers} lack")
-        lookahead = description.get("lookahead", 0)  # artifacts from before it existed: 0
-        if not _is_int(lookahead) or not 0 <= lookahead <= 64:
-            raise ArtifactError(file, f"lookahead is {lookahead!r}; accepted: an integer in [0, 64]")
-        lookbehind = description.get("lookbehind", 0)  # artifacts from before these existed: 0 and 1
-        if not _is_int(lookbehind) or not 0 <= lookbehind <= 64:
-            raise ArtifactError(file, f"lookbehind is {lookbehind!r}; accepted: an integer in [0, 64]")
-        prior_window = description.get("prior_window", 1)
-        if not _is_int(prior_window) or not 1 <= prior_window <= 4096:
-            raise ArtifactError(file, f"prior_window is {prior_window!r}; accepted: an integer in [1, 4096]")
-        return TargetLayerHead(tuple(description["layers"]), prefill_prior=description["prefill_prior"],
-                               query_weight=description["query_weight"], lookahead=lookahead,
-                               lookbehind=lookbehind, prior_window=prior_window)
-    return {"none": lambda: None, "streaming": StreamingLLM, "oracle": OracleTopK,
-            "quest": lambda: QuestPages(description["page_size"])}[kind]()
 
 
 # -- export -------------------------------------------------------------------------------------------------
@@ -176,7 +116,7 @@ def export(compiled, path: str | Path, tokenizer=None) -> Path:
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ValueError(f"export path {str(path)!r} exists and is not an empty directory")
-    head, head_tensors = _head_description(compiled.head)  # refuse an unsupported head before writing anything
+    head, head_tensors = head_description(compiled.head)  # refuse an unsupported head before writing anything
     path.mkdir(parents=True, exist_ok=True)
 
     program = compiled.step.program  # its data-dependent sizes were bounded when it was captured
@@ -407,7 +347,10 @@ def _load_checked(path: Path, manifest: dict, files: dict[str, BinaryIO], device
         except Exception as error:  # safetensors raises its own error types for a bad header
             raise ArtifactError(path / HEAD_TENSORS, f"not a readable safetensors file ({error})") from error
     layers = getattr(hf_config, "num_hidden_layers", None)
-    head = _head_from_description(_read_json(files, path, "head.json"), tensors, path / "head.json", layers)
+    try:
+        head = head_from_description(_read_json(files, path, "head.json"), tensors, layers)
+    except HeadDescriptionError as error:
+        raise ArtifactError(path / "head.json", str(error)) from error
     try:
         exported_on = torch.device(options["device"])
         config = CompileConfig.from_arguments(

@@ -536,12 +536,12 @@ def test_bad_export_and_load_arguments(exported, tmp_path):
 
 
 def test_every_option_of_the_draft_free_head_survives_its_description(tmp_path):
-    from specontext_compiler.artifact import _head_description, _head_from_description
+    from specontext_compiler.artifact_head import head_description, head_from_description
     from specontext_compiler.retrieval import TargetLayerHead
 
     head = TargetLayerHead((1, 2), query_weight=4.0, lookahead=2, lookbehind=1, prior_window=16)
-    description, tensors = _head_description(head)
-    loaded = _head_from_description(json.loads(json.dumps(description)), tensors, tmp_path / "head.json", 4)
+    description, tensors = head_description(head)
+    loaded = head_from_description(json.loads(json.dumps(description)), tensors, 4)
     for name in ("layers", "prefill_prior", "query_weight", "lookahead", "lookbehind", "prior_window"):
         assert getattr(loaded, name) == getattr(head, name), name
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from .base import RetrievalHead
-from .calibrate import CalibratedHead, is_calibrated_head, load_head
+from .calibrated_head import CalibratedHead, is_calibrated_head, load_head
 from .draft_model_head import DraftModelHead
 from .eagle3 import Eagle3Head, is_eagle3_checkpoint
 from .baselines import OracleTopK, QuestPages, StreamingLLM

@@ -18,112 +18,31 @@
    that a head's selection covers; the ``heads_per_group`` best form ``head_map[g]``. Everything the
    scoring does not need is dropped.
 
-A calibrated head saves as ``specontext_head.json`` (kind, layer, heads, head map, coverage, parameter
+A calibrated head (retrieval/calibrated_head.py) saves as ``specontext_head.json`` (kind, layer, heads, head map, coverage, parameter
 counts, the draft's config) plus ``head.safetensors`` (its tensors); loading runs no pickled code.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .base import RetrievalHead, group_probabilities
-from .selection import select_tokens
-from .target_layer_head import DEFAULT_QUERY_WEIGHT
+from .api import compile as specontext_compile
+from .planning import num_kv_heads
+from .retrieval.base import RetrievalHead, group_probabilities
+from .retrieval.calibrated_head import CalibratedHead, CalibrationReport
+from .retrieval.draft_model_head import DraftModelHead
+from .retrieval.eagle3 import Eagle3Head, is_eagle3_checkpoint
+from .retrieval.selection import select_tokens
+from .retrieval.target_layer_head import DEFAULT_QUERY_WEIGHT, TargetLayerHead
+from .runtime.context import activate
+from .runtime.engine import prompt_position_ids
 
 logger = logging.getLogger(__name__)
-
-MANIFEST = "specontext_head.json"
-TENSORS = "head.safetensors"
-FORMAT_VERSION = 2  # 2: draft-free heads score with the prefill prior
-
-
-def is_calibrated_head(path: Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
-
-
-@dataclass
-class CalibrationReport:
-    """What calibration measured and kept."""
-
-    kind: str  # "target_layer", "draft_model" or "eagle3"
-    layer: int
-    heads: list[int]
-    head_map: list[list[int]] | None
-    layer_kl: dict[int, float]
-    layer_agreement: dict[int, float]
-    layer_coverage: dict[int, float]
-    coverage: float
-    parameters_before: int
-    parameters_after: int
-    token_budget: int
-    texts: int
-    decode_steps: int
-    draft_config: dict | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def reduction(self) -> float:
-        return 1.0 - self.parameters_after / self.parameters_before if self.parameters_before else 0.0
-
-    def summary(self) -> str:
-        return (
-            f"{self.kind} head: layer {self.layer} (KL to dense {self.layer_kl[self.layer]:.4f}, top-1 agreement "
-            f"{self.layer_agreement[self.layer]:.3f}), {len(self.heads)} heads kept, coverage {self.coverage:.3f}; "
-            f"parameters {self.parameters_before:,} -> {self.parameters_after:,} ({100 * self.reduction:.1f}% fewer)"
-        )
-
-
-class CalibratedHead:
-    """A pruned retrieval head and its calibration report; pass it (or its saved directory) as ``draft=``."""
-
-    def __init__(self, head, report: CalibrationReport):
-        self.head = head
-        self.report = report
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = self.head.state_tensors() if hasattr(self.head, "state_tensors") else {}
-        if tensors:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path / TENSORS))
-        manifest = {"format": "specontext-retrieval-head", "version": FORMAT_VERSION, **asdict(self.report)}
-        (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        return path
-
-
-def load_head(path: str | Path, model):
-    """Rebuild a saved calibrated head for ``model`` (the target) from JSON + safetensors."""
-    from .draft_model_head import DraftModelHead
-    from .target_layer_head import TargetLayerHead
-    from ..planning import num_kv_heads
-
-    path = Path(path)
-    manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("format") != "specontext-retrieval-head" or manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path / MANIFEST} is not a version-{FORMAT_VERSION} specontext retrieval head")
-    kind = manifest["kind"]
-    if kind == "target_layer":
-        if manifest["layer"] >= model.config.num_hidden_layers:
-            raise ValueError(f"{path}: calibrated for layer {manifest['layer']}, the model has {model.config.num_hidden_layers}")
-        return TargetLayerHead(manifest["layer"], prefill_prior=True)
-    device, dtype = model.get_input_embeddings().weight.device, model.get_input_embeddings().weight.dtype
-    tensors = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in load_file(str(path / TENSORS)).items()}
-    if kind == "draft_model":
-        return DraftModelHead.from_saved(manifest, tensors, num_kv_heads(model.config), device, dtype)
-    if kind == "eagle3":
-        from .eagle3 import Eagle3Head
-
-        return Eagle3Head.from_saved(manifest, tensors, model)
-    raise ValueError(f"{path / MANIFEST}: unknown head kind {kind!r}")
-
 
 # -- measurement -------------------------------------------------------------------------------------------
 class _Recorder:
@@ -203,11 +122,6 @@ def calibrate(
         heads_per_group: draft heads kept per target KV group.
         max_layer: only consider scoring layers up to this one (a smaller head).
     """
-    from ..api import compile as specontext_compile
-    from ..planning import num_kv_heads
-    from .draft_model_head import DraftModelHead
-    from .eagle3 import Eagle3Head, is_eagle3_checkpoint
-    from .target_layer_head import TargetLayerHead
 
     prompts = _tokenize(texts, tokenizer)
     if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget <= sink_tokens + local_window:
@@ -332,8 +246,6 @@ def _layer_fidelity(probe, probe_head, sequence, prompt_length, candidates, dens
     Each decode step of the dense run is replayed over the dense prefix once per candidate layer (the
     store is truncated back to the prefix), then once densely to restore the prefix for the next step.
     """
-    from ..runtime.context import activate
-    from ..runtime.engine import prompt_position_ids
 
     runtime, engine = probe.runtime, probe.engine
     total = sequence.shape[1]

@@ -1,0 +1,78 @@
+"""The retrieval head of an exported artifact as data: ``head.json`` (kind and settings) plus tensors.
+
+:func:`head_description` writes it; :func:`head_from_description` checks every field against
+``HEADS`` (what each kind accepts) and rebuilds the head, raising :class:`HeadDescriptionError` (the
+loader adds the file's name) for anything else.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class HeadDescriptionError(ValueError):
+    """``head.json`` holds a value the loader does not accept."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def head_description(head) -> tuple[dict, dict[str, torch.Tensor]]:
+    from .retrieval import OracleTopK, QuestPages, StreamingLLM, TargetLayerHead
+
+    if head is None:
+        return {"kind": "none"}, {}
+    if isinstance(head, TargetLayerHead):
+        return {"kind": "target_layer", "layers": list(head.layers), "prefill_prior": head.prefill_prior,
+                "query_weight": head.query_weight, "lookahead": head.lookahead, "lookbehind": head.lookbehind,
+                "prior_window": head.prior_window}, {}
+    if isinstance(head, StreamingLLM):
+        return {"kind": "streaming"}, {}
+    if isinstance(head, QuestPages):
+        return {"kind": "quest", "page_size": head.page_size}, {}
+    if isinstance(head, OracleTopK):
+        return {"kind": "oracle"}, {}
+    raise ValueError(
+        f"export does not support a {type(head).__name__} retrieval head yet; supported: the draft-free head "
+        "(draft=None, or a calibrated draft-free head) and the baselines (streaming, quest, oracle)"
+    )
+
+
+HEADS = {  # head.json: kind -> {key: (check, what is accepted)}
+    "none": {}, "streaming": {}, "oracle": {},
+    "quest": {"page_size": (lambda v: _is_int(v) and v > 0, "a positive integer")},
+    "target_layer": {
+        "layers": (lambda v: isinstance(v, list) and v and all(_is_int(i) and i >= 0 for i in v), "layer indices"),
+        "prefill_prior": (lambda v: isinstance(v, bool), "true or false"),
+        "query_weight": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    },
+}
+
+
+def head_from_description(description: dict, tensors: dict[str, torch.Tensor], layers: int | None):
+    from .retrieval import OracleTopK, QuestPages, StreamingLLM, TargetLayerHead
+
+    kind = description.get("kind")
+    if kind not in HEADS:
+        raise HeadDescriptionError(f"unknown retrieval head kind {kind!r}; accepted: {', '.join(HEADS)}")
+    for key, (accepts, what) in HEADS[kind].items():
+        if key not in description or not accepts(description[key]):
+            raise HeadDescriptionError(f"{key} is {description.get(key, 'missing')!r}; accepted: {what}")
+    if kind == "target_layer":
+        if layers is not None and max(description["layers"]) >= layers:
+            raise HeadDescriptionError(f"layers {description['layers']} name a layer the model's {layers} lack")
+        lookahead = description.get("lookahead", 0)  # artifacts from before it existed: 0
+        if not _is_int(lookahead) or not 0 <= lookahead <= 64:
+            raise HeadDescriptionError(f"lookahead is {lookahead!r}; accepted: an integer in [0, 64]")
+        lookbehind = description.get("lookbehind", 0)  # artifacts from before these existed: 0 and 1
+        if not _is_int(lookbehind) or not 0 <= lookbehind <= 64:
+            raise HeadDescriptionError(f"lookbehind is {lookbehind!r}; accepted: an integer in [0, 64]")
+        prior_window = description.get("prior_window", 1)
+        if not _is_int(prior_window) or not 1 <= prior_window <= 4096:
+            raise HeadDescriptionError(f"prior_window is {prior_window!r}; accepted: an integer in [1, 4096]")
+        return TargetLayerHead(tuple(description["layers"]), prefill_prior=description["prefill_prior"],
+                               query_weight=description["query_weight"], lookahead=lookahead,
+                               lookbehind=lookbehind, prior_window=prior_window)
+    return {"none": lambda: None, "streaming": StreamingLLM, "oracle": OracleTopK,
+            "quest": lambda: QuestPages(description["page_size"])}[kind]()
