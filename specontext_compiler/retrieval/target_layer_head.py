@@ -155,12 +155,18 @@ class TargetLayerHead(RetrievalHead):
     def score(self, input_ids, attention_mask, past: int) -> torch.Tensor:
         if len(self.queries) != len(self.layers):
             raise RuntimeError("retrieval head has no query yet: prefill must run first")
-        key_valid = attention_mask[:, :past].bool()
+        keys = {layer: self.caches[layer].view(past) for layer in self.layers}
+        return self._scores(keys, attention_mask[:, :past].bool(), self.prior(past) if self.prefill_prior else None)
+
+    def _scores(self, keys: dict[int, torch.Tensor], key_valid: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+        """The one scoring path (eager steps over the stored keys, fixed-shape steps over a fixed capacity
+        with the unwritten positions masked): the scoring layers' attention from their last query, spread
+        by lookahead/lookbehind, weighted, plus the prior."""
         scores = 0
         for layer in self.layers:
-            scores = scores + group_probabilities(self.queries[layer], self.caches[layer].view(past), self.scales[layer], key_valid)
+            scores = scores + group_probabilities(self.queries[layer], keys[layer], self.scales[layer], key_valid)
         scores = self.query_weight * self._look_ahead(scores)
-        return scores + self.prior(past) if self.prefill_prior else scores
+        return scores if prior is None else scores + prior
 
     def _look_ahead(self, scores: torch.Tensor) -> torch.Tensor:
         """Each position also gets the scores of the ``lookahead`` positions before it: the previous token's
@@ -195,11 +201,7 @@ class TargetLayerHead(RetrievalHead):
             self.queries[layer].copy_(q[:, :, -1])
 
     def score_static(self, key_valid: torch.Tensor) -> torch.Tensor:
-        scores = 0
-        for layer in self.layers:
-            scores = scores + group_probabilities(self.queries[layer], self._static_keys[layer], self.scales[layer], key_valid)
-        scores = self.query_weight * self._look_ahead(scores)
-        return scores + self._static_prior if self.prefill_prior else scores
+        return self._scores(self._static_keys, key_valid, self._static_prior if self.prefill_prior else None)
 
     def end_static(self, steps: int) -> None:
         for cache in self.caches.values():
