@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import specontext
 from specontext_compiler.kernels.gather_rows import gather_from_host_or_ring, gather_rows_reference
 from specontext_compiler.passes.schedule_prefetch import check_schedule
+from specontext_compiler.runtime import step_transaction
 from specontext_compiler.runtime.kv_store import KVStore
 from specontext_compiler.runtime.slots import SlotMap
 from tiny_models import padded_batch, tiny_model
@@ -461,13 +462,13 @@ def test_rollback_puts_the_transfer_counters_back():
     compiled = specontext.compile(tiny_model("llama"), "1GB", offload="all", **SPARSE)
     compiled.generate(torch.randint(3, 90, (1, 40)), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     runtime, prefetcher = compiled.runtime, compiled.runtime.prefetcher
-    state = runtime.snapshot()
+    state = step_transaction.begin(runtime)
     before = prefetcher.stats()
     assert before["h2d_bytes"] > 0
     prefetcher.h2d_rows = prefetcher.h2d_rows + 512
     prefetcher.full_reload_rows = prefetcher.full_reload_rows + 1024
     prefetcher.kept, prefetcher.selected = prefetcher.kept + 3, prefetcher.selected + 40
-    runtime.rollback(state)
+    step_transaction.roll_back(runtime, state)
     assert prefetcher.stats() == before
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..retrieval.base import RetrievalHead
+from ..runtime import step_transaction
 from ..runtime.attention_runtime import SparseSettings
 from ..runtime.sampling import resolve_generation_config
 
@@ -126,9 +127,9 @@ def _each(compiled, choice: HeadChoice, input_ids: torch.Tensor, reserve: int, m
     outputs = {}
     try:
         prefilled = compiled.engine.prefill(input_ids, mask, reserve)
-        state = runtime.snapshot()
+        state = step_transaction.begin(runtime)
         for method in methods:
-            runtime.rollback(state)
+            step_transaction.roll_back(runtime, state)
             _select(compiled, choice, method, saved[1])
             outputs[method] = run(prefilled, method)
     finally:

@@ -218,23 +218,6 @@ class AttentionRuntime:
                     if not self.store.is_offloaded(layer) and layer not in self.resident_until}
         self.guard.layer = guard_layer(self.guard_preferred, resident)
 
-    def snapshot(self) -> tuple:
-        """The state between two steps (stored length, the head's state, counters), for :meth:`rollback`."""
-        length = max((self.store.length(layer) for layer in range(self.store.num_layers)), default=0)
-        head = None if self.head is None else self.head.snapshot()
-        return length, head, len(self.attended_tokens), len(self.recall), self.prefetcher.counters()
-
-    def rollback(self, state: tuple) -> None:
-        """Undo a step that failed part-way (some layers stored its tokens, some did not)."""
-        length, head, attended, recall, counters = state
-        self.store.truncate(length)
-        if self.head is not None:
-            self.head.restore(head)
-        del self.attended_tokens[attended:]
-        del self.recall[recall:]
-        self.prefetcher.end_sequence()
-        self.prefetcher.restore_counters(counters)  # the retry counts its transfers again
-
     # -- one retrieval per step ------------------------------------------------------------------------
     def retrieve(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
         batch, new = input_ids.shape

@@ -41,6 +41,7 @@ from ..kernels import in_cuda_graph_decode, on_triton_path
 from ..kernels import sparse_decode_attention as triton_sparse_decode_attention
 from ..retrieval.selection import resolve_token_budget, select_tokens
 from .attention_runtime import AttentionRuntime, grouped_decode_attention, sparse_decode_attention
+from . import step_transaction
 from .prefetcher import load_rows, row_sources, slot_validity
 
 logger = logging.getLogger(__name__)
@@ -302,7 +303,7 @@ class GraphDecoder:
         self.input_ids.copy_(tokens)
         self.position_ids.copy_(position_ids)
         if self.static.guard is not None and self.static.guard.check_due:  # what undo_step puts back
-            self._head_before = self.runtime.head.static_snapshot()
+            self._before = step_transaction.begin_fixed_shape(self.static)
         if self.graph is not None:
             self.graph.replay()
             logits = self.logits
@@ -315,17 +316,12 @@ class GraphDecoder:
 
     def _allocating_step(self) -> torch.Tensor:
         """A step run eagerly at fixed shape (on a GPU, the first: it warms up) or captured and replayed."""
-        static, head = self.static, self.runtime.head
-        counters = [counter.clone() for counter in static.counters()]
-        head_state = head.static_snapshot()
+        before = step_transaction.begin_fixed_shape(self.static)
         try:
             return self._run() if not self.use_graph or self.steps == 0 else self._capture_and_replay()
         except torch.OutOfMemoryError:
             # Keys, values and head keys written at the step's own position are rewritten by the retry.
-            static.join_side_stream()
-            head.static_restore(head_state)
-            for counter, saved in zip(static.counters(), counters):
-                counter.copy_(saved)
+            step_transaction.roll_back_fixed_shape(self.static, before)
             self.graph = None
             raise
 
@@ -355,7 +351,8 @@ class GraphDecoder:
         """Take back the step just run (the guard redoes it eagerly and densely) and end fixed-shape decode:
         the head's query goes back to before the step, the stored lengths to before its token (what it
         wrote at its position is rewritten by the redo)."""
-        self.runtime.head.static_restore(self._head_before)
+        # The transfers the step made did happen: its counters stay.
+        step_transaction.roll_back_fixed_shape(self.static, self._before, counters=False)
         self.steps -= 1
         self.runtime.attended_tokens.pop()
         self.finish()

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from . import step_transaction
 from .attention_runtime import AttentionRuntime
 from .context import activate
 from .cuda_graph_decode import GraphDecoder, eligible
@@ -228,11 +229,11 @@ class GenerationEngine:
         if guard is None:
             return self.run_step(self.step, input_ids, attention_mask, position_ids)
         holding = guard.holding
-        state = None if holding or not guard.check_due else self.runtime.snapshot()
+        state = None if holding or not guard.check_due else step_transaction.begin(self.runtime)
         logits = self.run_step(self.step, input_ids, attention_mask, position_ids)
         if not holding and guard.missed():
             logits = None  # the missed step's tensors go before the redo allocates its own
-            self.runtime.rollback(state)
+            step_transaction.roll_back(self.runtime, state)
             guard.trigger()
             logits = self.run_step(self.step, input_ids, attention_mask, position_ids)
             holding = True

@@ -24,6 +24,7 @@ from ..config import check_offload_layers
 from ..planning.memory_model import DEFAULT_WORKSPACE, ModelShape, memory_terms
 from ..planning.planner import PeakModel, impossible_budget
 from ..retrieval.selection import resolve_token_budget
+from . import step_transaction
 from .attention_runtime import AttentionRuntime
 
 logger = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class MemoryManager:
         it back, re-plan with twice the margin and run it again (at most ``max_retries`` times)."""
         attempts = 0
         while True:
-            state = self.runtime.snapshot()
+            state = step_transaction.begin(self.runtime)
             failure = None
             try:
                 self.before_step(total)  # a move that runs out of memory leaves its layer resident
@@ -172,8 +173,8 @@ class MemoryManager:
                 failure = error  # handled below, once the failed step's frames (and tensors) are gone
                 traceback.clear_frames(error.__traceback__)  # the traceback stays; its frames' tensors go
             attempts += 1
-            self.runtime.rollback(state)
-            self.recover(failure, state[0], attempts)
+            step_transaction.roll_back(self.runtime, state)
+            self.recover(failure, state.stored_tokens, attempts)
 
     def recover(self, failure: torch.OutOfMemoryError, length: int, attempts: int = 1) -> None:
         """A step at ``length`` stored tokens ran out of GPU memory and was rolled back: re-plan the rest
