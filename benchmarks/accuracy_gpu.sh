@@ -11,7 +11,8 @@
 # (benchmarks/ruler_select.py) on the fit split at ~4K (10 prompts per task) and ~7K (4), budgets 3% and 6%,
 # then the rule of ruler_select.py picks one and writes its name to $CHOICE (default ~/ruler_chosen_head.txt);
 # PHASE "chosen": that variant, guarded and not, with oracle top-k on the held-out split at ~4K (prompts
-# 0-2 of every task, 3-6 of the niah tasks) and long-generation fidelity. Each job stops after SECONDS (a job cut short
+# 0-2 of every task, 3-6 of the niah tasks) and long-generation fidelity; PHASE "chosen_alone": the same
+# held-out runs for the chosen variant alone, unguarded (CHOICE names it). Each job stops after SECONDS (a job cut short
 # keeps the prompts it finished: the benchmarks write their JSON after every prompt); logs and JSON go
 # to benchmarks/results/ and, packed in one archive, to $OUT when the device tool set it.
 set -u
@@ -105,8 +106,16 @@ chosen)  # the variant the select phase chose, on the held-out split
     FIRST=3 ruler heldout 4096 4 ruler_chosen_4k_heldout_more_c "${niah_more[@]:6:3}"
     fidelity fidelity_gpu_chosen --heads "$chosen" oracle --guard-heads "$chosen"
     ;;
+chosen_alone)  # the chosen variant alone on the held-out split at ~4K (dense and oracle: the runs before)
+    chosen=$(cat "$choice") || exit 2
+    heads=$chosen guard_heads=""
+    heldout_4k ruler_chosen_alone_4k
+    FIRST=3 ruler heldout 4096 4 ruler_chosen_alone_4k_heldout_more_a "${niah_more[@]:0:3}"
+    FIRST=3 ruler heldout 4096 4 ruler_chosen_alone_4k_heldout_more_b "${niah_more[@]:3:3}"
+    FIRST=3 ruler heldout 4096 4 ruler_chosen_alone_4k_heldout_more_c "${niah_more[@]:6:3}"
+    ;;
 *)
-    echo "unknown phase $phase (4k, 7k, 4k_more, guard, select or chosen)" >&2
+    echo "unknown phase $phase (4k, 7k, 4k_more, guard, select, chosen or chosen_alone)" >&2
     exit 2
     ;;
 esac

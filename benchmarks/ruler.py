@@ -65,6 +65,10 @@ def head_variants(num_layers: int, layer_types=None) -> dict[str, object]:
         "d72-80_look1_w4": lambda: TargetLayerHead(three, lookahead=1, query_weight=4.0),
         "d72-80_look1_w16": lambda: TargetLayerHead(three, lookahead=1, query_weight=16.0),
         "d60-90_look1": lambda: TargetLayerHead(at(0.6, 0.7, 0.8, 0.9), lookahead=1),
+        # the third round's candidates (harder fit tasks; docs/accuracy.md):
+        "d72-80_look1_union": lambda: TargetLayerHead(three, lookahead=1, combine="union"),
+        "d72-80_look1_deepprior": lambda: TargetLayerHead(three, lookahead=1, prior_from=0.5),
+        "d72-80_look1_union_deepprior": lambda: TargetLayerHead(three, lookahead=1, combine="union", prior_from=0.5),
         **({"d72-80_full_look1": lambda: TargetLayerHead(default_layers(num_layers, layer_types), lookahead=1)}
            if default_layers(num_layers, layer_types) != three else {}),
         "streaming": StreamingLLM,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .retrieval.target_layer_head import COMBINE
+
 
 class HeadDescriptionError(ValueError):
     """``head.json`` holds a value the loader does not accept."""
@@ -26,7 +28,7 @@ def head_description(head) -> tuple[dict, dict[str, torch.Tensor]]:
     if isinstance(head, TargetLayerHead):
         return {"kind": "target_layer", "layers": list(head.layers), "prefill_prior": head.prefill_prior,
                 "query_weight": head.query_weight, "lookahead": head.lookahead, "lookbehind": head.lookbehind,
-                "prior_window": head.prior_window}, {}
+                "prior_window": head.prior_window, "prior_from": head.prior_from, "combine": head.combine}, {}
     if isinstance(head, StreamingLLM):
         return {"kind": "streaming"}, {}
     if isinstance(head, QuestPages):
@@ -71,8 +73,15 @@ def head_from_description(description: dict, tensors: dict[str, torch.Tensor], l
         prior_window = description.get("prior_window", 1)
         if not _is_int(prior_window) or not 1 <= prior_window <= 4096:
             raise HeadDescriptionError(f"prior_window is {prior_window!r}; accepted: an integer in [1, 4096]")
+        prior_from = description.get("prior_from", 0.0)
+        if not isinstance(prior_from, (int, float)) or isinstance(prior_from, bool) or not 0.0 <= prior_from < 1.0:
+            raise HeadDescriptionError(f"prior_from is {prior_from!r}; accepted: a number in [0, 1)")
+        combine = description.get("combine", "sum")
+        if combine not in COMBINE:
+            raise HeadDescriptionError(f"combine is {combine!r}; accepted: {', '.join(map(repr, COMBINE))}")
         return TargetLayerHead(tuple(description["layers"]), prefill_prior=description["prefill_prior"],
                                query_weight=description["query_weight"], lookahead=lookahead,
-                               lookbehind=lookbehind, prior_window=prior_window)
+                               lookbehind=lookbehind, prior_window=prior_window, prior_from=prior_from,
+                               combine=combine)
     return {"none": lambda: None, "streaming": StreamingLLM, "oracle": OracleTopK,
             "quest": lambda: QuestPages(description["page_size"])}[kind]()

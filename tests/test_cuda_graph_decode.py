@@ -47,7 +47,8 @@ def test_fixed_shape_decode_gives_the_eager_tokens(family, poisoned):
     assert compiled.stats["attended_tokens_per_step"] <= 16
 
 
-@pytest.mark.parametrize("options", [{}, {"lookbehind": 1, "prior_window": 4}])
+@pytest.mark.parametrize("options", [{}, {"lookbehind": 1, "prior_window": 4},
+                                     {"combine": "union", "prior_from": 0.5}])
 def test_fixed_shape_decode_of_the_multi_layer_lookahead_head_gives_the_eager_tokens(poisoned, options):
     """The default head's shape on a deeper model: three scoring layers merged, lookahead 1 (2-layer tiny
     models round the default depths to one layer); and with its other options."""

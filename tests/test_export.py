@@ -486,6 +486,7 @@ def test_symbolic_links_are_refused(exported, tmp_path):
     ("head.json", lambda h: h.update(layers="0"), "layers"),
     ("head.json", lambda h: h.update(lookbehind=-1), "lookbehind"),
     ("head.json", lambda h: h.update(prior_window=10**9), "prior_window"),
+    ("head.json", lambda h: h.update(combine="max"), "combine"),
     ("config.json", lambda c: c.update(model_type="no-such-model"), "not a usable transformers config"),
 ])
 def test_malformed_json_files_name_the_file_and_the_value(exported, tmp_path, file, edit, problem):
@@ -539,10 +540,12 @@ def test_every_option_of_the_draft_free_head_survives_its_description(tmp_path):
     from specontext_compiler.artifact_head import head_description, head_from_description
     from specontext_compiler.retrieval import TargetLayerHead
 
-    head = TargetLayerHead((1, 2), query_weight=4.0, lookahead=2, lookbehind=1, prior_window=16)
+    head = TargetLayerHead((1, 2), query_weight=4.0, lookahead=2, lookbehind=1, prior_window=16, prior_from=0.5,
+                           combine="union")
     description, tensors = head_description(head)
     loaded = head_from_description(json.loads(json.dumps(description)), tensors, 4)
-    for name in ("layers", "prefill_prior", "query_weight", "lookahead", "lookbehind", "prior_window"):
+    for name in ("layers", "prefill_prior", "query_weight", "lookahead", "lookbehind", "prior_window", "prior_from",
+                 "combine"):
         assert getattr(loaded, name) == getattr(head, name), name
 
 

@@ -154,6 +154,36 @@ def test_windowed_prior_and_lookbehind_score_against_a_float64_reference(target,
         TargetLayerHead(1, lookbehind=-1)
 
 
+def test_union_of_rankings_and_a_deep_prior_against_a_reference(target, prompts):
+    """``prior_from=0.5``: the prior averages layers 2 and 3 of 4; ``combine="union"``: a position scores by
+    the better of its rank under the query part and under the prior (0 = first), the query part's first."""
+    ids, mask = prompts
+    past = ids.shape[1]
+    plain = TargetLayerHead((1, 3), prior_from=0.5)
+    union = TargetLayerHead((1, 3), prior_from=0.5, combine="union")
+    for head in (plain, union):
+        model = specontext.compile(target, "1GB", draft=head, **SPARSE)
+        model(ids, attention_mask=mask)
+    full = TargetLayerHead((1, 3))
+    model = specontext.compile(target, "1GB", draft=full, **SPARSE)
+    model(ids, attention_mask=mask)
+    deep = torch.stack([full.prior_parts[layer] for layer in (2, 3)]).mean(0)
+    torch.testing.assert_close(plain.prior(past), deep)
+    query = plain.score(ids[:, -1:], mask, past) - deep
+
+    def ranks(scores):  # ties to the earlier position, padding last
+        scores = scores.masked_fill(~mask.bool()[:, None, :], float("-inf"))
+        return scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
+
+    by_query, by_prior = ranks(query), ranks(deep)
+    expected = -(2 * torch.minimum(by_query, by_prior) + (by_prior < by_query)).float()
+    assert torch.equal(union.score(ids[:, -1:], mask, past), expected)
+    with pytest.raises(ValueError, match="combine"):
+        TargetLayerHead(1, combine="max")
+    with pytest.raises(ValueError, match="prior_from"):
+        TargetLayerHead(1, prior_from=1.0)
+
+
 def test_eagle3_scores_match_a_float64_reference(target, eagle_dir):
     """The head's scores at one step, recomputed by hand from the checkpoint's tensors."""
     from safetensors.torch import load_file

@@ -71,6 +71,22 @@ def window_probabilities(
     return total / window
 
 
+#: How the prior and the scoring layers' part make one score (``TargetLayerHead(combine=...)``).
+COMBINE = ("sum", "union")
+
+
+def _ranks(scores: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+    """Rank of each position along the last axis, 0 for the highest score: ties go to the earlier position
+    and invalid positions come last, so a fixed-shape step (more positions, the unwritten ones invalid)
+    ranks the stored tokens as the eager step does."""
+    if key_valid is not None:
+        scores = scores.masked_fill(~key_valid[:, None, :], float("-inf"))
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return ranks
+
+
 class TargetLayerHead(RetrievalHead):
     """Scores with the target's own attention: a prefill prior plus the previous token's query at ``layers``.
 
@@ -79,7 +95,11 @@ class TargetLayerHead(RetrievalHead):
     the group's heads of each scoring layer gave it from the previous token.
 
     ``lookahead`` / ``lookbehind``: positions after / before each scored one that also receive its score;
-    ``prior_window``: how many of the prompt's last queries the prior averages (1: the last one). The
+    ``prior_window``: how many of the prompt's last queries the prior averages (1: the last one);
+    ``prior_from``: the prior averages the layers from this fraction of the depth on (0: all);
+    ``combine``: "sum" (prior + weight x query part) or "union" (the two rankings interleaved: a position
+    ranks by the better of its two ranks, the query part's first on a tie, so each part fills about half
+    the budget). The
     defaults are the measured choice; the other values lost or tied on the suite (docs/accuracy.md).
     """
 
@@ -94,6 +114,8 @@ class TargetLayerHead(RetrievalHead):
         grow_chunk: int = 1024,
         prior_window: int = 1,
         lookbehind: int = 0,
+        prior_from: float = 0.0,
+        combine: str = "sum",
     ):
         layers = (layers,) if isinstance(layers, int) else tuple(layers)
         if not layers or len(set(layers)) != len(layers):
@@ -105,7 +127,13 @@ class TargetLayerHead(RetrievalHead):
         for name, value, least in (("prior_window", prior_window, 1), ("lookbehind", lookbehind, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}; got {value!r}")
+        if not 0.0 <= prior_from < 1.0:
+            raise ValueError(f"prior_from must be a fraction of the depth in [0, 1); got {prior_from!r}")
+        if combine not in COMBINE:
+            raise ValueError(f"combine must be one of {', '.join(map(repr, COMBINE))}; got {combine!r}")
         self.layers = layers
+        self.prior_from = float(prior_from)
+        self.combine = combine
         self.lookahead = lookahead
         self.lookbehind = lookbehind
         self.prior_window = prior_window
@@ -166,7 +194,14 @@ class TargetLayerHead(RetrievalHead):
         for layer in self.layers:
             scores = scores + group_probabilities(self.queries[layer], keys[layer], self.scales[layer], key_valid)
         scores = self.query_weight * self._look_ahead(scores)
-        return scores if prior is None else scores + prior
+        if prior is None:
+            return scores
+        if self.combine == "union":
+            # Rank k of either list scores -2k, the query part's first (-2k), then the prior's (-2k - 1): every
+            # position a distinct score, so the selection has no ties to break differently at another shape.
+            by_query, by_prior = _ranks(scores, key_valid), _ranks(prior, key_valid)
+            return -(2 * torch.minimum(by_query, by_prior) + (by_prior < by_query)).to(scores.dtype)
+        return scores + prior
 
     def _look_ahead(self, scores: torch.Tensor) -> torch.Tensor:
         """Each position also gets the scores of the ``lookahead`` positions before it: the previous token's
@@ -192,7 +227,9 @@ class TargetLayerHead(RetrievalHead):
 
     def _prior_source(self) -> torch.Tensor:
         if self._prior is None:
-            self._prior = torch.stack(list(self.prior_parts.values())).mean(0)
+            depth = max(self.prior_parts) + 1
+            parts = [part for layer, part in self.prior_parts.items() if layer >= self.prior_from * depth]
+            self._prior = torch.stack(parts).mean(0)
         return self._prior
 
     def observe_static(self, layer, q, k, position):
