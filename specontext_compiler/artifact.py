@@ -36,9 +36,8 @@ from typing import BinaryIO
 
 import torch
 
-from .artifact_safety import UnsafeProgram
-from .artifact_head import HeadDescriptionError, head_description, head_from_description
-from .artifact_safety import scan_program_archive
+from .artifact_head import HeadDescriptionError, head_description, head_from_description, is_int
+from .artifact_safety import UnsafeProgram, scan_program_archive
 from .capture import CapturedStep
 from .config import CompileConfig, format_bytes, parse_budget
 
@@ -270,30 +269,26 @@ def _check_program(handle: BinaryIO, file: Path) -> None:
 # -- load ---------------------------------------------------------------------------------------------------
 DTYPES = ("float32", "float16", "bfloat16")
 OPTIONS = {  # options.json: key -> (check, what is accepted)
-    "budget_bytes": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "token_budget": (lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null"),
-    "sink_tokens": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
-    "local_window": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "budget_bytes": (lambda v: is_int(v) and v > 0, "a positive integer"),
+    "token_budget": (lambda v: v is None or (is_int(v) and v > 0), "a positive integer or null"),
+    "sink_tokens": (lambda v: is_int(v) and v >= 0, "a non-negative integer"),
+    "local_window": (lambda v: is_int(v) and v >= 0, "a non-negative integer"),
     "selection": (lambda v: isinstance(v, str), "a string"),
-    "offload": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(_is_int(i) for i in v)),
+    "offload": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(is_int(i) for i in v)),
                 "a mode or a list of layer indices"),
     "elastic": (lambda v: isinstance(v, bool), "true or false"),
-    "prefill_chunk": (lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null"),
+    "prefill_chunk": (lambda v: v is None or (is_int(v) and v > 0), "a positive integer or null"),
     "last_only": (lambda v: isinstance(v, bool), "true or false"),
-    "aux_layers": (lambda v: isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v), "a list of layer indices"),
+    "aux_layers": (lambda v: isinstance(v, list) and all(is_int(i) and i >= 0 for i in v), "a list of layer indices"),
     "device": (lambda v: isinstance(v, str), "a device name"),
     "dtype": (lambda v: v in DTYPES, " or ".join(DTYPES)),
-    "vocab_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "weight_bytes": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "vocab_size": (lambda v: is_int(v) and v > 0, "a positive integer"),
+    "weight_bytes": (lambda v: is_int(v) and v >= 0, "a non-negative integer"),
 }
 #: The tokenizer files load reads (a config.json there could name model code; .py files are code).
 TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                              "chat_template.jinja", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
                              "spiece.model", "sentencepiece.bpe.model"})
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def load(path: str | Path, device: str | torch.device | None = None, budget: int | str | None = None,

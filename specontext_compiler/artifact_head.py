@@ -1,7 +1,7 @@
 """The retrieval head of an exported artifact as data: ``head.json`` (kind and settings) plus tensors.
 
 :func:`head_description` writes it; :func:`head_from_description` checks every field against
-``HEADS`` (what each kind accepts) and rebuilds the head, raising :class:`HeadDescriptionError` (the
+``HEADS`` (what each kind needs) and ``TARGET_LAYER_OPTIONS`` (keys added since) and rebuilds the head, raising :class:`HeadDescriptionError` (the
 loader adds the file's name) for anything else.
 """
 
@@ -16,7 +16,8 @@ class HeadDescriptionError(ValueError):
     """``head.json`` holds a value the loader does not accept."""
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """An int and not a bool (JSON's true/false load as bools, which are ints to Python)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -43,12 +44,22 @@ def head_description(head) -> tuple[dict, dict[str, torch.Tensor]]:
 
 HEADS = {  # head.json: kind -> {key: (check, what is accepted)}
     "none": {}, "streaming": {}, "oracle": {},
-    "quest": {"page_size": (lambda v: _is_int(v) and v > 0, "a positive integer")},
+    "quest": {"page_size": (lambda v: is_int(v) and v > 0, "a positive integer")},
     "target_layer": {
-        "layers": (lambda v: isinstance(v, list) and v and all(_is_int(i) and i >= 0 for i in v), "layer indices"),
+        "layers": (lambda v: isinstance(v, list) and v and all(is_int(i) and i >= 0 for i in v), "layer indices"),
         "prefill_prior": (lambda v: isinstance(v, bool), "true or false"),
         "query_weight": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
     },
+}
+#: target_layer keys later versions added: key -> (value when absent, as in artifacts from before, check,
+#: what is accepted).
+TARGET_LAYER_OPTIONS = {
+    "lookahead": (0, lambda v: is_int(v) and 0 <= v <= 64, "an integer in [0, 64]"),
+    "lookbehind": (0, lambda v: is_int(v) and 0 <= v <= 64, "an integer in [0, 64]"),
+    "prior_window": (1, lambda v: is_int(v) and 1 <= v <= 4096, "an integer in [1, 4096]"),
+    "prior_from": (0.0, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0,
+                   "a number in [0, 1)"),
+    "combine": ("sum", lambda v: v in COMBINE, ", ".join(map(repr, COMBINE))),
 }
 
 
@@ -64,24 +75,12 @@ def head_from_description(description: dict, tensors: dict[str, torch.Tensor], l
     if kind == "target_layer":
         if layers is not None and max(description["layers"]) >= layers:
             raise HeadDescriptionError(f"layers {description['layers']} name a layer the model's {layers} lack")
-        lookahead = description.get("lookahead", 0)  # artifacts from before it existed: 0
-        if not _is_int(lookahead) or not 0 <= lookahead <= 64:
-            raise HeadDescriptionError(f"lookahead is {lookahead!r}; accepted: an integer in [0, 64]")
-        lookbehind = description.get("lookbehind", 0)  # artifacts from before these existed: 0 and 1
-        if not _is_int(lookbehind) or not 0 <= lookbehind <= 64:
-            raise HeadDescriptionError(f"lookbehind is {lookbehind!r}; accepted: an integer in [0, 64]")
-        prior_window = description.get("prior_window", 1)
-        if not _is_int(prior_window) or not 1 <= prior_window <= 4096:
-            raise HeadDescriptionError(f"prior_window is {prior_window!r}; accepted: an integer in [1, 4096]")
-        prior_from = description.get("prior_from", 0.0)
-        if not isinstance(prior_from, (int, float)) or isinstance(prior_from, bool) or not 0.0 <= prior_from < 1.0:
-            raise HeadDescriptionError(f"prior_from is {prior_from!r}; accepted: a number in [0, 1)")
-        combine = description.get("combine", "sum")
-        if combine not in COMBINE:
-            raise HeadDescriptionError(f"combine is {combine!r}; accepted: {', '.join(map(repr, COMBINE))}")
+        options = {}
+        for key, (absent, accepts, what) in TARGET_LAYER_OPTIONS.items():
+            options[key] = description.get(key, absent)
+            if not accepts(options[key]):
+                raise HeadDescriptionError(f"{key} is {options[key]!r}; accepted: {what}")
         return TargetLayerHead(tuple(description["layers"]), prefill_prior=description["prefill_prior"],
-                               query_weight=description["query_weight"], lookahead=lookahead,
-                               lookbehind=lookbehind, prior_window=prior_window, prior_from=prior_from,
-                               combine=combine)
+                               query_weight=description["query_weight"], **options)
     return {"none": lambda: None, "streaming": StreamingLLM, "oracle": OracleTopK,
             "quest": lambda: QuestPages(description["page_size"])}[kind]()
