@@ -64,9 +64,10 @@ def window_probabilities(
     window, positions = q.shape[2], keys.shape[2]
     total = 0
     for row in range(window):
-        visible = positions - window + row + 1  # this query's own position and everything before it
-        valid = torch.arange(positions, device=keys.device) < visible
-        valid = valid.expand(keys.shape[0], positions) if key_valid is None else key_valid & valid
+        valid = key_valid
+        if row < window - 1:  # an earlier query sees its own position and everything before it
+            valid = torch.arange(positions, device=keys.device) < positions - window + row + 1
+            valid = valid.expand(keys.shape[0], positions) if key_valid is None else key_valid & valid
         total = total + group_probabilities(q[:, :, row], keys, scale, valid)
     return total / window
 

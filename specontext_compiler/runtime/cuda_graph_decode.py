@@ -303,7 +303,8 @@ class GraphDecoder:
         self.input_ids.copy_(tokens)
         self.position_ids.copy_(position_ids)
         if self.static.guard is not None and self.static.guard.check_due:  # what undo_step puts back
-            self._before = step_transaction.begin_fixed_shape(self.static)
+            # The transfers the step makes do happen: an undo keeps its counters.
+            self._before = step_transaction.begin_fixed_shape(self.static, counters=False)
         if self.graph is not None:
             self.graph.replay()
             logits = self.logits
@@ -351,8 +352,7 @@ class GraphDecoder:
         """Take back the step just run (the guard redoes it eagerly and densely) and end fixed-shape decode:
         the head's query goes back to before the step, the stored lengths to before its token (what it
         wrote at its position is rewritten by the redo)."""
-        # The transfers the step made did happen: its counters stay.
-        step_transaction.roll_back_fixed_shape(self.static, self._before, counters=False)
+        step_transaction.roll_back_fixed_shape(self.static, self._before)
         self.steps -= 1
         self.runtime.attended_tokens.pop()
         self.finish()

@@ -65,19 +65,20 @@ class FixedShapeStepState:
     """A fixed-shape step's in-place state (:func:`begin_fixed_shape`), for :func:`roll_back_fixed_shape`."""
 
     head: object
-    counters: tuple[torch.Tensor, ...]
+    counters: tuple[torch.Tensor, ...] | None  # None: the step's transfers count even if it is undone
 
 
-def begin_fixed_shape(static) -> FixedShapeStepState:
-    """The state a fixed-shape step (``StaticDecodeRuntime`` ``static``) is about to change in place."""
-    return FixedShapeStepState(static.head.static_snapshot(), tuple(counter.clone() for counter in static.counters()))
+def begin_fixed_shape(static, counters: bool = True) -> FixedShapeStepState:
+    """The state a fixed-shape step (``StaticDecodeRuntime`` ``static``) is about to change in place; with
+    ``counters``, its device transfer counters too."""
+    saved = tuple(counter.clone() for counter in static.counters()) if counters else None
+    return FixedShapeStepState(static.head.static_snapshot(), saved)
 
 
-def roll_back_fixed_shape(static, state: FixedShapeStepState, counters: bool = True) -> None:
-    """Put back the head's query buffers and (``counters``) the device transfer counters; the loads the
-    step queued on the side stream are joined first (they read what the step wrote)."""
+def roll_back_fixed_shape(static, state: FixedShapeStepState) -> None:
+    """Put back the head's query buffers and the counters ``state`` holds; the loads the step queued on
+    the side stream are joined first (they read what the step wrote)."""
     static.join_side_stream()
     static.head.static_restore(state.head)
-    if counters:
-        for counter, saved in zip(static.counters(), state.counters):
-            counter.copy_(saved)
+    for counter, saved in zip(static.counters(), state.counters or ()):
+        counter.copy_(saved)
