@@ -9,11 +9,11 @@ the graph's inputs, so prefetches that depend on its output can start before lay
 from __future__ import annotations
 
 import torch
-from torch._guards import detect_fake_mode
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ops import is_retrieve_node
 from .annotate_attention import attention_infos
+from .fake_value import record_fake_value
 
 GRAPH_META_KEY = "specontext_retrieve"
 
@@ -39,11 +39,8 @@ def insert_retrieval_head(gm: torch.fx.GraphModule) -> PassResult:
     last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     with gm.graph.inserting_after(last_input):
         node = gm.graph.call_function(torch.ops.specontext.retrieve.default, (input_ids, attention_mask, num_kv_heads))
-    example = (input_ids.meta.get("val"), attention_mask.meta.get("val"))
-    fake_mode = detect_fake_mode(example)
-    if fake_mode is not None:
-        with fake_mode:
-            node.meta["val"] = torch.ops.specontext.retrieve.default(*example, num_kv_heads)
+    record_fake_value(node, lambda ids, mask: torch.ops.specontext.retrieve.default(ids, mask, num_kv_heads),
+                      input_ids, attention_mask)
     gm.meta[GRAPH_META_KEY] = node
     gm.recompile()
     return PassResult(gm, True)

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import networkx as nx
 import torch
-from torch._guards import detect_fake_mode
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ops import is_prefetch_node, is_wait_node
+from .fake_value import record_fake_value
 
 
 def _sparse_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
@@ -50,18 +50,9 @@ def check_schedule(gm: torch.fx.GraphModule) -> None:
         layer = node.meta["specontext"].layer
         ready = node.args[9] if len(node.args) > 9 else node.kwargs.get("ready")
         issued = ready.args[0] if isinstance(ready, torch.fx.Node) and is_wait_node(ready) else None
-        if not (ready is not None and issued is not None and ready.args[1] == layer and is_prefetch_node(issued)
+        if not (issued is not None and ready.args[1] == layer and is_prefetch_node(issued)
                 and issued.args[1] == layer and issued.args[0] is node.args[8]):
             raise ValueError(f"sparse layer {layer} has no prefetch/wait pair feeding its attention")
-
-
-def _give_fake_value(node: torch.fx.Node, like: torch.fx.Node) -> None:
-    """``node.meta["val"]`` (what torch.export's verifier asks of every node): the empty tensor the op returns."""
-    example = like.meta.get("val")
-    fake_mode = detect_fake_mode((example,))
-    if fake_mode is not None:
-        with fake_mode:
-            node.meta["val"] = example.new_empty(0)
 
 
 def schedule_prefetch(gm: torch.fx.GraphModule) -> PassResult:
@@ -84,8 +75,8 @@ def schedule_prefetch(gm: torch.fx.GraphModule) -> PassResult:
         with gm.graph.inserting_before(node):
             ready = gm.graph.call_function(torch.ops.specontext.wait.default, (issued, layer))
         node.args = (*node.args[:9], ready)
-        _give_fake_value(issued, indices)
-        _give_fake_value(ready, indices)
+        for token in (issued, ready):  # the empty tensor each op returns
+            record_fake_value(token, lambda selection: selection.new_empty(0), indices)
     check_schedule(gm)
     gm.recompile()
     return PassResult(gm, True)
