@@ -58,6 +58,11 @@ fidelity() {  # PREFIX ARGS...: one process per prompt (0-2)
 }
 niah_more=(niah_single_noise niah_single_text niah_single_word niah_single_uuid niah_multikey_text
     niah_multikey_needles niah_multikey_uuid niah_multivalue niah_multiquery)
+heldout_4k_more() {  # PREFIX: prompts 3-6 of every held-out niah task, in three processes
+    FIRST=3 ruler heldout 4096 4 "${1}_heldout_more_a" "${niah_more[@]:0:3}"
+    FIRST=3 ruler heldout 4096 4 "${1}_heldout_more_b" "${niah_more[@]:3:3}"
+    FIRST=3 ruler heldout 4096 4 "${1}_heldout_more_c" "${niah_more[@]:6:3}"
+}
 case $phase in
 4k)
     fit_split 4096 6 ruler_4k
@@ -81,9 +86,7 @@ guard)  # the 4K runs again with the default head and its guarded variant only (
     heads=d72-80_look1
     fit_split 4096 6 ruler_guard_4k
     heldout_4k ruler_guard_4k
-    FIRST=3 ruler heldout 4096 4 ruler_guard_4k_heldout_more_a "${niah_more[@]:0:3}"
-    FIRST=3 ruler heldout 4096 4 ruler_guard_4k_heldout_more_b "${niah_more[@]:3:3}"
-    FIRST=3 ruler heldout 4096 4 ruler_guard_4k_heldout_more_c "${niah_more[@]:6:3}"
+    heldout_4k_more ruler_guard_4k
     fidelity fidelity_gpu_guard --heads d72-80_look1 --guard-heads d72-80_look1
     ;;
 select)  # fit split only: what ruler_select.py chooses from
@@ -101,18 +104,14 @@ chosen)  # the variant the select phase chose, on the held-out split
     chosen=$(cat "$choice") || exit 2
     heads="$chosen oracle" guard_heads=$chosen
     heldout_4k ruler_chosen_4k
-    FIRST=3 ruler heldout 4096 4 ruler_chosen_4k_heldout_more_a "${niah_more[@]:0:3}"
-    FIRST=3 ruler heldout 4096 4 ruler_chosen_4k_heldout_more_b "${niah_more[@]:3:3}"
-    FIRST=3 ruler heldout 4096 4 ruler_chosen_4k_heldout_more_c "${niah_more[@]:6:3}"
+    heldout_4k_more ruler_chosen_4k
     fidelity fidelity_gpu_chosen --heads "$chosen" oracle --guard-heads "$chosen"
     ;;
 chosen_alone)  # the chosen variant alone on the held-out split at ~4K (dense and oracle: the runs before)
     chosen=$(cat "$choice") || exit 2
     heads=$chosen guard_heads=""
     heldout_4k ruler_chosen_alone_4k
-    FIRST=3 ruler heldout 4096 4 ruler_chosen_alone_4k_heldout_more_a "${niah_more[@]:0:3}"
-    FIRST=3 ruler heldout 4096 4 ruler_chosen_alone_4k_heldout_more_b "${niah_more[@]:3:3}"
-    FIRST=3 ruler heldout 4096 4 ruler_chosen_alone_4k_heldout_more_c "${niah_more[@]:6:3}"
+    heldout_4k_more ruler_chosen_alone_4k
     ;;
 *)
     echo "unknown phase $phase (4k, 7k, 4k_more, guard, select, chosen or chosen_alone)" >&2

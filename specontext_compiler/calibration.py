@@ -18,8 +18,9 @@
    that a head's selection covers; the ``heads_per_group`` best form ``head_map[g]``. Everything the
    scoring does not need is dropped.
 
-A calibrated head (retrieval/calibrated_head.py) saves as ``specontext_head.json`` (kind, layer, heads, head map, coverage, parameter
-counts, the draft's config) plus ``head.safetensors`` (its tensors); loading runs no pickled code.
+A calibrated head (retrieval/calibrated_head.py) saves as ``specontext_head.json`` (kind, layer, heads,
+head map, coverage, parameter counts, the draft's config) plus ``head.safetensors`` (its tensors);
+loading runs no pickled code.
 """
 
 from __future__ import annotations
@@ -122,7 +123,6 @@ def calibrate(
         heads_per_group: draft heads kept per target KV group.
         max_layer: only consider scoring layers up to this one (a smaller head).
     """
-
     prompts = _tokenize(texts, tokenizer)
     if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget <= sink_tokens + local_window:
         raise ValueError(f"token_budget must be an int above sink_tokens + local_window; got {token_budget!r}")
@@ -246,7 +246,6 @@ def _layer_fidelity(probe, probe_head, sequence, prompt_length, candidates, dens
     Each decode step of the dense run is replayed over the dense prefix once per candidate layer (the
     store is truncated back to the prefix), then once densely to restore the prefix for the next step.
     """
-
     runtime, engine = probe.runtime, probe.engine
     total = sequence.shape[1]
     results: dict[int, list[float]] = {}
