@@ -4,7 +4,8 @@
 
 Rule: the variant with the highest niah score averaged over every fit row at the budgets below oracle's
 saturation (the runs of ``benchmarks/accuracy_gpu.sh ... select``: ~4K and ~7K, budgets 3% and 6%);
-a tie keeps the incumbent default (``DEFAULT``), then the order of ``CANDIDATES``. Only fit-split rows
+a tie keeps the incumbent (the first candidate), then the candidates' order (``--candidates``, by default
+``CANDIDATES``). Only fit-split rows
 count (held-out rows in the inputs are an error). Writes the name to ``--choice`` and the table to
 benchmarks/results/<out>.json.
 """
