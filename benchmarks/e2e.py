@@ -41,9 +41,10 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
 SYSTEMS = ("hf_eager", "hf_static_compile", "hf_offloaded", "specontext_80gb", "specontext_80gb_eager",
            "specontext_80gb_offloaded", "specontext_24gb")
 TOKEN_BUDGET = 2048
-INDUCTOR = False  # --inductor: compile_decode_step=True (the fixed-shape step through Inductor before its CUDA graph)
+INDUCTOR = None  # compile_decode_step: None (the default: Inductor on CUDA), --inductor True, --no-inductor False
 SHORT = 3  # tokens of the shorter generate (prefill, the eager warm-up step, one replay)
-GUARD = True  # --no-guard: the accuracy guard off (on random weights it finds low coverage and turns steps dense)
+GUARD = True  # --no-guard: the accuracy guard off
+TIME_WAITS = False  # --time-waits: time the compute stream's waits on loads inside graph steps
 BUDGET = "80GB"  # --budget: the specontext_80gb systems' budget (the name stays; "135GB" is what an H200 holds)
 
 
@@ -118,6 +119,7 @@ def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> di
                                                compile_decode_step=INDUCTOR, guard=GUARD)
     compiled = _COMPILED[system]
     compiled.engine.decode_mode = "eager" if system.endswith("_eager") else "graph"
+    compiled.engine.time_graph_waits = TIME_WAITS
 
     def generate(tokens: int) -> dict:
         compiled.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
@@ -126,8 +128,11 @@ def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> di
     warm = generate(new_tokens + SHORT)  # warm-up with both measured shapes (Triton and Inductor compile for them)
     generate(SHORT)
     short, stats = generate(SHORT), generate(new_tokens + SHORT)
-    # A call at a length not seen before (another KV capacity): what a user pays for a new prompt length.
+    # A call at a length not seen before (another KV capacity): what a user pays for a new prompt length,
+    # and whether it compiled kernels (entries added to Triton's and Inductor's caches on disk).
+    caches = _cache_entries()
     other = generate(new_tokens + 2 * SHORT + 1)
+    caches_added = {name: _cache_entries()[name] - count for name, count in caches.items()}
     # As for HF: the difference of two generates over the steps they differ by, so that what happens once
     # per call (the first fixed-shape step, run eagerly as the warm-up, and the graph capture) cancels.
     steps = stats["steps"] - short["steps"]
@@ -138,12 +143,29 @@ def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> di
             "compile_seconds_first_call": warm.get("compile_seconds", 0.0),
             "compile_seconds_new_length": other.get("compile_seconds", 0.0),
             "ms_per_step_new_length_call": 1e3 * other["decode_seconds"] / max(other["steps"], 1),
+            "cache_entries_added_new_length": caches_added,
             "h2d_bytes_per_step": stats["h2d_bytes"] / max(stats["steps"], 1),
             "h2d_bytes_full_reload_per_step": stats["h2d_bytes_full_reload"] / max(stats["steps"], 1),
             "selection_overlap": stats["selection_overlap"],
             "fixed_shape_steps": stats["fixed_shape_steps"], "steps": stats["steps"],
             "offloaded_layers": len(compiled.runtime.store.offloaded),
-            "attended_tokens_per_step": stats["attended_tokens_per_step"]}
+            "attended_tokens_per_step": stats["attended_tokens_per_step"],
+            "guard_dense_steps": stats.get("guard_dense_steps"), "guard_triggers": stats.get("guard_triggers"),
+            "guard_min_coverage": stats.get("guard_min_coverage"),
+            "graph_prefetch_wait_ms": stats.get("graph_prefetch_wait_ms")}
+
+
+def _cache_entries() -> dict[str, int]:
+    """Files in Triton's and Inductor's on-disk caches (a kernel compiled adds some)."""
+    import os
+    from pathlib import Path
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    roots = {"triton": Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache")),
+             "inductor": Path(cache_dir())}
+    return {name: sum(len(files) for _, _, files in os.walk(root)) if root.is_dir() else 0
+            for name, root in roots.items()}
 
 
 def check_graph_decode() -> dict:
@@ -160,7 +182,8 @@ def check_graph_decode() -> dict:
     from tiny_models import padded_batch, tiny_model
 
     results = {}
-    for family, offload, inductor in (("llama", "none", False), ("gemma2", "none", False), ("llama", "all", False),
+    for family, offload, inductor in (("llama", "none", False), ("gemma2", "none", False), ("gemma2", "none", True),
+                                      ("llama", "all", False),
                                       ("llama", "all", True)):
         model = tiny_model(family).cuda()
         compiled = specontext.compile(model, "1GB", token_budget=16, offload=offload, local_window=4, progress=False,
@@ -210,7 +233,7 @@ def measure(model, system: str, context: int, batch: int, new_tokens: int, hbm: 
 
 
 def main() -> None:
-    global INDUCTOR, BUDGET, GUARD
+    global INDUCTOR, BUDGET, GUARD, TIME_WAITS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768])
@@ -219,15 +242,17 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true",
                         help="SpeContext's Triton attention/scoring kernels in eager steps too (graph steps use them anyway)")
     parser.add_argument("--check-only", action="store_true", help="only compare graph, fixed and eager decode tokens")
-    parser.add_argument("--inductor", action="store_true",
-                        help="compile_decode_step=True: SpeContext's fixed-shape step through Inductor")
+    parser.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile_decode_step True / False (default: the library's default, Inductor on CUDA)")
+    parser.add_argument("--time-waits", action="store_true",
+                        help="time the compute stream's waits on loads inside graph steps (the last step's)")
     parser.add_argument("--no-guard", action="store_true", help="the accuracy guard off (random weights trigger it)")
     parser.add_argument("--skip-check", action="store_true", help="skip the tiny-model graph-decode token check")
     parser.add_argument("--budget", default=BUDGET, help="budget of the specontext_80gb systems")
     parser.add_argument("--out", default="e2e")
     args = parser.parse_args()
 
-    INDUCTOR, BUDGET, GUARD = args.inductor, args.budget, not args.no_guard
+    INDUCTOR, BUDGET, GUARD, TIME_WAITS = args.inductor, args.budget, not args.no_guard, args.time_waits
     if args.kernels:
         from specontext_compiler.kernels import use_kernels
 
@@ -251,7 +276,8 @@ def main() -> None:
                 print(f"{system:24s} {context:>7d} x{batch:<3d} prefill {row['prefill_seconds']:6.2f} s  "
                       f"{row['ms_per_step']:7.2f} ms/step  {row['tokens_per_s']:8.1f} tok/s  "
                       f"roofline {row['roofline_ms']:5.2f} ms (x{row['step_over_roofline']:.2f})  "
-                      f"peak {row['peak_gpu_gb']:5.1f} GB")
+                      f"peak {row['peak_gpu_gb']:5.1f} GB  compile {row.get('compile_seconds_first_call') or 0:.0f} s  "
+                      f"guard dense {row.get('guard_dense_steps')}  wait {row.get('graph_prefetch_wait_ms')}")
     _COMPILED.clear()
     write_results(payload(args, hbm, check, rows, complete=True), args.out)
 

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 import specontext
+from specontext_compiler.config import GuardSettings
 from specontext_compiler.evaluation import ruler
 from specontext_compiler.evaluation.shared_prefill import DENSE, HeadChoice, Method, generate_each
 from specontext_compiler.models import load_model
@@ -91,6 +92,10 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.03, 0.06, 0.12, 0.25])
     parser.add_argument("--heads", nargs="+", default=None, help="default: every variant (head_variants)")
     parser.add_argument("--guard-heads", nargs="*", default=[], help="also run these heads with the accuracy guard")
+    parser.add_argument("--guard-threshold", type=float, default=GuardSettings().threshold,
+                        help="the guard's threshold (0: measure coverage, never redo a step)")
+    parser.add_argument("--guard-check-every", type=int, default=GuardSettings().check_every,
+                        help="steps between the guard's reads of the coverage (1: every step's is recorded)")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--first-prompt", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -107,7 +112,8 @@ def main() -> None:
     choice = HeadChoice({name: variants[name]() for name in names})
     runs = [(name, False) for name in names] + [(name, True) for name in args.guard_heads]
     labels = [name + ("+guard" if guard else "") for name, guard in runs]
-    compiled = specontext.compile(model, "200GB", draft=choice, offload="none", guard=bool(args.guard_heads))
+    compiled = specontext.compile(model, "200GB", draft=choice, offload="none", guard=GuardSettings(threshold=args.guard_threshold, check_every=args.guard_check_every)
+                                  if args.guard_heads else False)
     samples = ruler.suite(tokenizer, tasks, args.lengths, args.prompts, args.split, chat, args.first_prompt)
     rows = []
     started = time.perf_counter()

@@ -44,9 +44,9 @@ def compile(
             the GPU, others keep their KV in host memory or move there as the sequence grows, and a step
             that runs out of GPU memory is re-planned and retried; "none"; "all"; or a list of layer indices); ``elastic`` (default True: offloaded
             layers load only what each step's selection adds); ``prefill_chunk`` (new tokens per prefill
-            step, default 2048); ``progress`` (prefill bar); ``compile_decode_step`` (default False: the
-            fixed-shape decode step through Inductor before its CUDA graph, faster steps for a minute of
-            compilation).
+            step, default 2048); ``progress`` (prefill bar); ``compile_decode_step`` (default None: on CUDA
+            devices the fixed-shape decode step goes through Inductor before its CUDA graph, faster steps
+            for a minute of compilation per process and batch kind, 1 or more; False: captured as exported).
 
     Returns:
         A :class:`SpeContextModel` with ``generate`` and ``__call__`` like the HF model.
@@ -128,7 +128,7 @@ class SpeContextModel:
             self.step.program.module(), self.runtime, self.device, config.prefill_chunk, config.progress,
             self.kv_bytes_per_token, self.memory, {info.layer: info.sliding_window for info in self.layers if info.sliding_window},
         )
-        if config.compile_decode_step:
+        if config.compile_decode_step or (config.compile_decode_step is None and self.device.type == "cuda"):
             self.engine.compile_fixed_shape_step()
 
     def set_guard(self, settings: GuardSettings | None) -> None:

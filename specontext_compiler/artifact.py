@@ -292,7 +292,7 @@ TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special
 
 
 def load(path: str | Path, device: str | torch.device | None = None, budget: int | str | None = None,
-         compile_decode_step: bool = False):
+         compile_decode_step: bool | None = None):
     """A runnable compiled model (``generate``, ``replay``) from an artifact written by :func:`export`.
 
     ``device``: where to run (default: the device it was exported on, or the CPU if that is a GPU this
@@ -300,8 +300,8 @@ def load(path: str | Path, device: str | torch.device | None = None, budget: int
     made for them. ``compile_decode_step``: as :func:`specontext.compile`'s (a choice of this process,
     not stored in the artifact). The model's tokenizer, if exported, is ``.tokenizer``.
     """
-    if not isinstance(compile_decode_step, bool):
-        raise TypeError(f"compile_decode_step must be True or False; got {compile_decode_step!r}")
+    if compile_decode_step is not None and not isinstance(compile_decode_step, bool):
+        raise TypeError(f"compile_decode_step must be True, False or None (None: on CUDA); got {compile_decode_step!r}")
     path = Path(path)
     manifest, files = _open_checked(path)
     with contextlib.ExitStack() as stack:
@@ -310,7 +310,7 @@ def load(path: str | Path, device: str | torch.device | None = None, budget: int
         return _load_checked(path, manifest, files, device, budget, compile_decode_step)
 
 
-def _load_checked(path: Path, manifest: dict, files: dict[str, BinaryIO], device, budget, compile_decode_step: bool):
+def _load_checked(path: Path, manifest: dict, files: dict[str, BinaryIO], device, budget, compile_decode_step: bool | None):
     from transformers import AutoConfig, GenerationConfig
 
     from .api import SpeContextModel

@@ -96,7 +96,7 @@ def _non_negative_int(name: str, value) -> int:
 
 
 #: Coverage below which a step is redone densely (docs/accuracy.md: chosen on the fit split).
-DEFAULT_THRESHOLD = 0.5
+DEFAULT_THRESHOLD = 0.65
 #: Dense steps after a trigger before the selection is tried again.
 DEFAULT_HOLD_STEPS = 16
 #: Steps between two host reads of the coverage (docs/accuracy.md: the read's cost on an H200 at batch 1).
@@ -110,7 +110,8 @@ class GuardSettings:
     """How the accuracy guard decides (runtime/accuracy_guard.py).
 
     Attributes:
-        threshold: minimum coverage, in [0, 1), of the guard layer's attention mass by a step's selection.
+        threshold: minimum coverage, in [0, 1): one minus the guard layer's attention mass that the best
+            selection of the same size (that layer's top-k) holds and a step's selection misses.
         hold_steps: dense steps after a trigger before selecting again.
         check_every: steps between two reads of the coverage on the host (every step measures; a read
             makes the host wait for the GPU, which costs a step's Python time at batch 1); a read sees the
@@ -173,8 +174,11 @@ class CompileConfig:
         compile_decode_step: run the fixed-shape decode step through Inductor (``torch.compile`` with
             coordinate-descent tuning) before it is captured in a CUDA graph: Inductor fuses the step's
             elementwise operators and tunes its one-token matrix products (docs/benchmarks.md: 8B, 32K, batch
-            1 on an H200, 6.9 -> 4.9 ms per step). Costs a compilation of about a minute for an 8B model, once
-            per process and again when the prompt length first changes.
+            1 on an H200, 6.9 -> 4.9 ms per step). None (default): on CUDA devices, not on the CPU (where
+            decode steps run eagerly). Costs one compilation (about a minute for an 8B model; ``stats``
+            ``compile_seconds``) for batch 1 and one for every larger batch, with the batch size and the
+            sequence capacity dynamic (no recompilation for a new prompt length or batch size), from
+            Inductor's on-disk caches in later processes. False: the step is captured as exported.
         guard: the accuracy guard's settings (runtime/accuracy_guard.py; default on), None when off.
     """
 
@@ -189,7 +193,7 @@ class CompileConfig:
     elastic: bool = True
     prefill_chunk: int = 2048
     progress: bool = True
-    compile_decode_step: bool = False
+    compile_decode_step: bool | None = None
     guard: GuardSettings | None = GuardSettings()
 
     @classmethod
@@ -230,9 +234,9 @@ class CompileConfig:
         progress = options.pop("progress", True)
         if not isinstance(progress, bool):
             raise TypeError(f"progress must be True or False; got {progress!r}")
-        compile_decode_step = options.pop("compile_decode_step", False)
-        if not isinstance(compile_decode_step, bool):
-            raise TypeError(f"compile_decode_step must be True or False; got {compile_decode_step!r}")
+        compile_decode_step = options.pop("compile_decode_step", None)
+        if compile_decode_step is not None and not isinstance(compile_decode_step, bool):
+            raise TypeError(f"compile_decode_step must be True, False or None (None: on CUDA); got {compile_decode_step!r}")
         guard = resolve_guard(options.pop("guard", DEFAULT_GUARD))
         if options:
             raise TypeError(

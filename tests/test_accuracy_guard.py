@@ -5,9 +5,10 @@ import torch
 
 import specontext
 from specontext_compiler.config import GuardSettings
+from specontext_compiler.runtime.accuracy_guard import AccuracyGuard
 from specontext_compiler.retrieval import StreamingLLM
 from test_cuda_graph_decode import poisoned  # noqa: F401 (a fixture: unwritten positions hold NaN)
-from tiny_models import padded_batch, tiny_model
+from tiny_models import padded_batch, peaked_llama, tiny_model
 
 GENERATE = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
 
@@ -25,15 +26,15 @@ class OldestTokens(StreamingLLM):
 
 
 def compile_missing(guard, **options):
-    # No sinks, no window, 4 of ~40 tokens: a tiny random model spreads its attention far wider than that.
-    return specontext.compile(tiny_model("llama"), "1GB", token_budget=5, sink_tokens=0, local_window=0,
+    # No sinks, no window, 4 of ~40 tokens, the oldest: far from the tokens the peaked attention picks.
+    return specontext.compile(peaked_llama(), "1GB", token_budget=5, sink_tokens=0, local_window=0,
                               draft=OldestTokens(), offload="none", progress=False, guard=guard, **options)
 
 
 @pytest.mark.parametrize("decode_mode", ["eager", "fixed"])
 def test_guard_restores_the_dense_tokens_of_a_head_that_misses(decode_mode, poisoned):
     ids, mask = padded_batch(96, [40, 33], seed=5)
-    dense = specontext.compile(tiny_model("llama"), "1GB", token_budget=None, progress=False)
+    dense = specontext.compile(peaked_llama(), "1GB", token_budget=None, progress=False)
     expected = dense.generate(ids, attention_mask=mask, **GENERATE)
     unguarded = compile_missing(False)
     unguarded.engine.decode_mode = decode_mode
@@ -75,19 +76,41 @@ def test_guard_keeps_a_selection_that_covers_the_attention():
     budget covers more than a low threshold: no trigger, the sparse tokens stay."""
     ids, mask = padded_batch(96, [40, 33], seed=5)
     oracle = specontext.compile(tiny_model("llama"), "1GB", token_budget=30, selection="oracle", offload="none",
-                                progress=False, guard=GuardSettings(threshold=0.05, check_every=1))
+                                progress=False, guard=GuardSettings(threshold=0.9, check_every=1))
     sparse = specontext.compile(tiny_model("llama"), "1GB", token_budget=30, selection="oracle", offload="none",
                                 progress=False, guard=False)
     assert torch.equal(oracle.generate(ids, attention_mask=mask, **GENERATE),
                        sparse.generate(ids, attention_mask=mask, **GENERATE))
     assert oracle.stats["guard_triggers"] == 0 and oracle.stats["guard_checks"] == oracle.stats["steps"]
-    assert 0.05 < oracle.stats["guard_mean_coverage"] <= 1.0
+    assert 0.9 < oracle.stats["guard_min_coverage"] <= oracle.stats["guard_mean_coverage"] <= 1.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_coverage_is_one_minus_the_mass_the_best_selection_of_its_size_holds_and_it_misses(seed):
+    g = torch.Generator().manual_seed(seed)
+    batch, kv_heads, groups, length, dim, size = 2, 2, 3, 50, 8, 7
+    q = torch.randn(batch, kv_heads * groups, 1, dim, generator=g) * 3
+    keys = torch.randn(batch, kv_heads, length, dim, generator=g)
+    positions = torch.stack([torch.randperm(length, generator=g)[:size] for _ in range(batch * kv_heads)]).view(batch, kv_heads, size)
+    guard = AccuracyGuard(GuardSettings(), layer=0)
+    guard.measure(q, keys, 0.35, positions, None)
+    # Reference, float64: each query head's softmax, summed over its group, as the selection shares it.
+    logits = torch.einsum("bhd,btd->bht", q[:, :, 0].double().view(batch * kv_heads, groups, dim),
+                          keys.double().view(batch * kv_heads, length, dim)) * 0.35
+    mass = logits.softmax(-1).sum(1).view(batch, kv_heads, length)
+    best = mass.sort(-1, descending=True).values[..., :size].sum(-1)
+    missed = (best - mass.gather(2, positions).sum(-1)) / groups
+    torch.testing.assert_close(guard.coverage.double(), 1 - missed.mean(1), rtol=0, atol=1e-5)
+    # Attention spread evenly (equal keys): no selection of a given size holds less than the best one.
+    guard.coverage = None
+    guard.measure(q, keys[:, :, :1].expand(-1, -1, length, -1).contiguous(), 0.35, positions, None)
+    torch.testing.assert_close(guard.coverage, torch.ones(batch), rtol=0, atol=1e-5)
 
 
 def test_guard_replay_redoes_missed_steps():
     ids, _ = padded_batch(96, [40], seed=6)
     continuation = torch.randint(3, 96, (1, 12))
-    dense = specontext.compile(tiny_model("llama"), "1GB", token_budget=None, progress=False)
+    dense = specontext.compile(peaked_llama(), "1GB", token_budget=None, progress=False)
     guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=0, check_every=1))
     torch.testing.assert_close(guarded.replay(ids, continuation), dense.replay(ids, continuation))
 

@@ -159,8 +159,18 @@ def test_compile_decode_step_runs_the_fixed_shape_step_through_inductor(poisoned
     assert len(calls) == compiled.stats["fixed_shape_steps"] == 23
     assert torch.equal(tokens, expected)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # the whole step, one graph
+    assert compiled.stats["compile_seconds"] > 0
+    # Another batch size and another capacity (prompt + new tokens): the compiled step serves them as is.
+    ids, mask = padded_batch(96, [44, 31, 38], seed=5)
+    compiled.engine.decode_mode = "eager"
+    expected = compiled.generate(ids, attention_mask=mask, **{**GENERATE, "max_new_tokens": 17, "min_new_tokens": 17})
+    compiled.engine.decode_mode = "fixed"
+    counters.clear()
+    tokens = compiled.generate(ids, attention_mask=mask, **{**GENERATE, "max_new_tokens": 17, "min_new_tokens": 17})
+    assert torch.equal(tokens, expected) and compiled.stats["fixed_shape_steps"] == 16
+    assert not counters["frames"]["ok"] and compiled.stats["compile_seconds"] == 0  # nothing recompiled
 
 
 def test_compile_decode_step_must_be_a_bool():
-    with pytest.raises(TypeError, match="compile_decode_step must be True or False; got 'yes'"):
+    with pytest.raises(TypeError, match=r"compile_decode_step must be True, False or None \(None: on CUDA\); got 'yes'"):
         specontext.compile(tiny_model("llama"), "1GB", compile_decode_step="yes")

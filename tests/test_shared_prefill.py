@@ -6,20 +6,20 @@ import specontext
 from specontext_compiler.config import GuardSettings
 from specontext_compiler.evaluation.shared_prefill import DENSE, HeadChoice, Method, generate_each, replay_each
 from specontext_compiler.retrieval import OracleTopK, StreamingLLM, TargetLayerHead
-from tiny_models import padded_batch, tiny_model
+from tiny_models import padded_batch, peaked_llama, tiny_model
 
 GUARD = GuardSettings(threshold=0.6, check_every=1)
 
 
 def test_each_method_decodes_as_its_own_compiled_model_and_the_runtime_is_put_back():
-    model = tiny_model("llama")
+    model = peaked_llama()  # attention on a few tokens: a narrow selection can miss it (the guard then triggers)
     ids, _ = padded_batch(96, [40], seed=3)
     choice = HeadChoice({"head": TargetLayerHead(1), "streaming": StreamingLLM(), "oracle": OracleTopK()})
     compiled = specontext.compile(model, "1GB", token_budget=16, draft=choice, offload="none", progress=False, guard=GUARD)
     # Two guarded methods in a row: the first one's hold after its trigger must not leak into the second,
     # whose wide selection alone never triggers.
     methods = [DENSE, Method("head", 12), Method("streaming", 12), Method("oracle", 12), Method("head", 6, True),
-               Method("head", 36, True)]
+               Method("head", 45, True)]
     stats = {}
     out = generate_each(compiled, choice, ids, methods, 10, stats)
     guard_keys = ("guard_checks", "guard_triggers", "guard_dense_steps")

@@ -3,10 +3,15 @@
 The retrieval head ranks the context before layer 0 of a step runs, from what it saw of earlier steps;
 nothing in the selection itself says whether it found what the step's queries attend to. The guard
 measures it exactly, on one layer: at the guard layer (resident on the GPU) the step's own query is
-softmaxed over *every* stored key of that layer, and the share of that attention mass falling on the
-selected positions (and the new token) is the step's **coverage**, per sequence (averaged over KV heads,
-the group's query heads summed as the selection shares them). It reads one layer's keys per step (not
-its values): 1/num_layers of the K cache, no more than the draft-free head reads to score.
+softmaxed over *every* stored key of that layer; the attention mass that the best selection of the same
+size (that layer's own top-k) holds and the step's selection (with the new token) does not is what the
+selection **missed**, and one minus it is the step's **coverage**, per sequence (averaged over KV heads,
+the group's query heads' mass averaged as the selection shares them). Measured against the best
+selection rather than against all of the mass, because how much mass a few tokens can hold depends on
+how concentrated the attention is: a layer that attends almost uniformly (random weights, or a prompt
+with nothing to find) leaves any selection of 6% of the context with about 6% of the mass, which is the
+token budget's choice, not a miss of the selection that a dense redo should fix. It reads one layer's keys per step (not its
+values): 1/num_layers of the K cache, no more than the draft-free head reads to score.
 
 When any sequence's coverage falls below ``threshold``, the engine rolls the step back (the transaction
 that out-of-memory recovery uses) and runs it again attending densely, then attends densely for
@@ -72,14 +77,18 @@ class AccuracyGuard:
     def measure(self, q: torch.Tensor, keys: torch.Tensor, scale: float, positions: torch.Tensor,
                 key_valid: torch.Tensor | None, counted: torch.Tensor | None = None, out: torch.Tensor | None = None):
         """Coverage of the guard layer's attention by ``positions`` [B, Hkv, N] (the selection and the new
-        token), q [B, Hq, 1, D] over ``keys`` [B, Hkv, T, D] (every stored token, the new one included);
+        token), one minus the mass its top-N holds and they miss; q [B, Hq, 1, D] over ``keys`` [B, Hkv, T, D] (every stored token, the new one included);
         ``counted`` bool like positions (False: a padding entry); writes ``out`` [B] in place if given."""
-        groups = q.shape[1] // keys.shape[1]
         mass = group_probabilities(q[:, :, -1], keys, scale, key_valid)  # [B, Hkv, T]
         picked = mass.gather(2, positions)
         if counted is not None:
             picked = picked * counted
-        coverage = (picked.sum(-1) / groups).mean(1)
+        # Against the best selection of the same size (the layer's own top-k): what a selection can cover
+        # depends on how concentrated the attention is, which differs between models, layers and prompts.
+        best = mass.topk(min(positions.shape[-1], mass.shape[-1]), dim=-1, sorted=False).values.sum(-1)
+        groups = q.shape[1] // keys.shape[1]
+        missed = ((best - picked.sum(-1)) / groups).clamp_min(0.0)  # per KV group, in attention mass
+        coverage = 1.0 - missed.mean(1)
         if out is None:  # eager steps: the lowest since the last check
             self.coverage = coverage if self.coverage is None else torch.minimum(self.coverage, coverage)
         else:  # fixed-shape steps: a buffer the captured step lowers in place, reset after each check

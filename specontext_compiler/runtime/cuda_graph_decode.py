@@ -77,6 +77,10 @@ class StaticDecodeRuntime:
         self._prefetched: set[int] = set()
         self._events: dict[int, torch.cuda.Event] = {}
         self._side: torch.cuda.Stream | None = None
+        # Timing of the compute stream's waits on the loads (``GenerationEngine.time_graph_waits``): events
+        # around each wait, recorded as graph nodes (external), so each replay times its own waits.
+        self.time_waits = False
+        self._wait_events: dict[int, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
         # The accuracy guard's coverage, written in place by every step (the engine reads it after each).
         self.guard = runtime.guard if runtime.guard is not None and runtime.guard.layer is not None else None
         self.guard_coverage = torch.ones(0, device=device)
@@ -162,7 +166,22 @@ class StaticDecodeRuntime:
 
     def wait(self, layer: int) -> None:
         if self.store.is_offloaded(layer) and self._side is not None:
-            torch.cuda.current_stream(self.position.device).wait_event(self._events[layer])  # join back
+            stream = torch.cuda.current_stream(self.position.device)
+            if not self.time_waits:
+                stream.wait_event(self._events[layer])  # join back
+                return
+            timing = self._wait_events.setdefault(layer, tuple(
+                torch.cuda.Event(enable_timing=True, external=True) for _ in range(2)))
+            timing[0].record(stream)
+            stream.wait_event(self._events[layer])
+            timing[1].record(stream)
+
+    def wait_ms(self) -> float | None:
+        """The compute stream's stall on loads in the last step run (ms, all offloaded layers), when timed."""
+        if not self._wait_events:
+            return None
+        torch.cuda.synchronize(self.position.device)
+        return sum(start.elapsed_time(end) for start, end in self._wait_events.values())
 
     def join_side_stream(self) -> None:
         """The current stream waits for every load queued on the side stream so far. After a step that

@@ -153,6 +153,9 @@ class GenerationEngine:
         self.fixed_shape_abandoned = False
         self.abandoned_fixed_shape_steps = 0
         self.compile_seconds = 0.0  # this generate's calls of the compiled step that (re)compiled it
+        # Time the compute stream's waits on loads inside fixed-shape steps (benchmarks; ``stats``
+        # ``graph_prefetch_wait_ms``: the last step's).
+        self.time_graph_waits = False
 
     # -- prefill --------------------------------------------------------------------------------------
     def run_chunks(self, step: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_all: bool) -> torch.Tensor:
@@ -244,10 +247,18 @@ class GenerationEngine:
         """Fixed-shape decode steps through Inductor: it fuses the elementwise operators between the matrix
         products (8B at 32K on an H200: ~1,400 kernels per step down to ~520, 6.9 -> 4.9 ms; docs/benchmarks.md),
         and coordinate-descent tuning picks the block sizes of the one-token matrix-vector kernels it
-        generates. Prefill and eager steps keep ``step``."""
+        generates. Prefill and eager steps keep ``step``.
+
+        The batch size and the capacity (the mask's width) are compiled as dynamic sizes from the first call,
+        so a new prompt length or batch size reuses the compiled code: one compilation for batch 1 (which
+        Dynamo specializes) and one for every larger batch. Inductor's caches on disk (FX graph, AOTAutograd,
+        autotuning) let a later process skip most of the work."""
         compiled = torch.compile(self.step, options={"coordinate_descent_tuning": True})
 
         def fixed_shape_step(**inputs):
+            for tensor in inputs.values():  # [B, 1] token and position, [B, capacity] mask
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            torch._dynamo.maybe_mark_dynamic(inputs["attention_mask"], 1)
             compiles = torch._dynamo.utils.counters["frames"]["ok"]
             started = time.perf_counter()
             # The selection's width is data-dependent to the tracer (an unbacked size, as at export): without
@@ -265,8 +276,10 @@ class GenerationEngine:
         if eligible(self.runtime, attention_mask.shape[1], capacity, self.sliding_windows) is not None:
             return None
         step = self.step if self.fixed_shape_step is None else self.fixed_shape_step
-        return GraphDecoder(step, self.runtime, attention_mask, capacity,
-                            use_graph=self.decode_mode == "graph" and self.device.type == "cuda")
+        decoder = GraphDecoder(step, self.runtime, attention_mask, capacity,
+                               use_graph=self.decode_mode == "graph" and self.device.type == "cuda")
+        decoder.static.time_waits = self.time_graph_waits
+        return decoder
 
     def _fixed_shape_step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position: torch.Tensor,
                           capacity: int) -> torch.Tensor | None:
@@ -399,6 +412,7 @@ class GenerationEngine:
                         logits = self.guarded_step(next_tokens[:, None], attention_mask, position)
                     decode_steps += 1
             finally:
+                graph_wait_ms = None if self.decoder is None else self.decoder.static.wait_ms()
                 if self.decoder is not None:  # the stored lengths catch up with the steps that ran
                     self.decoder.finish()
             _synchronize(self.device)
@@ -433,6 +447,7 @@ class GenerationEngine:
             "fixed_shape_abandoned": self.fixed_shape_abandoned,
             "graph_capture_seconds": 0.0 if self.decoder is None else self.decoder.capture_seconds,
             "compile_seconds": self.compile_seconds,
+            **({} if graph_wait_ms is None else {"graph_prefetch_wait_ms": graph_wait_ms}),
             **({"guard": False} if self.runtime.guard is None else self.runtime.guard.stats()),
         }
         logger.info(
