@@ -60,7 +60,7 @@ def test_guard_holds_dense_then_selects_again():
 
 
 @pytest.mark.parametrize("decode_mode", ["eager", "fixed"])
-def test_guard_reads_every_n_steps_the_lowest_coverage_since_the_last_read(decode_mode):
+def test_guard_measures_and_reads_one_step_in_n(decode_mode):
     ids, mask = padded_batch(96, [40, 33], seed=5)
     guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=0, check_every=4))
     guarded.engine.decode_mode = decode_mode

@@ -10,8 +10,14 @@ the group's query heads' mass averaged as the selection shares them). Measured a
 selection rather than against all of the mass, because how much mass a few tokens can hold depends on
 how concentrated the attention is: a layer that attends almost uniformly (random weights, or a prompt
 with nothing to find) leaves any selection of 6% of the context with about 6% of the mass, which is the
-token budget's choice, not a miss of the selection that a dense redo should fix. It reads one layer's keys per step (not its
-values): 1/num_layers of the K cache, no more than the draft-free head reads to score.
+token budget's choice, not a miss of the selection that a dense redo should fix. It reads one layer's
+keys (not its values), 1/num_layers of the K cache, and takes a top-k over them.
+
+It measures one step in ``check_every``, the step after which the host reads the coverage (a read makes
+the host wait for the GPU): on an H200 at 32K the measurement takes 0.27 ms at batch 1, 5% of a decode
+step, so measuring every step would cost that much; measured one step in 8, the guard samples the
+selection's quality and still notices a selection that keeps missing. In fixed-shape decode the
+measured steps replay a CUDA graph of their own.
 
 When any sequence's coverage falls below ``threshold``, the engine rolls the step back (the transaction
 that out-of-memory recovery uses) and runs it again attending densely, then attends densely for
@@ -97,12 +103,13 @@ class AccuracyGuard:
 
     @property
     def check_due(self) -> bool:
-        """Whether the host reads the coverage after the next step (every ``check_every`` steps)."""
+        """Whether the next step is measured and the host reads its coverage after it (every
+        ``check_every`` steps)."""
         return self._since_check + 1 >= self.settings.check_every
 
     def missed(self) -> bool:
-        """After each step: on a check step, whether the lowest coverage since the last check fell below
-        the threshold (reads it on the host); between checks, False without reading anything."""
+        """After each step: on a check step, whether its coverage (the lowest over its measurements) fell
+        below the threshold (reads it on the host); between checks, False without reading anything."""
         self._since_check += 1
         # A replayed CUDA graph lowers the buffer without running this Python: read the buffer then.
         measured = self.coverage if self.coverage is not None else self.buffer

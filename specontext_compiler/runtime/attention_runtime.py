@@ -358,7 +358,7 @@ class AttentionRuntime:
         valid = None if key_valid is None else key_valid[:, None, :].expand(batch, kv_heads, -1).gather(2, positions)
         if self.measure_recall:
             self._record_recall(layer, q, keys, positions, scale, key_valid)
-        if self.guard is not None and layer == self.guard.layer:
+        if self.guard is not None and layer == self.guard.layer and self.guard.check_due:
             self.guard.measure(q, keys, scale, positions, key_valid, valid)
         if on_triton_path(q):
             return triton_sparse_decode_attention(q[:, :, 0], keys, values, positions, scale=scale, valid=valid,

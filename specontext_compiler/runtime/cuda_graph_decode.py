@@ -81,9 +81,11 @@ class StaticDecodeRuntime:
         # around each wait, recorded as graph nodes (external), so each replay times its own waits.
         self.time_waits = False
         self._wait_events: dict[int, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
-        # The accuracy guard's coverage, written in place by every step (the engine reads it after each).
+        # The accuracy guard's coverage, written in place by the steps it measures (``measuring``: the ones
+        # the host reads it after; they replay a graph of their own).
         self.guard = runtime.guard if runtime.guard is not None and runtime.guard.layer is not None else None
         self.guard_coverage = torch.ones(0, device=device)
+        self.measuring = False
 
     def counters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The transfer counters the steps add to in place (bytes loaded, a full reload's bytes, kept)."""
@@ -92,6 +94,8 @@ class StaticDecodeRuntime:
     def begin(self, batch: int, kv_heads: int) -> None:
         """Before the first step: slot buffers and the in-place slot map for the offloaded layers."""
         store = self.store
+        if self.guard is not None:
+            self.guard_coverage = torch.ones(batch, device=self.position.device)
         if not store.offloaded:
             return
         shape = (batch, kv_heads, self.budget)
@@ -203,9 +207,7 @@ class StaticDecodeRuntime:
         keys, values = entry.key[:, :, : self.capacity], entry.value[:, :, : self.capacity]
         self.head.observe_static(layer, q, k, self.position)
         batch, kv_heads = k.shape[:2]
-        if self.guard is not None and layer == self.guard.layer:
-            if self.guard_coverage.shape[0] != batch:
-                self.guard_coverage = torch.ones(batch, device=q.device)  # the warm-up step allocates it
+        if self.measuring and layer == self.guard.layer:
             self.guard.measure(q, keys, scale, self.positions, self.with_new,
                                self.positions_valid, out=self.guard_coverage)
         if sliding_window and sliding_window < self.capacity:  # exceeded already (``eligible``): the window
@@ -293,8 +295,10 @@ class GraphDecoder:
         layer = runtime.store.layers[0]
         self.static.begin(batch, layer.key.shape[1])
         self.use_graph = use_graph
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
+        # Captured steps and their logits buffers, by whether the step measures the guard's coverage.
+        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[bool, torch.Tensor] = {}
+        self.warmed: set[bool] = set()
         self.steps = 0
         self.capture_seconds = 0.0
 
@@ -321,12 +325,13 @@ class GraphDecoder:
         self.runtime.store.flush_due()
         self.input_ids.copy_(tokens)
         self.position_ids.copy_(position_ids)
-        if self.static.guard is not None and self.static.guard.check_due:  # what undo_step puts back
-            # The transfers the step makes do happen: an undo keeps its counters.
+        measuring = self.static.measuring = self.static.guard is not None and self.static.guard.check_due
+        if measuring:  # what undo_step puts back; the transfers the step makes do happen: an undo keeps them
             self._before = step_transaction.begin_fixed_shape(self.static, counters=False)
-        if self.graph is not None:
-            self.graph.replay()
-            logits = self.logits
+        graph = self.graphs.get(measuring)
+        if graph is not None:
+            graph.replay()
+            logits = self.logits[measuring]
         else:
             logits = self._allocating_step()
         self.steps += 1
@@ -338,30 +343,41 @@ class GraphDecoder:
         """A step run eagerly at fixed shape (on a GPU, the first: it warms up) or captured and replayed."""
         before = step_transaction.begin_fixed_shape(self.static)
         try:
-            return self._run() if not self.use_graph or self.steps == 0 else self._capture_and_replay()
+            # The first step of each kind (measuring the guard's coverage or not) runs eagerly: it warms up
+            # what the capture records.
+            if not self.use_graph or self.static.measuring not in self.warmed:
+                self.warmed.add(self.static.measuring)
+                return self._run()
+            return self._capture_and_replay()
         except torch.OutOfMemoryError:
             # Keys, values and head keys written at the step's own position are rewritten by the retry.
             step_transaction.roll_back_fixed_shape(self.static, before)
-            self.graph = None
+            self.graphs.clear()
             raise
 
     def _capture_and_replay(self) -> torch.Tensor:
-        """Capture the step once (its kernels do not run then), and replay it: the step runs."""
+        """Capture the step once (its kernels do not run then), and replay it: the step runs. The steps that
+        measure the guard's coverage get a graph of their own, sharing the first graph's memory pool (one
+        of the two runs at a time)."""
         started = time.perf_counter()
+        measuring = self.static.measuring
         side = torch.cuda.Stream(self.position.device)
         side.wait_stream(torch.cuda.current_stream(self.position.device))
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=side):
+        graph = torch.cuda.CUDAGraph()
+        pool = next(iter(self.graphs.values())).pool() if self.graphs else None
+        with torch.cuda.graph(graph, pool=pool, stream=side):
             try:
-                self.logits = self._run()
+                self.logits[measuring] = self._run()
             except torch.OutOfMemoryError:
                 self.static.join_side_stream()  # else ending the capture fails, and hides this error
                 raise
         torch.cuda.current_stream(self.position.device).wait_stream(side)
-        self.capture_seconds = time.perf_counter() - started  # capture runs no kernel: no sync needed
-        logger.info("captured a decode step: batch %d, %d positions", self.input_ids.shape[0], self.mask.shape[1])
-        self.graph.replay()
-        return self.logits
+        self.graphs[measuring] = graph
+        self.capture_seconds += time.perf_counter() - started  # capture runs no kernel: no sync needed
+        logger.info("captured a decode step: batch %d, %d positions%s", self.input_ids.shape[0], self.mask.shape[1],
+                    ", measuring the guard's coverage" if measuring else "")
+        graph.replay()
+        return self.logits[measuring]
 
     def guard_missed(self) -> bool:
         """Whether the accuracy guard finds that the step just run missed (reads its coverage)."""
@@ -394,4 +410,4 @@ class GraphDecoder:
             prefetcher.full_reload_rows = prefetcher.full_reload_rows + static.full_reload_bytes
             prefetcher.kept = prefetcher.kept + static.kept
             prefetcher.selected += static.selections * (self.steps - int(static.started_empty))
-        self.graph = None
+        self.graphs.clear()
