@@ -174,3 +174,16 @@ def test_compile_decode_step_runs_the_fixed_shape_step_through_inductor(poisoned
 def test_compile_decode_step_must_be_a_bool():
     with pytest.raises(TypeError, match=r"compile_decode_step must be True, False or None \(None: on CUDA\); got 'yes'"):
         specontext.compile(tiny_model("llama"), "1GB", compile_decode_step="yes")
+
+
+def test_a_longer_generate_after_a_shorter_one_decodes_at_fixed_shape_throughout():
+    # The KV buffers kept from the shorter call hold the new prompt but not its new tokens: the store
+    # reallocates for the new reservation, or fixed-shape decode would refuse every step of the call.
+    compiled = specontext.compile(tiny_model("llama"), "1GB", token_budget=16, offload="none", local_window=4,
+                                  progress=False, guard=False)
+    compiled.engine.decode_mode = "fixed"
+    ids, mask = padded_batch(96, [40], seed=1)
+    for new_tokens in (20, 21, 30):
+        compiled.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, pad_token_id=0)
+        assert compiled.stats["fixed_shape_steps"] == compiled.stats["steps"] == new_tokens - 1

@@ -404,9 +404,14 @@ class KVStore:
         entry = self.layers[layer]
         batch, heads, new, _ = key.shape
         needed = (0 if entry is None else entry.length) + new
+        reserve = self._reserved_tokens
+        if layer not in self.offloaded:
+            reserve = self._layer_reserve.get(layer, reserve)
+        # A buffer kept from an earlier sequence serves this one only if it holds this one's reservation
+        # too: fixed-shape decode needs the whole sequence in the buffer it starts with.
         fits = (
             entry is not None
-            and entry.capacity >= needed
+            and entry.capacity >= max(needed, reserve)
             and entry.key.shape[:2] == (batch, heads)
             and entry.key.shape[3] == key.shape[3]
             and entry.value.shape[3] == value.shape[3]
@@ -419,9 +424,6 @@ class KVStore:
                 f"{tuple(entry.key.shape[:2])}: reset the store between sequences"
             )
         # The reservation exactly (the memory plan counts it); past it, whole chunks.
-        reserve = self._reserved_tokens
-        if layer not in self.offloaded:
-            reserve = self._layer_reserve.get(layer, reserve)
         capacity = reserve if needed <= reserve else self.grow_chunk * math.ceil(needed / self.grow_chunk)
         device = self.tier_device(layer)
         if layer in self.offloaded:
