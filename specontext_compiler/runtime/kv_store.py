@@ -6,12 +6,10 @@ Buffers are allocated once for the length the engine reserves (prompt + max new 
 in whole chunks, when a caller appends past the reservation: no per-step allocation, no torch.cat, no
 per-step pinning.
 
-An offloaded layer also keeps on the compute device (its :class:`FastTier`):
-
-* a ring of its most recent ``window`` tokens (position p at p % window): the recent window is
-  attended every step, so it is served from there, never over PCIe;
-* slot buffers [B, Hkv, S + 2, D]: S slots for the selected tokens (filled by elastic loading), one
-  scratch slot (index S) for padded no-op loads, and the new token's row (index S + 1).
+An offloaded layer also keeps, on the compute device, a ring of its recent tokens and the slots of the
+step's selection: its :class:`~.host_tier.HostTier`. A resident layer's buffer is all it has. Layers move
+from the GPU to host memory mid-sequence here too (:meth:`KVStore.advance_migration`,
+:meth:`KVStore.migrate_to_host`).
 """
 
 from __future__ import annotations
@@ -24,14 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from ..planning.memory_model import MIGRATION_CHUNK
+from .host_tier import HostTier, token_major
 from .slots import SlotMap
 
 logger = logging.getLogger(__name__)
-
-
-def token_major(kv: torch.Tensor) -> torch.Tensor:
-    """[B, Hkv, T, D] -> its [T, B, Hkv, D] view (contiguous for an offloaded layer's host buffer)."""
-    return kv.permute(2, 0, 1, 3)
 
 
 @dataclass
@@ -51,20 +45,6 @@ class LayerKV:
         """Bytes of the valid part (what a dense step reads)."""
         per_token = self.key[:, :, :1].nbytes + self.value[:, :, :1].nbytes
         return per_token * self.length
-
-
-@dataclass
-class FastTier:
-    """An offloaded layer's compute-device buffers: the recent-token ring and the slots."""
-
-    ring_key: torch.Tensor | None = None
-    ring_value: torch.Tensor | None = None
-    slot_key: torch.Tensor | None = None
-    slot_value: torch.Tensor | None = None
-
-    @property
-    def slots(self) -> int:
-        return 0 if self.slot_key is None else self.slot_key.shape[2] - 2
 
 
 class KVStore:
@@ -105,12 +85,10 @@ class KVStore:
         self.window = max(2, window)  # >= 2: the ring always serves the newest past token
         self.fill_value = fill_value
         self.offloaded = frozenset(offloaded)
-        self.fast: dict[int, FastTier] = {layer: FastTier() for layer in self.offloaded}
+        self.fast: dict[int, HostTier] = {layer: HostTier(self.window) for layer in self.offloaded}
         self.slot_map = SlotMap(elastic)  # what every offloaded layer's slots hold
         self.layers: list[LayerKV | None] = [None] * num_layers
         self._reserved_tokens = 0
-        self._ring_start = [0] * num_layers  # the oldest position each ring holds valid data for
-        self._flushed = [0] * num_layers  # positions [0, flushed) of an offloaded layer are in host memory
         self._staging: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._layer_reserve: dict[int, int] = {}  # resident layers sized for fewer tokens than the sequence
         # Layers on their way to host memory: (host K, host V, tokens copied, copy done on the side stream).
@@ -139,7 +117,7 @@ class KVStore:
             for layer in frozenset(offloaded) ^ self.offloaded:
                 self.layers[layer] = None
             self.offloaded = frozenset(offloaded)
-            self.fast = {layer: self.fast.get(layer, FastTier()) for layer in self.offloaded}
+            self.fast = {layer: self.fast.get(layer) or HostTier(self.window) for layer in self.offloaded}
             if not self.offloaded:
                 self._staging.clear()
         self._moving.clear()
@@ -147,8 +125,8 @@ class KVStore:
         self._host_buffers.clear()
         self._reserved_tokens = reserve_tokens
         self._layer_reserve = dict(resident_until or {})
-        self._ring_start = [0] * self.num_layers
-        self._flushed = [0] * self.num_layers
+        for tier in self.fast.values():
+            tier.restart()
         self.slot_map.reset()
         for layer in self.layers:
             if layer is not None:
@@ -166,8 +144,8 @@ class KVStore:
         for layer, (host_key, host_value, copied, done) in self._moving.items():
             self._moving[layer] = (host_key, host_value, min(copied, length), done)  # copy those rows again
         # Ring slots past `length` will be overwritten by different tokens: trust none of the ring.
-        self._ring_start = [length] * self.num_layers
-        self._flushed = [min(flushed, length) for flushed in self._flushed]
+        for tier in self.fast.values():
+            tier.restart(length)
         self.slot_map.reset()
 
     def length(self, layer: int) -> int:
@@ -188,44 +166,19 @@ class KVStore:
                 # into pinned memory is a single asynchronous DMA (readers are ordered after it).
                 token_major(entry.key)[start:end].copy_(key.permute(2, 0, 1, 3), non_blocking=True)
                 token_major(entry.value)[start:end].copy_(value.permute(2, 0, 1, 3), non_blocking=True)
-                self._flushed[layer] = end
-            elif self._flush_due(layer, start):  # decode: the new token stays in the ring
+                self.fast[layer].flushed = end
+            elif self.fast[layer].flush_due(start):  # decode: the new token stays in the ring
                 self.flush(layer)
-            self._write_ring(layer, key, value, start)
+            self.fast[layer].write_ring(key, value, start)
         else:
             entry.key[:, :, start:end].copy_(key)
             entry.value[:, :, start:end].copy_(value)
         entry.length = end
         return entry.key[:, :, :end], entry.value[:, :, :end]
 
-    def _write_ring(self, layer: int, key: torch.Tensor, value: torch.Tensor, start: int) -> None:
-        fast = self.fast[layer]
-        batch, heads, new, dim = key.shape
-        if fast.ring_key is None or fast.ring_key.shape[:2] != (batch, heads):  # both made, then kept (as slots)
-            fast.ring_key, fast.ring_value = (key.new_empty(batch, heads, self.window, dim),
-                                              value.new_empty(batch, heads, self.window, value.shape[3]))
-        keep = min(new, self.window)  # only the last `window` of the new tokens can stay
-        if new == 1:  # a decode step: one row, no index tensor
-            fast.ring_key[:, :, start % self.window].copy_(key[:, :, 0])
-            fast.ring_value[:, :, start % self.window].copy_(value[:, :, 0])
-        else:
-            positions = torch.arange(start + new - keep, start + new, device=key.device) % self.window
-            fast.ring_key.index_copy_(2, positions, key[:, :, new - keep:])
-            fast.ring_value.index_copy_(2, positions, value[:, :, new - keep:])
-        self._ring_holds_up_to(layer, start + new)
-
-    def _ring_holds_up_to(self, layer: int, end: int) -> None:
-        """The ring now holds tokens up to ``end``: its oldest valid position moves along."""
-        self._ring_start[layer] = max(self._ring_start[layer], end - self.window)
-
-    def _flush_due(self, layer: int, stored: int) -> bool:
-        """Whether the ring's tokens not yet in host memory (of ``stored``) go there now: every window/2
-        steps, in one copy, long before the ring overwrites them."""
-        return stored - self._flushed[layer] >= max(1, self.window // 2)
-
     def ring_start(self, layer: int) -> int:
         """The oldest position the layer's ring holds valid data for."""
-        return self._ring_start[layer]
+        return self.fast[layer].ring_start
 
     def advance_in_place(self) -> None:
         """A fixed-shape decode step (runtime/cuda_graph_decode.py) wrote one token per layer in place (a
@@ -234,30 +187,20 @@ class KVStore:
         for layer, entry in enumerate(self.layers):
             entry.length += 1
             if layer in self.offloaded:
-                self._ring_holds_up_to(layer, entry.length)
+                self.fast[layer].holds_up_to(entry.length)
 
     def flush_due(self) -> None:
         """Move offloaded layers' ring rows to host memory on the schedule :meth:`append` keeps (every
         window/2 tokens, long before the ring overwrites them)."""
         for layer in self.offloaded:
-            if self._flush_due(layer, self.layers[layer].length):
+            if self.fast[layer].flush_due(self.layers[layer].length):
                 self.flush(layer)
 
     def flush(self, layer: int) -> None:
         """Copy an offloaded layer's tokens that only its ring holds to host memory (asynchronously)."""
         entry = self.layers[layer]
-        start, end = self._flushed[layer], 0 if entry is None else entry.length
-        if entry is None or start >= end:
-            return
-        fast = self.fast[layer]
-        position = start
-        while position < end:  # at most two contiguous runs of the ring
-            row = position % self.window
-            count = min(end - position, self.window - row)
-            for ring, host in ((fast.ring_key, entry.key), (fast.ring_value, entry.value)):
-                token_major(host)[position:position + count].copy_(token_major(ring)[row:row + count], non_blocking=True)
-            position += count
-        self._flushed[layer] = end
+        if entry is not None:
+            self.fast[layer].flush(entry.key, entry.value, entry.length)
 
     def staged(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored K/V of an offloaded layer on its compute device, as [B, Hkv, L, D] views (dense
@@ -323,7 +266,7 @@ class KVStore:
             # At once: on the compute stream, which waits for the copy anyway and can reuse the blocks it
             # caches (a side stream's first allocation needs a new segment: none is left after an OOM).
             self.advance_migration(layer, None, steps_left=1)
-        fast = FastTier()
+        fast = HostTier(self.window)
         if entry is None or entry.length == 0:
             self._switch_to_host(layer, fast)
             self.layers[layer] = None  # nothing stored yet: the next append allocates host memory
@@ -339,23 +282,15 @@ class KVStore:
         self._copy_to_host(entry, host_key, host_value, copied, length)  # the few newest, on this stream
         # The ring: the newest tokens at position % window, trusted no further back than the other
         # offloaded layers' rings (one source mask serves every offloaded layer).
-        batch, heads, _, dim = entry.key.shape
-        others = [self._ring_start[o] for o in self.offloaded if self.layers[o] is not None]
-        first = max([length - self.window] + others + [0])
-        positions = torch.arange(first, length, device=device) % self.window
-        fast.ring_key = entry.key.new_empty(batch, heads, self.window, dim)
-        fast.ring_value = entry.value.new_empty(batch, heads, self.window, entry.value.shape[3])
-        fast.ring_key.index_copy_(2, positions, entry.key[:, :, first:length])
-        fast.ring_value.index_copy_(2, positions, entry.value[:, :, first:length])
+        others = [self.fast[o].ring_start for o in self.offloaded if self.layers[o] is not None]
+        fast.fill_ring(entry.key, entry.value, max([length - self.window] + others + [0]), length)
         del self._moving[layer]
         self._switch_to_host(layer, fast)
-        self._ring_start[layer] = first
-        self._flushed[layer] = length
         self.layers[layer] = LayerKV(host_key.permute(1, 2, 0, 3), host_value.permute(1, 2, 0, 3), length)
         self.unloaded_slots.add(layer)
         logger.info("layer %d: KV of %d tokens moved to host memory", layer, length)
 
-    def _switch_to_host(self, layer: int, fast: FastTier) -> None:
+    def _switch_to_host(self, layer: int, fast: HostTier) -> None:
         self._layer_reserve.pop(layer, None)
         self._host_buffers.pop(layer, None)
         self.offloaded = self.offloaded | {layer}
@@ -381,24 +316,15 @@ class KVStore:
             host_key[begin:stop].copy_(entry.key[:, :, begin:stop].permute(2, 0, 1, 3), non_blocking=True)
             host_value[begin:stop].copy_(entry.value[:, :, begin:stop].permute(2, 0, 1, 3), non_blocking=True)
 
-    def ensure_slots(self, layer: int, slots: int) -> FastTier:
+    def ensure_slots(self, layer: int, slots: int) -> HostTier:
         """Slot buffers of at least ``slots`` slots for an offloaded layer (grown, contents dropped)."""
-        fast = self.fast[layer]
-        entry = self.layers[layer]
-        if fast.slot_key is None or fast.slots < slots or fast.slot_key.shape[:2] != entry.key.shape[:2]:
-            device = self.devices[layer]
-            batch, heads = entry.key.shape[:2]
-            # Filled once, never left as garbage: attention masks unused slots, but 0 x NaN is still NaN.
-            # Both made before either is kept: running out of memory in between leaves the old pair.
-            key = torch.full((batch, heads, slots + 2, entry.key.shape[3]), self.fill_value, dtype=self.dtype, device=device)
-            value = torch.full((batch, heads, slots + 2, entry.value.shape[3]), self.fill_value, dtype=self.dtype, device=device)
-            fast.slot_key, fast.slot_value = key, value
+        fast, entry = self.fast[layer], self.layers[layer]
+        fast.ensure_slots(entry.key, entry.value, slots, self.devices[layer], self.fill_value)
         return fast
 
     def ring_holds(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
         """Bool mask: which of ``positions`` the layer's recent ring holds."""
-        # The oldest row is left out: the step's own token is about to overwrite it in the ring.
-        return positions >= max(self._ring_start[layer], self.layers[layer].length - self.window + 1)
+        return self.fast[layer].ring_holds(positions, self.layers[layer].length)
 
     def _ensure_capacity(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> LayerKV:
         entry = self.layers[layer]
@@ -464,7 +390,5 @@ class KVStore:
             for index, layer in enumerate(self.layers)
             if layer is not None and index not in self.offloaded
         )
-        for fast in self.fast.values():
-            for tensor in (fast.ring_key, fast.ring_value, fast.slot_key, fast.slot_value):
-                total += 0 if tensor is None else tensor.nbytes
+        total += sum(fast.device_bytes() for fast in self.fast.values())
         return total + sum(k.nbytes + v.nbytes for k, v in self._staging.values())
