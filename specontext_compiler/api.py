@@ -46,7 +46,9 @@ def compile(
             layers load only what each step's selection adds); ``prefill_chunk`` (new tokens per prefill
             step, default 2048); ``progress`` (prefill bar); ``compile_decode_step`` (default None: on CUDA
             devices the fixed-shape decode step goes through Inductor before its CUDA graph, faster steps
-            for a minute of compilation per process and batch kind, 1 or more; False: captured as exported).
+            for a minute of compilation per process and batch kind, 1 or more; False: captured as exported);
+            ``cuda_graph`` (default None: fixed-shape decode steps replayed from a CUDA graph on CUDA
+            devices; False: every decode step eager).
 
     Returns:
         A :class:`SpeContextModel` with ``generate`` and ``__call__`` like the HF model.
@@ -54,6 +56,7 @@ def compile(
     config = CompileConfig.from_arguments(budget, token_budget, **options)
     check_supported(model)
     check_offload_layers(config.offload, model.config.num_hidden_layers)
+    check_cuda_graph(config, model.get_input_embeddings().weight.device)
     weights = weight_bytes(model)
     if weights > config.budget_bytes:
         raise ValueError(
@@ -61,6 +64,11 @@ def compile(
             f"plus its KV cache; budget is {format_bytes(config.budget_bytes)}"
         )
     return SpeContextModel(model, config)
+
+
+def check_cuda_graph(config: CompileConfig, device: torch.device) -> None:
+    if config.cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device; the model runs on {device}")
 
 
 class SpeContextModel:
@@ -128,6 +136,9 @@ class SpeContextModel:
             self.step.program.module(), self.runtime, self.device, config.prefill_chunk, config.progress,
             self.kv_bytes_per_token, self.memory, {info.layer: info.sliding_window for info in self.layers if info.sliding_window},
         )
+        check_cuda_graph(config, self.device)
+        if config.cuda_graph is False:
+            self.engine.decode_mode = "eager"
         if config.compile_decode_step or (config.compile_decode_step is None and self.device.type == "cuda"):
             self.engine.compile_fixed_shape_step()
 

@@ -292,25 +292,27 @@ TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special
 
 
 def load(path: str | Path, device: str | torch.device | None = None, budget: int | str | None = None,
-         compile_decode_step: bool | None = None):
+         compile_decode_step: bool | None = None, cuda_graph: bool | None = None):
     """A runnable compiled model (``generate``, ``replay``) from an artifact written by :func:`export`.
 
     ``device``: where to run (default: the device it was exported on, or the CPU if that is a GPU this
     machine lacks); ``budget``: the GPU memory budget (default: the exported one). The memory plan is
-    made for them. ``compile_decode_step``: as :func:`specontext.compile`'s (a choice of this process,
-    not stored in the artifact). The model's tokenizer, if exported, is ``.tokenizer``.
+    made for them. ``compile_decode_step``, ``cuda_graph``: as :func:`specontext.compile`'s (choices of
+    this process, not stored in the artifact). The model's tokenizer, if exported, is ``.tokenizer``.
     """
-    if compile_decode_step is not None and not isinstance(compile_decode_step, bool):
-        raise TypeError(f"compile_decode_step must be True, False or None (None: on CUDA); got {compile_decode_step!r}")
+    for name, value in (("compile_decode_step", compile_decode_step), ("cuda_graph", cuda_graph)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be True, False or None (None: on CUDA); got {value!r}")
     path = Path(path)
     manifest, files = _open_checked(path)
     with contextlib.ExitStack() as stack:
         for handle in files.values():
             stack.callback(handle.close)
-        return _load_checked(path, manifest, files, device, budget, compile_decode_step)
+        return _load_checked(path, manifest, files, device, budget, compile_decode_step, cuda_graph)
 
 
-def _load_checked(path: Path, manifest: dict, files: dict[str, BinaryIO], device, budget, compile_decode_step: bool | None):
+def _load_checked(path: Path, manifest: dict, files: dict[str, BinaryIO], device, budget, compile_decode_step: bool | None,
+                  cuda_graph: bool | None):
     from transformers import AutoConfig, GenerationConfig
 
     from .api import SpeContextModel
@@ -354,7 +356,7 @@ def _load_checked(path: Path, manifest: dict, files: dict[str, BinaryIO], device
             offload=options["offload"] if isinstance(options["offload"], str) else tuple(options["offload"]),
             elastic=options["elastic"], prefill_chunk=options["prefill_chunk"],
             guard=_guard_option(options.get("guard", False)),
-            compile_decode_step=compile_decode_step,
+            compile_decode_step=compile_decode_step, cuda_graph=cuda_graph,
         )
     except (ValueError, TypeError, RuntimeError) as error:
         raise ArtifactError(path / "options.json", str(error)) from None

@@ -87,7 +87,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be a positive number of tokens; got {args.max_new_tokens}")
     if (Path(args.model) / "manifest.json").is_file():  # an exported artifact (specontext export)
         _device_and_dtype(args)
-        fast = specontext.load(args.model, device=args.device, budget=args.budget, compile_decode_step=args.compile_step)
+        fast = specontext.load(args.model, device=args.device, budget=args.budget, compile_decode_step=args.compile_step, cuda_graph=args.cuda_graph)
         tokenizer = fast.tokenizer
         if tokenizer is None:
             raise ValueError(f"artifact {args.model!r} was exported without a tokenizer; export it with one")
@@ -166,7 +166,7 @@ def _compile(args: argparse.Namespace):
     offload = args.offload if args.offload in ("auto", "none", "all") else _layers(args.offload)
     _device_and_dtype(args)
     options = dict(token_budget=args.token_budget, offload=offload, prefill_chunk=args.prefill_chunk,
-                   compile_decode_step=args.compile_step)
+                   compile_decode_step=args.compile_step, cuda_graph=args.cuda_graph)
     CompileConfig.from_arguments(args.budget, **options)  # bad options fail here, before the model loads
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     return specontext.compile(model, args.budget, **options), tokenizer
@@ -214,6 +214,8 @@ def _add_compile_arguments(parser: argparse.ArgumentParser, model_help: str) -> 
     parser.add_argument("--compile-step", action=argparse.BooleanOptionalAction, default=None,
                         help="compile the decode step with Inductor before its CUDA graph (default: on CUDA; faster "
                              "steps, ~1 min to compile); --no-compile-step captures it as exported")
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                        help="replay decode steps from a CUDA graph (default: on CUDA); --no-cuda-graph runs them eagerly")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -179,6 +179,9 @@ class CompileConfig:
             ``compile_seconds``) for batch 1 and one for every larger batch, with the batch size and the
             sequence capacity dynamic (no recompilation for a new prompt length or batch size), from
             Inductor's on-disk caches in later processes. False: the step is captured as exported.
+        cuda_graph: replay fixed-shape decode steps from a CUDA graph (None, the default: on CUDA devices;
+            False: every decode step runs eagerly, e.g. to debug or profile op by op; True needs a CUDA
+            device).
         guard: the accuracy guard's settings (runtime/accuracy_guard.py; default on), None when off.
     """
 
@@ -194,6 +197,7 @@ class CompileConfig:
     prefill_chunk: int = 2048
     progress: bool = True
     compile_decode_step: bool | None = None
+    cuda_graph: bool | None = None
     guard: GuardSettings | None = GuardSettings()
 
     @classmethod
@@ -237,12 +241,15 @@ class CompileConfig:
         compile_decode_step = options.pop("compile_decode_step", None)
         if compile_decode_step is not None and not isinstance(compile_decode_step, bool):
             raise TypeError(f"compile_decode_step must be True, False or None (None: on CUDA); got {compile_decode_step!r}")
+        cuda_graph = options.pop("cuda_graph", None)
+        if cuda_graph is not None and not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be True, False or None (None: on CUDA); got {cuda_graph!r}")
         guard = resolve_guard(options.pop("guard", DEFAULT_GUARD))
         if options:
             raise TypeError(
                 f"unknown option(s) {sorted(options)} for specontext.compile; accepted: token_budget, sink_tokens, "
                 "local_window, selection, draft, retrieval_layer, offload, elastic, prefill_chunk, progress, "
-                "compile_decode_step, guard"
+                "compile_decode_step, cuda_graph, guard"
             )
         return cls(
             budget_bytes=budget_bytes,
@@ -257,5 +264,6 @@ class CompileConfig:
             prefill_chunk=prefill_chunk,
             progress=progress,
             compile_decode_step=compile_decode_step,
+            cuda_graph=cuda_graph,
             guard=guard,
         )

@@ -103,6 +103,8 @@ CASES = [
     ("offload", "`offload=[7]` (2 layers)", compile_with("1GB", offload=[7]), ValueError, r"offload lists layers \[7\]; the model has layers 0..1"),
     ("option", "`compile(model, budget, windw=4)`", compile_with("1GB", windw=4), TypeError, r"unknown option\(s\) \['windw'\] for specontext.compile; accepted:"),
     ("option", '`compile_decode_step="yes"`', compile_with("1GB", compile_decode_step="yes"), TypeError, r"compile_decode_step must be True, False or None \(None: on CUDA\); got 'yes'"),
+    ("option", '`cuda_graph="yes"`', compile_with("1GB", cuda_graph="yes"), TypeError, r"cuda_graph must be True, False or None \(None: on CUDA\); got 'yes'"),
+    ("option", "`cuda_graph=True` on the CPU", compile_with("1GB", cuda_graph=True), ValueError, r"cuda_graph=True needs a CUDA device; the model runs on cpu"),
     ("model", "`compile(torch.nn.Linear(2, 2), budget)`", lambda: specontext.compile(torch.nn.Linear(2, 2), "1GB"), TypeError,
      r"needs a Hugging Face causal LM \(a transformers PreTrainedModel\), got Linear; supported families: Llama"),
     ("model", '`compile("llama", budget)`', lambda: specontext.compile("llama", "1GB"), TypeError, r"needs a Hugging Face causal LM .*got str; supported families"),

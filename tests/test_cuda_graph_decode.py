@@ -187,3 +187,13 @@ def test_a_longer_generate_after_a_shorter_one_decodes_at_fixed_shape_throughout
         compiled.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                           do_sample=False, pad_token_id=0)
         assert compiled.stats["fixed_shape_steps"] == compiled.stats["steps"] == new_tokens - 1
+
+
+def test_cuda_graph_false_decodes_every_step_eagerly():
+    # The compile option that turns fixed-shape (CUDA-graph) decode off, rather than setting engine.decode_mode.
+    default = specontext.compile(tiny_model("llama"), "1GB", token_budget=16, progress=False)
+    off = specontext.compile(tiny_model("llama"), "1GB", token_budget=16, progress=False, cuda_graph=False)
+    assert off.engine.decode_mode == "eager" and default.engine.decode_mode == ("graph" if torch.cuda.is_available() else "eager")
+    ids, mask = padded_batch(96, [40], seed=2)
+    off.generate(ids, attention_mask=mask, **GENERATE)
+    assert off.stats["fixed_shape_steps"] == 0
