@@ -364,6 +364,9 @@ class GraphDecoder:
         side = torch.cuda.Stream(self.position.device)
         side.wait_stream(torch.cuda.current_stream(self.position.device))
         graph = torch.cuda.CUDAGraph()
+        # Sharing the pool is safe here although the two replay in any order: no step reads another step's
+        # intermediates (state that outlives a step lives in buffers made outside the capture), and a step's
+        # logits, which the other graph's intermediates may overlap, are copied out before the next replay.
         pool = next(iter(self.graphs.values())).pool() if self.graphs else None
         with torch.cuda.graph(graph, pool=pool, stream=side):
             try:
