@@ -112,8 +112,8 @@ def main() -> None:
     choice = HeadChoice({name: variants[name]() for name in names})
     runs = [(name, False) for name in names] + [(name, True) for name in args.guard_heads]
     labels = [name + ("+guard" if guard else "") for name, guard in runs]
-    compiled = specontext.compile(model, "200GB", draft=choice, offload="none", guard=GuardSettings(threshold=args.guard_threshold, check_every=args.guard_check_every)
-                                  if args.guard_heads else False)
+    guard = GuardSettings(threshold=args.guard_threshold, check_every=args.guard_check_every) if args.guard_heads else False
+    compiled = specontext.compile(model, "200GB", draft=choice, offload="none", guard=guard)
     samples = ruler.suite(tokenizer, tasks, args.lengths, args.prompts, args.split, chat, args.first_prompt)
     rows = []
     started = time.perf_counter()

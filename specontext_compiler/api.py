@@ -10,7 +10,8 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .capture import CapturedStep, bound_data_dependent_sizes, check_supported, export_step, shadow_model
-from .config import DEFAULT_TOKEN_BUDGET, CompileConfig, GuardSettings, check_offload_layers, format_bytes
+from .config import (DEFAULT_TOKEN_BUDGET, CompileConfig, GuardSettings, check_cuda_graph, check_offload_layers,
+                     format_bytes)
 from .passes import attention_infos, default_passes, run_passes
 from .planning import kv_bytes_per_token, weight_bytes
 from .planning.memory_model import ModelShape
@@ -64,11 +65,6 @@ def compile(
             f"plus its KV cache; budget is {format_bytes(config.budget_bytes)}"
         )
     return SpeContextModel(model, config)
-
-
-def check_cuda_graph(config: CompileConfig, device: torch.device) -> None:
-    if config.cuda_graph and device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs a CUDA device; the model runs on {device}")
 
 
 class SpeContextModel:
@@ -136,7 +132,6 @@ class SpeContextModel:
             self.step.program.module(), self.runtime, self.device, config.prefill_chunk, config.progress,
             self.kv_bytes_per_token, self.memory, {info.layer: info.sliding_window for info in self.layers if info.sliding_window},
         )
-        check_cuda_graph(config, self.device)
         if config.cuda_graph is False:
             self.engine.decode_mode = "eager"
         if config.compile_decode_step or (config.compile_decode_step is None and self.device.type == "cuda"):

@@ -39,7 +39,7 @@ import torch
 from .artifact_head import HeadDescriptionError, head_description, head_from_description, is_int
 from .artifact_safety import UnsafeProgram, scan_program_archive
 from .capture import CapturedStep
-from .config import CompileConfig, format_bytes, parse_budget
+from .config import CompileConfig, check_cuda_graph, format_bytes, parse_budget
 
 logger = logging.getLogger(__name__)
 
@@ -369,6 +369,7 @@ def _load_checked(path: Path, manifest: dict, files: dict[str, BinaryIO], device
         raise ValueError(f"device={str(device)!r} but this machine has no CUDA device; accepted: 'cpu'")
     if device.type == "cuda" and device.index is None:  # the runtime keys streams by indexed device
         device = torch.device("cuda", torch.cuda.current_device())
+    check_cuda_graph(config, device)
     if options["weight_bytes"] > config.budget_bytes:
         raise ValueError(f"budget is too small: the model needs at least {format_bytes(options['weight_bytes'])} for "
                          f"its weights alone, plus its KV cache; budget is {format_bytes(config.budget_bytes)}")

@@ -75,6 +75,12 @@ def validate_token_budget(token_budget: int | float | None) -> int | float | Non
     return token_budget
 
 
+def check_cuda_graph(config: CompileConfig, device) -> None:
+    """``cuda_graph=True`` where the model does not run on CUDA: refused before any work (compile, load)."""
+    if config.cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device; the model runs on {device}")
+
+
 def check_offload_layers(offload: str | tuple[int, ...], layers: int) -> None:
     """A list of layers to offload must name layers the model has."""
     bad = [] if isinstance(offload, str) else [layer for layer in offload if layer >= layers]
@@ -114,8 +120,8 @@ class GuardSettings:
             selection of the same size (that layer's top-k) holds and a step's selection misses.
         hold_steps: dense steps after a trigger before selecting again.
         check_every: one step in ``check_every`` is measured and its coverage read on the host (a read
-            makes the host wait for the GPU, which costs a step's Python time at batch 1, and the measure
-            costs 5% of a step at 32K); a miss there redoes that step.
+            makes the host wait for the GPU, and the measurement is a few percent of a step at long
+            contexts; docs/benchmarks.md); a miss there redoes that step.
         layer: the guard layer; None: the retrieval head's (deepest) scoring layer, or the deepest of the
             draft-free head's default layers, moved to the nearest full-attention layer whose KV stays on
             the GPU.

@@ -14,10 +14,9 @@ token budget's choice, not a miss of the selection that a dense redo should fix.
 keys (not its values), 1/num_layers of the K cache, and takes a top-k over them.
 
 It measures one step in ``check_every``, the step after which the host reads the coverage (a read makes
-the host wait for the GPU): on an H200 at 32K the measurement takes 0.27 ms at batch 1, 5% of a decode
-step, so measuring every step would cost that much; measured one step in 8, the guard samples the
-selection's quality and still notices a selection that keeps missing. In fixed-shape decode the
-measured steps replay a CUDA graph of their own.
+the host wait for the GPU): the measurement is a few percent of a decode step at long contexts
+(docs/benchmarks.md), and sampling one step in 8 still notices a selection that keeps missing. In
+fixed-shape decode the measured steps replay a CUDA graph of their own.
 
 When any sequence's coverage falls below ``threshold``, the engine rolls the step back (the transaction
 that out-of-memory recovery uses) and runs it again attending densely, then attends densely for
@@ -83,8 +82,9 @@ class AccuracyGuard:
     def measure(self, q: torch.Tensor, keys: torch.Tensor, scale: float, positions: torch.Tensor,
                 key_valid: torch.Tensor | None, counted: torch.Tensor | None = None, out: torch.Tensor | None = None):
         """Coverage of the guard layer's attention by ``positions`` [B, Hkv, N] (the selection and the new
-        token), one minus the mass its top-N holds and they miss; q [B, Hq, 1, D] over ``keys`` [B, Hkv, T, D] (every stored token, the new one included);
-        ``counted`` bool like positions (False: a padding entry); writes ``out`` [B] in place if given."""
+        token): one minus the mass its top-N holds and they miss. q [B, Hq, 1, D] over ``keys`` [B, Hkv, T, D]
+        (every stored token, the new one included); ``counted`` bool like positions (False: a padding
+        entry); writes ``out`` [B] in place if given."""
         mass = group_probabilities(q[:, :, -1], keys, scale, key_valid)  # [B, Hkv, T]
         picked = mass.gather(2, positions)
         if counted is not None:
