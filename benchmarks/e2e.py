@@ -42,7 +42,7 @@ SYSTEMS = ("hf_eager", "hf_static_compile", "hf_offloaded", "specontext_80gb", "
            "specontext_80gb_offloaded", "specontext_24gb")
 TOKEN_BUDGET = 2048
 INDUCTOR = None  # compile_decode_step: None (the default: Inductor on CUDA), --inductor True, --no-inductor False
-SHORT = 3  # tokens of the shorter generate (prefill, the eager warm-up step, one replay)
+SHORT = 3  # tokens of the shorter generate without the guard (prefill, the eager warm-up step, one replay)
 GUARD = True  # --no-guard: the accuracy guard off
 TIME_WAITS = False  # --time-waits: time the compute stream's waits on loads inside graph steps
 BUDGET = "80GB"  # --budget: the specontext_80gb systems' budget (the name stays; "135GB" is what an H200 holds)
@@ -108,6 +108,29 @@ def run_hf(model, system: str, ids: torch.Tensor, new_tokens: int) -> dict:
 _COMPILED: dict = {}
 
 
+def difference_lengths(compiled, new_tokens: int) -> tuple[int, int]:
+    """Tokens of the shorter and the longer of two generates whose difference, per step, is the step time:
+    the shorter one already warms up and captures every kind of fixed-shape step the longer one runs (with
+    the guard: the steps that measure its coverage, one in ``check_every``, the first of which comes at
+    step ``check_every``), and they differ by a whole number of guard periods."""
+    guard = compiled.runtime.guard
+    if guard is None:
+        return SHORT, SHORT + new_tokens
+    every = guard.settings.check_every
+    short = 2 * every + 1  # prefill's token, then two measured steps: the kind's warm-up and its capture
+    return short, short + every * -(-new_tokens // every)
+
+
+def step_ms(short: dict, long: dict) -> float:
+    """Per-step time of the steps by which two generates' ``stats`` differ; refuses a pair whose
+    difference holds a warm-up or a capture (what happens once per call must cancel)."""
+    for key in ("graph_captures", "fixed_shape_steps_not_replayed"):
+        if short.get(key) != long.get(key):
+            raise RuntimeError(f"{key} differs between the two generates ({short.get(key)} vs {long.get(key)}): "
+                               "their difference is not replayed steps alone")
+    return 1e3 * (long["decode_seconds"] - short["decode_seconds"]) / (long["steps"] - short["steps"])
+
+
 def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> dict:
     import specontext
 
@@ -125,20 +148,22 @@ def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> di
         compiled.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
         return dict(compiled.stats)
 
-    warm = generate(new_tokens + SHORT)  # warm-up with both measured shapes (Triton and Inductor compile for them)
-    generate(SHORT)
-    short, stats = generate(SHORT), generate(new_tokens + SHORT)
+    short_tokens, long_tokens = difference_lengths(compiled, new_tokens)
+    warm = generate(long_tokens)  # warm-up with both measured shapes (Triton and Inductor compile for them)
+    generate(short_tokens)
+    short, stats = generate(short_tokens), generate(long_tokens)
     # A call at a length not seen before (another KV capacity): what a user pays for a new prompt length,
     # and whether it compiled kernels (entries added to Triton's and Inductor's caches on disk).
     caches = _cache_entries()
-    other = generate(new_tokens + 2 * SHORT + 1)
+    other = generate(long_tokens + 2 * SHORT + 1)
     after = _cache_entries()
     caches_added = {name: after[name] - count for name, count in caches.items()}
     # As for HF: the difference of two generates over the steps they differ by, so that what happens once
-    # per call (the first fixed-shape step, run eagerly as the warm-up, and the graph capture) cancels.
-    steps = stats["steps"] - short["steps"]
+    # per call (each kind of fixed-shape step's eager warm-up and graph capture) cancels.
     return {"prefill_seconds": stats["prefill_seconds"],
-            "ms_per_step": 1e3 * (stats["decode_seconds"] - short["decode_seconds"]) / steps,
+            "ms_per_step": step_ms(short, stats),
+            "generate_tokens": [short_tokens, long_tokens],
+            "graph_captures": stats["graph_captures"],
             "ms_per_step_with_capture": 1e3 * stats["decode_seconds"] / stats["steps"],
             "graph_capture_seconds": stats["graph_capture_seconds"],
             "compile_seconds_first_call": warm.get("compile_seconds", 0.0),

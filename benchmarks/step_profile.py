@@ -9,7 +9,7 @@ Three measurements on the Llama-3.1-8B shape (random bf16 weights, as in benchma
   token (the 32 layers' projections and the LM head), replayed from a CUDA graph; once with the
   separate projections of the HF model (q, k, v, o, gate, up, down) and once with q/k/v and gate/up
   concatenated. This is what cuBLAS makes of the weight bytes alone, the floor of any step.
-* **kernel table**: SpeContext's decode step at 32K (``specontext.compile(model, "80GB",
+* **kernel table**: SpeContext's decode step at 32K (``specontext.compile(model, "135GB",
   token_budget=2048)``), profiled with ``torch.profiler`` over two ``generate`` calls that differ only in
   their number of decode steps; the difference, per step, is the replayed step's kernels (prefill and
   capture cancel). Kernels are grouped by kind (matrix products, attention, selection, elementwise...).
@@ -32,7 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.e2e import TOKEN_BUDGET, _prompt, hbm_bandwidth, llama_8b_random
+from benchmarks.e2e import TOKEN_BUDGET, _prompt, difference_lengths, hbm_bandwidth, llama_8b_random, step_ms
 from benchmarks.results_file import write_results
 
 KINDS = (  # first match wins
@@ -111,16 +111,17 @@ def kernel_times(compiled, ids, new_tokens: int) -> dict:
     return dict(table)
 
 
-def profile_variant(compiled, ids, short: int, long: int) -> dict:
+def profile_variant(compiled, ids, new_tokens: int) -> dict:
     def generate(tokens: int) -> dict:
         compiled.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
         return dict(compiled.stats)
 
+    short, long = difference_lengths(compiled, new_tokens)
     generate(long)  # warm-up: Triton and Inductor compile for both shapes (Inductor recompiles
     generate(short)  # with a dynamic length at the second), so no compilation falls in what is measured
     a_stats, b_stats = generate(short), generate(long)
     steps = b_stats["steps"] - a_stats["steps"]
-    ms_per_step = 1e3 * (b_stats["decode_seconds"] - a_stats["decode_seconds"]) / steps
+    ms_per_step = step_ms(a_stats, b_stats)
     a = kernel_times(compiled, ids, short)
     b = kernel_times(compiled, ids, long)
     rows = []
@@ -149,6 +150,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["graph", "graph_inductor"],
                         choices=["graph", "fixed", "graph_inductor", "graph_inductor_untuned"])
     parser.add_argument("--deadline", type=float, default=540, help="seconds; later variants are skipped")
+    parser.add_argument("--budget", default="135GB", help="what the GPU holds (an H200: 135GB)")
     parser.add_argument("--out", default="step_profile")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -161,7 +163,7 @@ def main() -> None:
     for key, f in floor.items():
         print(f"projections {key}: floor {f['floor_ms']:.2f} ms; separate {f['separate_ms']:.2f} ms "
               f"({f['separate_gb_s']:.0f} GB/s); fused qkv/gate-up {f['fused_ms']:.2f} ms ({f['fused_gb_s']:.0f} GB/s)")
-    compiled = specontext.compile(model, "80GB", token_budget=TOKEN_BUDGET, progress=False)
+    compiled = specontext.compile(model, args.budget, token_budget=TOKEN_BUDGET, progress=False)
     ids = _prompt(args.batch, args.context)
     plain_step = compiled.engine.step
     variants = {}
@@ -176,7 +178,7 @@ def main() -> None:
         elif variant == "graph_inductor_untuned":
             compiled.engine.fixed_shape_step = torch.compile(plain_step)
         try:
-            variants[variant] = profile_variant(compiled, ids, short=4, long=20)
+            variants[variant] = profile_variant(compiled, ids, new_tokens=16)
         except Exception as error:  # a variant that fails is recorded, and the others still run
             variants[variant] = {"error": repr(error)[:500]}
             print(f"{variant}: {error!r}"[:300])

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -301,6 +302,8 @@ class GraphDecoder:
         self.warmed: set[bool] = set()
         self.steps = 0
         self.capture_seconds = 0.0
+        self.captures = 0  # graphs captured, and steps run eagerly at fixed shape (on a GPU: warm-ups)
+        self.unreplayed_steps = 0
 
     def _run(self) -> torch.Tensor:
         from .context import activate
@@ -329,11 +332,13 @@ class GraphDecoder:
         if measuring:  # what undo_step puts back; the transfers the step makes do happen: an undo keeps them
             self._before = step_transaction.begin_fixed_shape(self.static, counters=False)
         graph = self.graphs.get(measuring)
+        unreplayed = self.unreplayed_steps
         if graph is not None:
             graph.replay()
             logits = self.logits[measuring]
         else:
             logits = self._allocating_step()
+        self._last_replayed = self.unreplayed_steps == unreplayed
         self.steps += 1
         self.runtime.attended_tokens.append(self.static.budget + 1)
         self.runtime.store.advance_in_place()
@@ -347,6 +352,7 @@ class GraphDecoder:
             # what the capture records.
             if not self.use_graph or self.static.measuring not in self.warmed:
                 self.warmed.add(self.static.measuring)
+                self.unreplayed_steps += 1
                 return self._run()
             return self._capture_and_replay()
         except torch.OutOfMemoryError:
@@ -376,6 +382,7 @@ class GraphDecoder:
                 raise
         torch.cuda.current_stream(self.position.device).wait_stream(side)
         self.graphs[measuring] = graph
+        self.captures += 1
         self.capture_seconds += time.perf_counter() - started  # capture runs no kernel: no sync needed
         logger.info("captured a decode step: batch %d, %d positions%s", self.input_ids.shape[0], self.mask.shape[1],
                     ", measuring the guard's coverage" if measuring else "")
@@ -392,6 +399,7 @@ class GraphDecoder:
         wrote at its position is rewritten by the redo)."""
         step_transaction.roll_back_fixed_shape(self.static, self._before)
         self.steps -= 1
+        self.unreplayed_steps -= not self._last_replayed
         self.runtime.attended_tokens.pop()
         self.finish()
         store = self.runtime.store
@@ -414,3 +422,30 @@ class GraphDecoder:
             prefetcher.kept = prefetcher.kept + static.kept
             prefetcher.selected += static.selections * (self.steps - int(static.started_empty))
         self.graphs.clear()
+
+
+@dataclass
+class DecoderTotals:
+    """What a ``generate``'s fixed-shape decoders did, summed over the ones that ended early (a guard
+    trigger, out of memory) and the one it ends with: ``stats``' fixed-shape counters."""
+
+    steps: int = 0
+    captures: int = 0  # graphs captured (one per kind of step a decoder ran: measuring the guard or not)
+    unreplayed_steps: int = 0  # steps run at fixed shape outside a graph (on a GPU: each kind's warm-up)
+    capture_seconds: float = 0.0
+
+    def add(self, decoder: GraphDecoder) -> None:
+        self.steps += decoder.steps
+        self.captures += decoder.captures
+        self.unreplayed_steps += decoder.unreplayed_steps
+        self.capture_seconds += decoder.capture_seconds
+
+    def with_decoder(self, decoder: GraphDecoder | None) -> DecoderTotals:
+        totals = DecoderTotals(self.steps, self.captures, self.unreplayed_steps, self.capture_seconds)
+        if decoder is not None:
+            totals.add(decoder)
+        return totals
+
+    def stats(self) -> dict:
+        return {"fixed_shape_steps": self.steps, "graph_captures": self.captures,
+                "fixed_shape_steps_not_replayed": self.unreplayed_steps, "graph_capture_seconds": self.capture_seconds}

@@ -22,7 +22,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from . import step_transaction
 from .attention_runtime import AttentionRuntime
 from .context import activate
-from .cuda_graph_decode import GraphDecoder, eligible
+from .cuda_graph_decode import DecoderTotals, GraphDecoder, eligible
 from .sampling import DecodingSettings, build_logits_processors, select_next_tokens
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class GenerationEngine:
         self.stats: dict[str, float | int] = {}
         self.memory = memory  # MemoryManager: moves layers to host memory as sequences grow, retries on OOM
         self.fixed_shape_abandoned = False
-        self.abandoned_fixed_shape_steps = 0
+        self.ended_decoders = DecoderTotals()  # this generate's fixed-shape decoders that ended before it did
         self.compile_seconds = 0.0  # this generate's calls of the compiled step that (re)compiled it
         # Time the compute stream's waits on loads inside fixed-shape steps (benchmarks; ``stats``
         # ``graph_prefetch_wait_ms``: the last step's).
@@ -300,7 +300,7 @@ class GenerationEngine:
             logits = self.decoder.decode(tokens, position)
             if self.decoder.guard_missed():  # the guard redoes the step eagerly, densely (guarded_step)
                 self.decoder.undo_step()
-                self.abandoned_fixed_shape_steps += self.decoder.steps
+                self.ended_decoders.add(self.decoder)
                 self.decoder = None
                 self.runtime.guard.trigger()
                 return None
@@ -309,7 +309,7 @@ class GenerationEngine:
             failure = error  # handled below, once the failed step's frames (and tensors) are gone
             traceback.clear_frames(error.__traceback__)  # the traceback stays; its frames' tensors go
         if self.decoder is not None:
-            self.abandoned_fixed_shape_steps += self.decoder.steps
+            self.ended_decoders.add(self.decoder)
             self.decoder.abandon()
         else:  # building the decoder failed: its in-place slot map may be half made
             self.runtime.store.slot_map.reset()
@@ -374,7 +374,7 @@ class GenerationEngine:
             raise ValueError(f"decode_mode={self.decode_mode!r} is not one of {', '.join(map(repr, self.DECODE_MODES))}")
         self.decoder = None
         self.fixed_shape_abandoned = False  # a fixed-shape step ran out of memory: eager from there on
-        self.abandoned_fixed_shape_steps = 0
+        self.ended_decoders = DecoderTotals()
         self.compile_seconds = 0.0
         capacity = prompt_length + settings.max_new_tokens
         stop = LaggedStopCheck(self.device)
@@ -443,9 +443,8 @@ class GenerationEngine:
             "kv_bytes_allocated": self.runtime.store.allocated_bytes(),
             "kv_device_bytes": self.runtime.store.device_bytes(),
             **self.runtime.prefetcher.stats(),
-            "fixed_shape_steps": self.abandoned_fixed_shape_steps + (0 if self.decoder is None else self.decoder.steps),
             "fixed_shape_abandoned": self.fixed_shape_abandoned,
-            "graph_capture_seconds": 0.0 if self.decoder is None else self.decoder.capture_seconds,
+            **self.ended_decoders.with_decoder(self.decoder).stats(),
             "compile_seconds": self.compile_seconds,
             **({} if graph_wait_ms is None else {"graph_prefetch_wait_ms": graph_wait_ms}),
             **({"guard": False} if self.runtime.guard is None else self.runtime.guard.stats()),
