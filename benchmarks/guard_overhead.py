@@ -11,6 +11,7 @@ difference of two generates, the shorter of which already warmed up and captured
 step, so the figure is the steady cost of a step; the per-call capture is reported beside it. The
 roofline: weights + selected KV + the guard layer's keys (read one step in ``check_every``) over
 measured HBM bandwidth. Writes benchmarks/results/<out>.json.
+"""
 
 
 from __future__ import annotations

@@ -150,6 +150,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["graph", "graph_inductor"],
                         choices=["graph", "fixed", "graph_inductor", "graph_inductor_untuned"])
     parser.add_argument("--deadline", type=float, default=540, help="seconds; later variants are skipped")
+    parser.add_argument("--no-guard", action="store_true", help="the accuracy guard off")
     parser.add_argument("--budget", default="135GB", help="what the GPU holds (an H200: 135GB)")
     parser.add_argument("--out", default="step_profile")
     args = parser.parse_args()
@@ -163,7 +164,7 @@ def main() -> None:
     for key, f in floor.items():
         print(f"projections {key}: floor {f['floor_ms']:.2f} ms; separate {f['separate_ms']:.2f} ms "
               f"({f['separate_gb_s']:.0f} GB/s); fused qkv/gate-up {f['fused_ms']:.2f} ms ({f['fused_gb_s']:.0f} GB/s)")
-    compiled = specontext.compile(model, args.budget, token_budget=TOKEN_BUDGET, progress=False)
+    compiled = specontext.compile(model, args.budget, token_budget=TOKEN_BUDGET, progress=False, guard=not args.no_guard)
     ids = _prompt(args.batch, args.context)
     plain_step = compiled.engine.step
     variants = {}
