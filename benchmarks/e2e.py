@@ -45,6 +45,7 @@ INDUCTOR = None  # compile_decode_step: None (the default: Inductor on CUDA), --
 SHORT = 3  # tokens of the shorter generate without the guard (prefill, the eager warm-up step, one replay)
 GUARD = True  # --no-guard: the accuracy guard off
 TIME_WAITS = False  # --time-waits: time the compute stream's waits on loads inside graph steps
+REPEATS = 3  # --repeats: pairs of generates whose step times' median is reported
 BUDGET = "80GB"  # --budget: the specontext_80gb systems' budget (the name stays; "135GB" is what an H200 holds)
 
 
@@ -121,6 +122,17 @@ def difference_lengths(compiled, new_tokens: int) -> tuple[int, int]:
     return short, short + every * -(-new_tokens // every)
 
 
+def steady_step_ms(generate, short_tokens: int, long_tokens: int, repeats: int) -> tuple[list[float], dict]:
+    """Step times from ``repeats`` pairs of generates (``generate(tokens)`` returns ``stats``): the list and
+    the last longer call's stats. Each pair's difference still holds the noise of what happens once per
+    call (a capture, two warm-up steps): the median over pairs, over many steps, is the figure."""
+    times, long = [], {}
+    for _ in range(repeats):
+        short, long = generate(short_tokens), generate(long_tokens)
+        times.append(step_ms(short, long))
+    return times, long
+
+
 def step_ms(short: dict, long: dict) -> float:
     """Per-step time of the steps by which two generates' ``stats`` differ; refuses a pair whose
     difference holds a warm-up or a capture (what happens once per call must cancel)."""
@@ -151,7 +163,7 @@ def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> di
     short_tokens, long_tokens = difference_lengths(compiled, new_tokens)
     warm = generate(long_tokens)  # warm-up with both measured shapes (Triton and Inductor compile for them)
     generate(short_tokens)
-    short, stats = generate(short_tokens), generate(long_tokens)
+    times, stats = steady_step_ms(generate, short_tokens, long_tokens, REPEATS)
     # A call at a length not seen before (another KV capacity): what a user pays for a new prompt length,
     # and whether it compiled kernels (entries added to Triton's and Inductor's caches on disk).
     caches = _cache_entries()
@@ -161,7 +173,7 @@ def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> di
     # As for HF: the difference of two generates over the steps they differ by, so that what happens once
     # per call (each kind of fixed-shape step's eager warm-up and graph capture) cancels.
     return {"prefill_seconds": stats["prefill_seconds"],
-            "ms_per_step": step_ms(short, stats),
+            "ms_per_step": statistics.median(times), "ms_per_step_repeats": times,
             "generate_tokens": [short_tokens, long_tokens],
             "graph_captures": stats["graph_captures"],
             "ms_per_step_with_capture": 1e3 * stats["decode_seconds"] / stats["steps"],
@@ -259,7 +271,7 @@ def measure(model, system: str, context: int, batch: int, new_tokens: int, hbm: 
 
 
 def main() -> None:
-    global INDUCTOR, BUDGET, GUARD, TIME_WAITS
+    global INDUCTOR, BUDGET, GUARD, TIME_WAITS, REPEATS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768])
@@ -275,10 +287,12 @@ def main() -> None:
     parser.add_argument("--no-guard", action="store_true", help="the accuracy guard off")
     parser.add_argument("--skip-check", action="store_true", help="skip the tiny-model graph-decode token check")
     parser.add_argument("--budget", default=BUDGET, help="budget of the specontext_80gb systems")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="pairs of generates per SpeContext row (median)")
     parser.add_argument("--out", default="e2e")
     args = parser.parse_args()
 
     INDUCTOR, BUDGET, GUARD, TIME_WAITS = args.inductor, args.budget, not args.no_guard, args.time_waits
+    REPEATS = args.repeats
     if args.kernels:
         from specontext_compiler.kernels import use_kernels
 

@@ -17,30 +17,32 @@ measured HBM bandwidth. Writes benchmarks/results/<out>.json.
 from __future__ import annotations
 
 import argparse
+import statistics
 import datetime
 import platform
 
 import torch
 
 import specontext
-from benchmarks.e2e import _prompt, difference_lengths, hbm_bandwidth, llama_8b_random, step_ms
+from benchmarks.e2e import _prompt, difference_lengths, hbm_bandwidth, llama_8b_random, steady_step_ms
 from benchmarks.results_file import write_results
 from specontext_compiler.config import GuardSettings
 
 TOKEN_BUDGET = 2048
 
 
-def measure(compiled, ids, new_tokens: int) -> tuple[float, dict]:
-    """Step time (the difference of two generates, :func:`benchmarks.e2e.step_ms`) and the longer one's stats."""
+def measure(compiled, ids, new_tokens: int, repeats: int) -> tuple[list[float], dict]:
+    """Step times of ``repeats`` pairs of generates (:func:`benchmarks.e2e.steady_step_ms`) and the last
+    longer one's stats."""
     def generate(tokens):
         compiled.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
         return dict(compiled.stats)
 
     short_tokens, long_tokens = difference_lengths(compiled, new_tokens)
     first = generate(long_tokens)  # compiles the step where this process has not yet
-    short, long = generate(short_tokens), generate(long_tokens)
-    return step_ms(short, long), {**long, "compile_seconds_first_call": first["compile_seconds"],
-                                  "generate_tokens": [short_tokens, long_tokens]}
+    times, long = steady_step_ms(generate, short_tokens, long_tokens, repeats)
+    return times, {**long, "compile_seconds_first_call": first["compile_seconds"],
+                   "generate_tokens": [short_tokens, long_tokens]}
 
 
 def main() -> None:
@@ -53,6 +55,7 @@ def main() -> None:
                         choices=["off", "threshold_0", "default", "read_every_64"],
                         help="measured in this order (repeats allowed); read_every_64: the default guard read and "
                              "measured one step in 64 (what the host's read costs, against default's one in 8)")
+    parser.add_argument("--repeats", type=int, default=3, help="pairs of generates per row (their median)")
     parser.add_argument("--out", default="guard_overhead")
     args = parser.parse_args()
     hbm = hbm_bandwidth()
@@ -73,7 +76,8 @@ def main() -> None:
             compiled.set_guard(setting)
             guard = runtime.guard
             try:
-                ms, stats = measure(compiled, ids, args.new_tokens)
+                times, stats = measure(compiled, ids, args.new_tokens, args.repeats)
+                ms = statistics.median(times)
             except torch.OutOfMemoryError as error:
                 rows.append({"batch": batch, "setting": name, "error": str(error).splitlines()[0]})
                 continue
@@ -81,7 +85,7 @@ def main() -> None:
             # the guard layer's keys, read by one step in check_every
             guard_keys = 0 if guard is None else batch * args.context * kv_token_layer // 2 // guard.settings.check_every
             floor = (weights + selected + guard_keys) / hbm
-            row = {"batch": batch, "setting": name, "ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms,
+            row = {"batch": batch, "setting": name, "ms_per_step": ms, "ms_per_step_repeats": times, "tokens_per_s": batch * 1e3 / ms,
                    "roofline_ms": 1e3 * floor, "step_over_roofline": ms / (1e3 * floor),
                    "fixed_shape_steps": stats["fixed_shape_steps"], "steps": stats["steps"],
                    "compile_seconds_first_call": stats["compile_seconds_first_call"],
