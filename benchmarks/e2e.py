@@ -122,15 +122,17 @@ def difference_lengths(compiled, new_tokens: int) -> tuple[int, int]:
     return short, short + every * -(-new_tokens // every)
 
 
-def steady_step_ms(generate, short_tokens: int, long_tokens: int, repeats: int) -> tuple[list[float], dict]:
-    """Step times from ``repeats`` pairs of generates (``generate(tokens)`` returns ``stats``): the list and
-    the last longer call's stats. Each pair's difference still holds the noise of what happens once per
-    call (a capture, two warm-up steps): the median over pairs, over many steps, is the figure."""
-    times, long = [], {}
+def steady_step_ms(generate, short_tokens: int, long_tokens: int, repeats: int) -> tuple[list[float], list, dict]:
+    """Step times from ``repeats`` pairs of generates (``generate(tokens)`` returns ``stats``): the
+    differences, the longer calls' ``replayed_step_ms`` (events at each step: engine.time_steps), and the
+    last longer call's stats. A pair's difference still holds the noise of what happens once per call (a
+    capture, two warm-up steps); the replayed steps' mean interval has none of it."""
+    times, replayed, long = [], [], {}
     for _ in range(repeats):
         short, long = generate(short_tokens), generate(long_tokens)
         times.append(step_ms(short, long))
-    return times, long
+        replayed.append(long.get("replayed_step_ms"))
+    return times, replayed, long
 
 
 def step_ms(short: dict, long: dict) -> float:
@@ -155,6 +157,7 @@ def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> di
     compiled = _COMPILED[system]
     compiled.engine.decode_mode = "eager" if system.endswith("_eager") else "graph"
     compiled.engine.time_graph_waits = TIME_WAITS
+    compiled.engine.time_steps = True
 
     def generate(tokens: int) -> dict:
         compiled.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
@@ -163,7 +166,7 @@ def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> di
     short_tokens, long_tokens = difference_lengths(compiled, new_tokens)
     warm = generate(long_tokens)  # warm-up with both measured shapes (Triton and Inductor compile for them)
     generate(short_tokens)
-    times, stats = steady_step_ms(generate, short_tokens, long_tokens, REPEATS)
+    times, replayed, stats = steady_step_ms(generate, short_tokens, long_tokens, REPEATS)
     # A call at a length not seen before (another KV capacity): what a user pays for a new prompt length,
     # and whether it compiled kernels (entries added to Triton's and Inductor's caches on disk).
     caches = _cache_entries()
@@ -174,6 +177,8 @@ def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> di
     # per call (each kind of fixed-shape step's eager warm-up and graph capture) cancels.
     return {"prefill_seconds": stats["prefill_seconds"],
             "ms_per_step": statistics.median(times), "ms_per_step_repeats": times,
+            "replayed_step_ms": statistics.median(replayed) if None not in replayed else None,
+            "replayed_step_ms_repeats": replayed,
             "generate_tokens": [short_tokens, long_tokens],
             "graph_captures": stats["graph_captures"],
             "ms_per_step_with_capture": 1e3 * stats["decode_seconds"] / stats["steps"],
@@ -266,6 +271,8 @@ def measure(model, system: str, context: int, batch: int, new_tokens: int, hbm: 
                tokens_per_s=batch * 1e3 / row["ms_per_step"],
                roofline_ms=1e3 * step_bytes / hbm, step_bytes=step_bytes)
     row["step_over_roofline"] = row["ms_per_step"] / row["roofline_ms"]
+    if row.get("replayed_step_ms"):
+        row["replayed_over_roofline"] = row["replayed_step_ms"] / row["roofline_ms"]
     row["hbm_share"] = 1 / row["step_over_roofline"]
     return row
 
@@ -316,6 +323,7 @@ def main() -> None:
                 print(f"{system:24s} {context:>7d} x{batch:<3d} prefill {row['prefill_seconds']:6.2f} s  "
                       f"{row['ms_per_step']:7.2f} ms/step  {row['tokens_per_s']:8.1f} tok/s  "
                       f"roofline {row['roofline_ms']:5.2f} ms (x{row['step_over_roofline']:.2f})  "
+                      f"replayed {row.get('replayed_step_ms') or 0:6.2f} ms (x{row.get('replayed_over_roofline') or 0:.2f})  "
                       f"peak {row['peak_gpu_gb']:5.1f} GB  compile {row.get('compile_seconds_first_call') or 0:.0f} s  "
                       f"guard dense {row.get('guard_dense_steps')}  wait {row.get('graph_prefetch_wait_ms')}")
     _COMPILED.clear()

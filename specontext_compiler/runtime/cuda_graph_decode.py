@@ -304,6 +304,8 @@ class GraphDecoder:
         self.capture_seconds = 0.0
         self.captures = 0  # graphs captured, and steps run eagerly at fixed shape (on a GPU: warm-ups)
         self.unreplayed_steps = 0
+        self.last_replayed = False  # whether the last step was a replay of a captured graph
+        self._last_unreplayed = False
 
     def _run(self) -> torch.Tensor:
         from .context import activate
@@ -338,7 +340,8 @@ class GraphDecoder:
             logits = self.logits[measuring]
         else:
             logits = self._allocating_step()
-        self._last_replayed = self.unreplayed_steps == unreplayed
+        self.last_replayed = graph is not None  # not a warm-up, nor the replay right after a capture
+        self._last_unreplayed = self.unreplayed_steps != unreplayed
         self.steps += 1
         self.runtime.attended_tokens.append(self.static.budget + 1)
         self.runtime.store.advance_in_place()
@@ -399,7 +402,7 @@ class GraphDecoder:
         wrote at its position is rewritten by the redo)."""
         step_transaction.roll_back_fixed_shape(self.static, self._before)
         self.steps -= 1
-        self.unreplayed_steps -= not self._last_replayed
+        self.unreplayed_steps -= self._last_unreplayed
         self.runtime.attended_tokens.pop()
         self.finish()
         store = self.runtime.store

@@ -100,6 +100,37 @@ class LaggedStopCheck:
         return not bool(self.flag)
 
 
+class StepTimer:
+    """Events on the compute stream at each decode step's start (``GenerationEngine.time_steps``): the
+    interval from a replayed fixed-shape step's start to the next step's is that step's time on the GPU's
+    timeline, the host's share included where the GPU waited for it, without the once-per-call warm-ups and
+    captures that a difference of two generates keeps some noise of. Nothing waits before the end."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.events: list[torch.cuda.Event] = []
+        self.replayed: list[bool] = []
+
+    def step_starts(self) -> None:
+        if self.enabled:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+
+    def kind(self, replayed: bool) -> None:
+        if self.enabled:
+            self.replayed.append(replayed)
+
+    def stats(self) -> dict:
+        """After the stream synchronized: ``replayed_step_ms`` (mean) and ``replayed_steps_timed``."""
+        if not self.enabled:
+            return {}
+        intervals = [start.elapsed_time(end) for start, end, replayed
+                     in zip(self.events, self.events[1:], self.replayed) if replayed]
+        return {"replayed_steps_timed": len(intervals),
+                "replayed_step_ms": sum(intervals) / len(intervals) if intervals else None}
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -156,6 +187,9 @@ class GenerationEngine:
         # Time the compute stream's waits on loads inside fixed-shape steps (benchmarks; ``stats``
         # ``graph_prefetch_wait_ms``: the last step's).
         self.time_graph_waits = False
+        # Record an event on the compute stream at each decode step (benchmarks; ``stats``
+        # ``replayed_step_ms``: the mean interval from a replayed fixed-shape step to the next one).
+        self.time_steps = False
 
     # -- prefill --------------------------------------------------------------------------------------
     def run_chunks(self, step: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_all: bool) -> torch.Tensor:
@@ -378,6 +412,7 @@ class GenerationEngine:
         self.compile_seconds = 0.0
         capacity = prompt_length + settings.max_new_tokens
         stop = LaggedStopCheck(self.device)
+        timer = StepTimer(self.time_steps and self.device.type == "cuda")
         attended_before = len(self.runtime.attended_tokens)
         with torch.no_grad(), activate(self.runtime), cyclic_gc_paused():
             _synchronize(self.device)
@@ -406,8 +441,10 @@ class GenerationEngine:
                     attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
                     position = position + 1
                     logits = None
+                    timer.step_starts()
                     if self.decode_mode != "eager" and not self.fixed_shape_abandoned:
                         logits = self._fixed_shape_step(next_tokens[:, None], attention_mask, position, capacity)
+                    timer.kind(self.decoder is not None and logits is not None and self.decoder.last_replayed)
                     if logits is None:
                         logits = self.guarded_step(next_tokens[:, None], attention_mask, position)
                     decode_steps += 1
@@ -415,6 +452,7 @@ class GenerationEngine:
                 graph_wait_ms = None if self.decoder is None else self.decoder.static.wait_ms()
                 if self.decoder is not None:  # the stored lengths catch up with the steps that ran
                     self.decoder.finish()
+            timer.step_starts()  # the end of the last step
             _synchronize(self.device)
             t2 = time.perf_counter()
         if streamer is not None:
@@ -447,6 +485,7 @@ class GenerationEngine:
             **self.ended_decoders.with_decoder(self.decoder).stats(),
             "compile_seconds": self.compile_seconds,
             **({} if graph_wait_ms is None else {"graph_prefetch_wait_ms": graph_wait_ms}),
+            **timer.stats(),
             **({"guard": False} if self.runtime.guard is None else self.runtime.guard.stats()),
         }
         logger.info(
