@@ -197,3 +197,31 @@ def test_cuda_graph_false_decodes_every_step_eagerly():
     ids, mask = padded_batch(96, [40], seed=2)
     off.generate(ids, attention_mask=mask, **GENERATE)
     assert off.stats["fixed_shape_steps"] == 0
+
+
+def test_the_capacity_is_aligned_so_that_a_new_prompt_length_reuses_kernels_and_buffers(poisoned):
+    """prompt + max_new_tokens is reserved rounded up to 16 tokens (Triton specializes integer arguments such
+    as the mask's row stride on divisibility by 16); the padding positions are poisoned and masked, and a
+    second length within the same 16 keeps the buffers."""
+    from specontext_compiler.runtime.engine import reserved_tokens
+
+    assert [reserved_tokens(n) for n in (1, 16, 17, 32799)] == [16, 16, 32, 32800]
+    compiled = specontext.compile(tiny_model("llama"), "1GB", token_budget=16, offload="none", local_window=4,
+                                  progress=False)
+    compiled.engine.decode_mode = "fixed"
+    ids, mask = padded_batch(96, [40, 27], seed=4)
+    for length, new_tokens in ((40, 19), (38, 24)):  # 59 and 62 tokens: 64 reserved for both
+        expected = specontext.compile(tiny_model("llama"), "1GB", token_budget=16, offload="none", local_window=4,
+                                      progress=False).generate(ids[:, :length], attention_mask=mask[:, :length],
+                                                               max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                               do_sample=False, pad_token_id=0)
+        tokens = compiled.generate(ids[:, :length], attention_mask=mask[:, :length], max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        assert torch.equal(tokens, expected)
+        assert compiled.engine.decoder.mask.shape[1] == 64
+        assert compiled.stats["fixed_shape_steps"] == new_tokens - 1
+        buffers = [entry.key.data_ptr() for entry in compiled.runtime.store.layers]
+        if length == 38:
+            assert buffers == first_buffers
+        first_buffers = buffers
+        assert {entry.capacity for entry in compiled.runtime.store.layers} == {64}

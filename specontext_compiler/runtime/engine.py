@@ -131,6 +131,17 @@ class StepTimer:
                 "replayed_step_ms": sum(intervals) / len(intervals) if intervals else None}
 
 
+CAPACITY_ALIGNMENT = 16
+
+
+def reserved_tokens(total: int) -> int:
+    """Tokens a ``generate`` reserves for sequences of ``total``: rounded up to a multiple of 16. The
+    reservation is the fixed-shape step's capacity (its mask's width, the rows of its KV buffers), and
+    Triton specializes a kernel's integer arguments, such as the mask's row stride, on divisibility by 16:
+    an unaligned capacity compiles the kernels again for each new prompt length."""
+    return -(-total // CAPACITY_ALIGNMENT) * CAPACITY_ALIGNMENT
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -366,7 +377,7 @@ class GenerationEngine:
         streamer=None,
     ) -> torch.Tensor | GenerateDecoderOnlyOutput:
         """Prefill the prompt, then decode (:meth:`prefill`, :meth:`decode`)."""
-        prefilled = self.prefill(input_ids, attention_mask, input_ids.shape[1] + settings.max_new_tokens)
+        prefilled = self.prefill(input_ids, attention_mask, reserved_tokens(input_ids.shape[1] + settings.max_new_tokens))
         return self.decode(prefilled, settings, streamer)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, reserve_tokens: int) -> "Prefilled":
@@ -410,7 +421,7 @@ class GenerationEngine:
         self.fixed_shape_abandoned = False  # a fixed-shape step ran out of memory: eager from there on
         self.ended_decoders = DecoderTotals()
         self.compile_seconds = 0.0
-        capacity = prompt_length + settings.max_new_tokens
+        capacity = reserved_tokens(prompt_length + settings.max_new_tokens)
         stop = LaggedStopCheck(self.device)
         timer = StepTimer(self.time_steps and self.device.type == "cuda")
         attended_before = len(self.runtime.attended_tokens)
