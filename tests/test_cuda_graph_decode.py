@@ -225,3 +225,21 @@ def test_the_capacity_is_aligned_so_that_a_new_prompt_length_reuses_kernels_and_
             assert buffers == first_buffers
         first_buffers = buffers
         assert {entry.capacity for entry in compiled.runtime.store.layers} == {64}
+
+
+def test_the_step_timer_averages_the_intervals_that_follow_replayed_steps():
+    """engine.time_steps on a GPU: an event at each step's start and one after the last; the intervals of
+    warm-up and capture steps are left out (fake events here: the CPU has none)."""
+
+    class At:
+        def __init__(self, ms):
+            self.ms = ms
+
+        def elapsed_time(self, end):
+            return end.ms - self.ms
+
+    timer = cuda_graph_decode.StepTimer(True)
+    timer.events = [At(t) for t in (0.0, 9.0, 15.0, 20.0, 26.0, 30.0)]  # 5 steps
+    timer.replayed = [False, False, True, True, True]  # a warm-up, a capture, three replays
+    assert timer.stats() == {"replayed_steps_timed": 3, "replayed_step_ms": 5.0}
+    assert cuda_graph_decode.StepTimer(False).stats() == {}

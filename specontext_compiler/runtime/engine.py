@@ -22,7 +22,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from . import step_transaction
 from .attention_runtime import AttentionRuntime
 from .context import activate
-from .cuda_graph_decode import DecoderTotals, GraphDecoder, eligible
+from .cuda_graph_decode import DecoderTotals, GraphDecoder, StepTimer, eligible
 from .sampling import DecodingSettings, build_logits_processors, select_next_tokens
 
 logger = logging.getLogger(__name__)
@@ -98,37 +98,6 @@ class LaggedStopCheck:
         if self.event is not None:
             self.event.synchronize()
         return not bool(self.flag)
-
-
-class StepTimer:
-    """Events on the compute stream at each decode step's start (``GenerationEngine.time_steps``): the
-    interval from a replayed fixed-shape step's start to the next step's is that step's time on the GPU's
-    timeline, the host's share included where the GPU waited for it, without the once-per-call warm-ups and
-    captures that a difference of two generates keeps some noise of. Nothing waits before the end."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.events: list[torch.cuda.Event] = []
-        self.replayed: list[bool] = []
-
-    def step_starts(self) -> None:
-        if self.enabled:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.events.append(event)
-
-    def kind(self, replayed: bool) -> None:
-        if self.enabled:
-            self.replayed.append(replayed)
-
-    def stats(self) -> dict:
-        """After the stream synchronized: ``replayed_step_ms`` (mean) and ``replayed_steps_timed``."""
-        if not self.enabled:
-            return {}
-        intervals = [start.elapsed_time(end) for start, end, replayed
-                     in zip(self.events, self.events[1:], self.replayed) if replayed]
-        return {"replayed_steps_timed": len(intervals),
-                "replayed_step_ms": sum(intervals) / len(intervals) if intervals else None}
 
 
 CAPACITY_ALIGNMENT = 16
