@@ -18,7 +18,7 @@ from .planning.memory_model import ModelShape
 from .retrieval import build_head
 from .runtime.accuracy_guard import AccuracyGuard, guard_preference
 from .runtime.attention_runtime import AttentionRuntime, SparseSettings
-from .runtime.engine import GenerationEngine, reserved_tokens
+from .runtime.engine import GenerationEngine
 from .runtime.kv_store import KVStore
 from .runtime.memory_manager import MemoryManager, head_cache_bytes
 from .runtime.sampling import EXTRA_GENERATE_KWARGS, resolve_generation_config
@@ -219,8 +219,9 @@ class SpeContextModel:
         total = input_ids.shape[1] + settings.max_new_tokens
         if self.max_positions is not None and total > self.max_positions:
             logger.warning("prompt + max_new_tokens = %d exceeds max_position_embeddings (%d)", total, self.max_positions)
-        # The plan counts what generate reserves: the total rounded up to 16 tokens (runtime/engine.py).
-        self._check_budget(input_ids.shape[0], input_ids.shape[1], reserved_tokens(total))
+        # Planned at the sequence's length; generate reserves up to 15 tokens more (reserved_tokens), which
+        # the plan's workspace term covers.
+        self._check_budget(input_ids.shape[0], input_ids.shape[1], total)
         return self.engine.generate(input_ids, attention_mask, settings, streamer=extras.get("streamer"))
 
     def replay(self, input_ids: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:

@@ -131,6 +131,28 @@ def grouped_decode_attention(
     return out.reshape(batch, q_heads, 1, values.shape[-1])
 
 
+def attend_positions(q, keys, values, positions, valid, scale: float, softcap: float) -> torch.Tensor:
+    """A decode step's attention over ``positions`` [B, Hkv, N] of ``keys``/``values`` (the selection and
+    the new token), through the Triton kernel on its path, else the reference. Both runtimes' one call."""
+    if on_triton_path(q):
+        return triton_sparse_decode_attention(q[:, :, 0], keys, values, positions, scale=scale, valid=valid,
+                                              softcap=softcap)[:, :, None]
+    return sparse_decode_attention(q, keys, values, positions, valid, scale, softcap)
+
+
+def attend_slots(store, layer: int, q, k, v, slot_valid, scale: float, softcap: float) -> torch.Tensor:
+    """An offloaded layer's sparse attention: the new token's K/V ``k``/``v`` go to the slot after the
+    selection's, then attention over every slot (``slot_valid``: which hold a token). Both runtimes' one
+    call."""
+    fast, slots = store.fast[layer], store.slot_map.slots
+    fast.slot_key[:, :, slots + 1:].copy_(k)
+    fast.slot_value[:, :, slots + 1:].copy_(v)
+    if on_triton_path(q):
+        return triton_sparse_decode_attention(q[:, :, 0], fast.slot_key, fast.slot_value, None, scale=scale,
+                                              valid=slot_valid, softcap=softcap)[:, :, None]
+    return grouped_decode_attention(q, fast.slot_key, fast.slot_value, slot_valid, scale, softcap)
+
+
 @dataclass(frozen=True)
 class SparseSettings:
     """How a sparse step selects: ``token_budget`` tokens = sinks + window + top-k (+ the new token)."""
@@ -329,10 +351,6 @@ class AttentionRuntime:
 
     def _sparse_offloaded(self, layer, q, k, v, keys, scale, softcap):
         """Attention over the layer's slots (its selection, loaded by the prefetcher) + the new token."""
-        fast = self.store.fast[layer]
-        slots = self.store.slot_map.slots
-        fast.slot_key[:, :, slots + 1:].copy_(k)
-        fast.slot_value[:, :, slots + 1:].copy_(v)
         if self.measure_recall:
             past = keys.shape[2] - 1
             positions = self.store.slot_map.token.clamp_min(0)
@@ -340,10 +358,7 @@ class AttentionRuntime:
             key_valid = None if self.padding_free else torch.cat([self._key_valid, self._key_valid.new_ones(q.shape[0], 1)], -1)
             self._record_recall(layer, q, keys, torch.cat([positions, newest], -1), scale, key_valid,
                                 torch.cat([self.store.slot_map.valid(), torch.ones_like(newest, dtype=torch.bool)], -1))
-        if on_triton_path(q):
-            return triton_sparse_decode_attention(q[:, :, 0], fast.slot_key, fast.slot_value, None, scale=scale,
-                                                  valid=self.prefetcher.slot_valid, softcap=softcap)[:, :, None]
-        return grouped_decode_attention(q, fast.slot_key, fast.slot_value, self.prefetcher.slot_valid, scale, softcap)
+        return attend_slots(self.store, layer, q, k, v, self.prefetcher.slot_valid, scale, softcap)
 
     def _sparse(self, layer, q, keys, values, indices, scale, softcap):
         past = keys.shape[2] - 1
@@ -360,10 +375,7 @@ class AttentionRuntime:
             self._record_recall(layer, q, keys, positions, scale, key_valid)
         if self.guard is not None and layer == self.guard.layer and self.guard.check_due:
             self.guard.measure(q, keys, scale, positions, key_valid, valid)
-        if on_triton_path(q):
-            return triton_sparse_decode_attention(q[:, :, 0], keys, values, positions, scale=scale, valid=valid,
-                                                  softcap=softcap)[:, :, None]
-        return sparse_decode_attention(q, keys, values, positions, valid, scale, softcap)
+        return attend_positions(q, keys, values, positions, valid, scale, softcap)
 
     def _record_recall(self, layer, q, keys, positions, scale, key_valid, counted=None):
         groups = q.shape[1] // keys.shape[1]

@@ -38,10 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import in_cuda_graph_decode, on_triton_path
-from ..kernels import sparse_decode_attention as triton_sparse_decode_attention
+from ..kernels import in_cuda_graph_decode
 from ..retrieval.selection import resolve_token_budget, select_tokens
-from .attention_runtime import AttentionRuntime, grouped_decode_attention, sparse_decode_attention
+from .attention_runtime import AttentionRuntime, attend_positions, attend_slots
 from . import step_transaction
 from .prefetcher import load_rows, row_sources, slot_validity
 
@@ -217,10 +216,7 @@ class StaticDecodeRuntime:
             valid = self._holds_token(positions)
         else:
             positions, valid = self.positions, self.positions_valid
-        if on_triton_path(q):
-            return triton_sparse_decode_attention(q[:, :, 0], keys, values, positions, scale=scale, valid=valid,
-                                                  softcap=softcap)[:, :, None]
-        return sparse_decode_attention(q, keys, values, positions, valid, scale, softcap)
+        return attend_positions(q, keys, values, positions, valid, scale, softcap)
 
     def _offloaded_attention(self, layer, q, k, v, scale, softcap):
         """Attention over the layer's slots (its selection) + the new token, whose K/V enter the ring."""
@@ -231,13 +227,7 @@ class StaticDecodeRuntime:
         fast.ring_key.index_copy_(2, row, k)
         fast.ring_value.index_copy_(2, row, v)
         self.head.observe_static(layer, q, k, self.position)
-        slots = store.slot_map.slots
-        fast.slot_key[:, :, slots + 1:].copy_(k)
-        fast.slot_value[:, :, slots + 1:].copy_(v)
-        if on_triton_path(q):
-            return triton_sparse_decode_attention(q[:, :, 0], fast.slot_key, fast.slot_value, None, scale=scale,
-                                                  valid=self.slot_valid, softcap=softcap)[:, :, None]
-        return grouped_decode_attention(q, fast.slot_key, fast.slot_value, self.slot_valid, scale, softcap)
+        return attend_slots(store, layer, q, k, v, self.slot_valid, scale, softcap)
 
 
 def eligible(runtime: AttentionRuntime, total: int, capacity: int, sliding_windows: dict[int, int]) -> str | None:
