@@ -12,7 +12,9 @@
 # then the rule of ruler_select.py picks one and writes its name to $CHOICE (default ~/ruler_chosen_head.txt);
 # PHASE "chosen": that variant, guarded and not, with oracle top-k on the held-out split at ~4K (prompts
 # 0-2 of every task, 3-6 of the niah tasks) and long-generation fidelity; PHASE "chosen_alone": the same
-# held-out runs for the chosen variant alone, unguarded (CHOICE names it). Each job stops after SECONDS (a job cut short
+# held-out runs for the chosen variant alone, unguarded (CHOICE names it); PHASE "round4": the predicted
+# query's variants with the default and oracle on the fit split (for ruler_select.py's rule) and, without
+# them, on the held-out split and fidelity. Each job stops after SECONDS (a job cut short
 # keeps the prompts it finished: the benchmarks write their JSON after every prompt); logs and JSON go
 # to benchmarks/results/ and, packed in one archive, to $OUT when the device tool set it.
 set -u
@@ -113,8 +115,21 @@ chosen_alone)  # the chosen variant alone on the held-out split at ~4K (dense an
     heldout_4k ruler_chosen_alone_4k
     heldout_4k_more ruler_chosen_alone_4k
     ;;
+round4)  # the predicted query (retrieval/query_prediction.py) against the default: fit rows for the rule of
+    # ruler_select.py (CANDIDATES_ROUND4; the third round's five fit tasks), held-out rows to report
+    heads="$(python -c 'from benchmarks.ruler_select import CANDIDATES_ROUND4; print(*CANDIDATES_ROUND4)') oracle"
+    guard_heads="" budgets="0.03 0.06"
+    for task in niah_single_noise niah_single_text niah_multikey_text niah_multiquery niah_multivalue; do
+        ruler fit 4096 8 "ruler_round4_4k_$task" "$task"
+    done
+    heads="$(python -c 'from benchmarks.ruler_select import CANDIDATES_ROUND4; print(*CANDIDATES_ROUND4[1:])')"
+    budgets="0.03 0.06 0.12 0.25"
+    heldout_4k ruler_round4_4k
+    heldout_4k_more ruler_round4_4k
+    fidelity fidelity_gpu_round4 --heads $heads --guard-heads
+    ;;
 *)
-    echo "unknown phase $phase (4k, 7k, 4k_more, guard, select, chosen or chosen_alone)" >&2
+    echo "unknown phase $phase (4k, 7k, 4k_more, guard, select, chosen, chosen_alone or round4)" >&2
     exit 2
     ;;
 esac
@@ -122,7 +137,7 @@ wait
 nvidia-smi --query-gpu=name,memory.used --format=csv >"$logs/gpu.txt" 2>&1
 if [ -n "$out" ]; then
     tar czf "$out/accuracy_$phase.tar.gz" "$logs" benchmarks/results/ruler_*k_*.json benchmarks/results/ruler_guard_*.json \
-        benchmarks/results/ruler_select_*.json benchmarks/results/ruler_chosen_*.json \
+        benchmarks/results/ruler_select_*.json benchmarks/results/ruler_chosen_*.json benchmarks/results/ruler_round4_*.json \
         benchmarks/results/fidelity_gpu_*.json 2>/dev/null
 fi
 tail -n 3 "$logs"/*.log

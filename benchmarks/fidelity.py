@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--out", default="fidelity")
     args = parser.parse_args()
     model, tokenizer = load_model(args.model, device=args.device)
-    variants = head_variants(model.config.num_hidden_layers, getattr(model.config, "layer_types", None))
+    variants = head_variants(model.config.num_hidden_layers, getattr(model.config, "layer_types", None), model)
     choice = HeadChoice({name: variants[name]() for name in args.heads})
     compiled = specontext.compile(model, "200GB", draft=choice, offload="none", progress=False, guard=bool(args.guard_heads))
     runs = [(name, False) for name in args.heads] + [(name, True) for name in args.guard_heads]

@@ -37,7 +37,7 @@ except ImportError:  # run as a script
     from results_file import RESULTS, write_results
 
 
-def head_variants(num_layers: int, layer_types=None) -> dict[str, object]:
+def head_variants(num_layers: int, layer_types=None, model=None) -> dict[str, object]:
     """Every head measured (names as in docs/accuracy.md): the draft-free head's variants and the baselines.
 
     ``v1``: the head before the suite existed (layer at 5/6 of the depth, prior, weight 8, no lookahead).
@@ -46,11 +46,13 @@ def head_variants(num_layers: int, layer_types=None) -> dict[str, object]:
     21-23); ``look1``: lookahead 1; ``noprior``: without the prefill prior. On a model with sliding-window
     layers (``layer_types``), ``d72-80_look1`` is the depths as they are and ``d72-80_full_look1`` each
     moved to the nearest full-attention layer (the default there: target_layer_head.default_layers).
+    ``pred``: the current token's query predicted (``query="predicted"``, needs ``model``).
     """
     def at(*fractions):
         return tuple(sorted({round(f * (num_layers - 1)) for f in fractions}))
 
     one, three = at(0.8), at(0.72, 0.76, 0.8)
+    full = default_layers(num_layers, layer_types)
     return {
         "v1": lambda: TargetLayerHead(at(5 / 6), lookahead=0),
         "d80_look1": lambda: TargetLayerHead(one, lookahead=1),
@@ -72,6 +74,10 @@ def head_variants(num_layers: int, layer_types=None) -> dict[str, object]:
         "d72-80_look1_union_deepprior": lambda: TargetLayerHead(three, lookahead=1, combine="union", prior_from=0.5),
         **({"d72-80_full_look1": lambda: TargetLayerHead(default_layers(num_layers, layer_types), lookahead=1)}
            if default_layers(num_layers, layer_types) != three else {}),
+        # the fourth round: the current token's query predicted (retrieval/query_prediction.py)
+        **({"d72-80_pred": lambda: TargetLayerHead(full, lookahead=0, query="predicted", model=model),
+            "d72-80_pred_look1": lambda: TargetLayerHead(full, lookahead=1, query="predicted", model=model)}
+           if model is not None else {}),
         "streaming": StreamingLLM,
         "quest": QuestPages,
         "oracle": OracleTopK,
@@ -103,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
 
     (model, tokenizer), chat = load(args.model, args.device)
-    variants = head_variants(model.config.num_hidden_layers, getattr(model.config, "layer_types", None))
+    variants = head_variants(model.config.num_hidden_layers, getattr(model.config, "layer_types", None), model)
     names = args.heads or list(variants)
     unknown = [name for name in names if name not in variants]
     if unknown:

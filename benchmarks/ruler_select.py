@@ -31,6 +31,9 @@ CANDIDATES = (DEFAULT, "d72-80_look2", "d72-80_look1_behind1", "d72-80_look1_win
 
 #: The third round's: the prior and the layers' rankings interleaved, and the prior from the deeper layers.
 CANDIDATES_ROUND3 = (DEFAULT, "d72-80_look1_union", "d72-80_look1_deepprior", "d72-80_look1_union_deepprior")
+#: The fourth round's: the current token's query predicted (retrieval/query_prediction.py), without and with
+#: lookahead.
+CANDIDATES_ROUND4 = (DEFAULT, "d72-80_pred", "d72-80_pred_look1")
 
 
 def choose(rows: list[dict], candidates: tuple[str, ...] = CANDIDATES) -> tuple[str, dict[str, dict]]:

@@ -21,7 +21,7 @@ class OldestTokens(StreamingLLM):
     def score(self, input_ids, attention_mask, past):
         return -super().score(input_ids, attention_mask, past)
 
-    def score_static(self, key_valid):
+    def score_static(self, key_valid, input_ids):
         return -self._static_scores
 
 

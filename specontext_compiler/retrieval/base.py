@@ -68,9 +68,10 @@ class RetrievalHead:
         """:meth:`observe` for one new token whose position is the device scalar ``position``."""
         raise NotImplementedError(f"{type(self).__name__} has no fixed-shape decode")
 
-    def score_static(self, key_valid: torch.Tensor) -> torch.Tensor:
+    def score_static(self, key_valid: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """:meth:`score` over all ``capacity`` positions: float [B, Hkv, capacity]; ``key_valid`` bool
-        [B, capacity] is False at padding and at every position not yet stored."""
+        [B, capacity] is False at padding and at every position not yet stored; ``input_ids`` [B, 1] the
+        step's tokens."""
         raise NotImplementedError(f"{type(self).__name__} has no fixed-shape decode")
 
     def end_static(self, steps: int) -> None:

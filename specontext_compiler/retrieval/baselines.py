@@ -34,7 +34,7 @@ class StreamingLLM(RetrievalHead):
     def observe_static(self, layer, q, k, position):
         pass
 
-    def score_static(self, key_valid: torch.Tensor) -> torch.Tensor:
+    def score_static(self, key_valid: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         return self._static_scores
 
 

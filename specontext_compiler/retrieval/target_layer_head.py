@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from .base import KeyCache, RetrievalHead, group_probabilities
+from .query_prediction import QueryPredictor
 
 #: Where the default scoring layers sit, as fractions of the depth (see the module docstring).
 DEFAULT_DEPTHS = (0.72, 0.76, 0.8)
@@ -74,6 +75,9 @@ def window_probabilities(
 
 #: How the prior and the scoring layers' part make one score (``TargetLayerHead(combine=...)``).
 COMBINE = ("sum", "union")
+#: Which query of each scoring layer ranks a step: the previous token's, or the current token's as
+#: :mod:`.query_prediction` predicts it from the previous one and the current token.
+QUERIES = ("previous", "predicted")
 
 
 def _ranks(scores: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
@@ -100,8 +104,9 @@ class TargetLayerHead(RetrievalHead):
     ``prior_from``: the prior averages the layers from this fraction of the depth on (0: all);
     ``combine``: "sum" (prior + weight x query part) or "union" (the two rankings interleaved: a position
     ranks by the better of its two ranks, the query part's first on a tie, so each part fills about half
-    the budget). The
-    defaults are the measured choice; the other values lost or tied on the suite (docs/accuracy.md).
+    the budget); ``query``: "previous" (the previous token's query, as recorded) or "predicted" (the current
+    token's, predicted by a per-sequence fit; needs ``model``, the target). The defaults are the measured
+    choice; the other values lost or tied on the suite (docs/accuracy.md).
     """
 
     name = "target_layer"
@@ -117,6 +122,8 @@ class TargetLayerHead(RetrievalHead):
         lookbehind: int = 0,
         prior_from: float = 0.0,
         combine: str = "sum",
+        query: str = "previous",
+        model=None,
     ):
         layers = (layers,) if isinstance(layers, int) else tuple(layers)
         if not layers or len(set(layers)) != len(layers):
@@ -132,6 +139,13 @@ class TargetLayerHead(RetrievalHead):
             raise ValueError(f"prior_from must be a fraction of the depth in [0, 1); got {prior_from!r}")
         if combine not in COMBINE:
             raise ValueError(f"combine must be one of {', '.join(map(repr, COMBINE))}; got {combine!r}")
+        if query not in QUERIES:
+            raise ValueError(f"query must be one of {', '.join(map(repr, QUERIES))}; got {query!r}")
+        if query == "predicted" and model is None:
+            raise ValueError("query='predicted' needs model= (the target, whose query projections it reuses)")
+        self.query = query
+        self.predictors = {layer: QueryPredictor(model, layer) for layer in layers} if query == "predicted" else {}
+        self._pending: dict[int, torch.Tensor] = {}  # a step's queries, until observe_step brings its tokens
         self.layers = layers
         self.prior_from = float(prior_from)
         self.combine = combine
@@ -152,16 +166,23 @@ class TargetLayerHead(RetrievalHead):
         self.queries = {}
         self.prior_parts = {}
         self._prior = None
+        self._pending = {}
+        for predictor in self.predictors.values():
+            predictor.reset()
 
     def snapshot(self):
         return ({layer: cache.length for layer, cache in self.caches.items()}, dict(self.queries),
-                dict(self.prior_parts), self._prior)
+                dict(self.prior_parts), self._prior,
+                {layer: predictor.state() for layer, predictor in self.predictors.items()})
 
     def restore(self, state) -> None:
-        lengths, queries, prior_parts, prior = state
+        lengths, queries, prior_parts, prior, predictors = state
         for layer, length in lengths.items():
             self.caches[layer].truncate(length)
         self.queries, self.prior_parts, self._prior = dict(queries), dict(prior_parts), prior
+        self._pending = {}
+        for layer, predictor_state in predictors.items():
+            self.predictors[layer].set_state(predictor_state)
 
     def observe(self, layer, q, k, keys, scale, key_valid=None):
         if self.prefill_prior and (q.shape[2] > 1 or layer not in self.prior_parts):
@@ -175,6 +196,25 @@ class TargetLayerHead(RetrievalHead):
         cache.append(k)
         self.queries[layer] = q[:, :, -1].clone()
         self.scales[layer] = scale
+        if layer in self.predictors and self.predictors[layer].weights is None:
+            self._pending[layer] = q
+
+    def observe_step(self, input_ids, attention_mask, position_ids, aux_hidden) -> None:
+        """The predictors fit on each step's consecutive queries until the first sparse step solves them."""
+        new = input_ids.shape[1]
+        for layer, q in self._pending.items():
+            self.predictors[layer].accumulate(q, input_ids, attention_mask[:, -new:], position_ids)
+        self._pending = {}
+
+    def _step_queries(self, input_ids: torch.Tensor, positions: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The query each scoring layer ranks with: the previous token's, or the current one's predicted
+        (``positions`` [B]: where the current tokens sit)."""
+        if not self.predictors:
+            return self.queries
+        for predictor in self.predictors.values():
+            predictor.solve()
+        return {layer: self.predictors[layer].predict(self.queries[layer], input_ids, positions).to(query.dtype)
+                for layer, query in self.queries.items()}
 
     def prior(self, past: int) -> torch.Tensor:
         """[B, Hkv, past]: the prefill attention averaged over layers (0 for tokens generated since)."""
@@ -185,15 +225,18 @@ class TargetLayerHead(RetrievalHead):
         if len(self.queries) != len(self.layers):
             raise RuntimeError("retrieval head has no query yet: prefill must run first")
         keys = {layer: self.caches[layer].view(past) for layer in self.layers}
-        return self._scores(keys, attention_mask[:, :past].bool(), self.prior(past) if self.prefill_prior else None)
+        key_valid = attention_mask[:, :past].bool()
+        queries = self._step_queries(input_ids, key_valid.sum(-1))
+        return self._scores(queries, keys, key_valid, self.prior(past) if self.prefill_prior else None)
 
-    def _scores(self, keys: dict[int, torch.Tensor], key_valid: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+    def _scores(self, queries: dict[int, torch.Tensor], keys: dict[int, torch.Tensor], key_valid: torch.Tensor,
+                prior: torch.Tensor | None) -> torch.Tensor:
         """The one scoring path (eager steps over the stored keys, fixed-shape steps over a fixed capacity
         with the unwritten positions masked): the scoring layers' attention from their last query, spread
         by lookahead/lookbehind, weighted, plus the prior."""
         scores = 0
         for layer in self.layers:
-            scores = scores + group_probabilities(self.queries[layer], keys[layer], self.scales[layer], key_valid)
+            scores = scores + group_probabilities(queries[layer], keys[layer], self.scales[layer], key_valid)
         scores = self.query_weight * self._look_ahead(scores)
         if prior is None:
             return scores
@@ -222,6 +265,8 @@ class TargetLayerHead(RetrievalHead):
             raise RuntimeError("retrieval head has no query yet: prefill must run first")
         self._static_keys = {layer: self.caches[layer].reserve_for(capacity)[:, :, :capacity] for layer in self.layers}
         self.queries = {layer: query.clone() for layer, query in self.queries.items()}  # written in place from now on
+        for predictor in self.predictors.values():
+            predictor.solve()
         if self.prefill_prior:
             stored = self._prior_source()
             self._static_prior = torch.nn.functional.pad(stored, (0, capacity - stored.shape[-1]))
@@ -238,8 +283,9 @@ class TargetLayerHead(RetrievalHead):
             self._static_keys[layer].index_copy_(2, position.view(1), k)
             self.queries[layer].copy_(q[:, :, -1])
 
-    def score_static(self, key_valid: torch.Tensor) -> torch.Tensor:
-        return self._scores(self._static_keys, key_valid, self._static_prior if self.prefill_prior else None)
+    def score_static(self, key_valid: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        queries = self._step_queries(input_ids, key_valid.sum(-1))
+        return self._scores(queries, self._static_keys, key_valid, self._static_prior if self.prefill_prior else None)
 
     def end_static(self, steps: int) -> None:
         for cache in self.caches.values():

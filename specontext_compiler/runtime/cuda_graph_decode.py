@@ -113,7 +113,7 @@ class StaticDecodeRuntime:
     def retrieve(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
         self.key_valid = attention_mask.bool() & (self.at < self.position)
         self.with_new = self.key_valid | (self.at == self.position)
-        scores = self.head.score_static(self.key_valid)
+        scores = self.head.score_static(self.key_valid, input_ids)
         indices = select_tokens(scores, self.key_valid, self.budget, self.sparse.sink_tokens,
                                 self.sparse.local_window, past=self.position)
         self.indices = indices  # the step's selection: the graph passes it to prefetch and attention
