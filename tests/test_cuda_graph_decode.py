@@ -48,7 +48,7 @@ def test_fixed_shape_decode_gives_the_eager_tokens(family, poisoned):
 
 
 @pytest.mark.parametrize("options", [{}, {"lookbehind": 1, "prior_window": 4},
-                                     {"combine": "union", "prior_from": 0.5}])
+                                     {"combine": "union", "prior_from": 0.5}, {"query": "predicted"}])
 def test_fixed_shape_decode_of_the_multi_layer_lookahead_head_gives_the_eager_tokens(poisoned, options):
     """The default head's shape on a deeper model: three scoring layers merged, lookahead 1 (2-layer tiny
     models round the default depths to one layer); and with its other options."""
@@ -56,7 +56,7 @@ def test_fixed_shape_decode_of_the_multi_layer_lookahead_head_gives_the_eager_to
 
     model = tiny_model("qwen3", num_hidden_layers=5)
     compiled = specontext.compile(model, "1GB", token_budget=14, offload="none", local_window=4, progress=False,
-                                  draft=TargetLayerHead((2, 3, 4), lookahead=1, **options))
+                                  draft=TargetLayerHead((2, 3, 4), lookahead=1, model=model, **options))
     ids, mask = padded_batch(96, [40, 33], seed=6)
     expected = compiled.generate(ids, attention_mask=mask, **GENERATE)
     compiled.engine.decode_mode = "fixed"

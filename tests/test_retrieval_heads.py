@@ -287,3 +287,66 @@ def test_default_scoring_layers_move_off_sliding_window_layers():
     assert default_layers(18) == (12, 13, 14)
     assert default_layers(18, gemma3) == (11, 17)
     assert default_layers(18, ["full_attention"] * 18) == (12, 13, 14)
+
+
+def test_predicted_query_against_a_float64_ridge_reference(target, prompts):
+    """``query="predicted"``: per row and query head, a ridge regression of each prompt query on the one
+    before it and the layer's query projection of the token's embedding (pairs of real tokens, across
+    prefill chunks), shrunk towards the previous query; the step's query is that prediction rotated to the
+    new position. The reference reads unrotated queries from ``q_proj`` itself (no inverse rotation)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    ids, mask = prompts
+    layer, heads, dim = 2, target.config.num_attention_heads, target.config.head_dim
+    head = TargetLayerHead(layer, query="predicted", model=target)
+    model = specontext.compile(target, "1GB", draft=head, prefill_chunk=16, **SPARSE)  # three chunks
+    model(ids, attention_mask=mask)
+    recorded = []  # the HF model's own forward, for the unrotated queries
+    hook = target.model.layers[layer].self_attn.q_proj.register_forward_hook(lambda m, i, o: recorded.append(o))
+    with torch.no_grad():
+        target(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+    hook.remove()
+    batch, past = ids.shape
+    new = torch.tensor([[5], [7]])
+    positions = mask.sum(-1)
+    predicted = head._step_queries(new, positions)[layer].double()
+
+    unrotated = torch.cat(recorded, 1).double().view(batch, past, heads, dim)
+    block = target.model.layers[layer]
+    with torch.no_grad():
+        def embedded(tokens):
+            return block.self_attn.q_proj(block.input_layernorm(target.model.embed_tokens(tokens))).double()
+        emb = embedded(ids).view(batch, past, heads, dim)
+        emb_new = embedded(new).view(batch, 1, heads, dim)
+        for row in range(batch):
+            real = mask[row].bool()
+            pairs = (real[1:] & real[:-1]).nonzero().flatten() + 1
+            for h in range(heads):
+                x = torch.cat([unrotated[row, pairs - 1, h], emb[row, pairs, h], torch.ones(len(pairs), 1)], -1)
+                gram = x.T @ x
+                ridge = head.predictors[layer].ridge * gram.diagonal().mean() + 1e-6
+                eye = torch.eye(2 * dim + 1, dtype=torch.float64)
+                weights = torch.linalg.solve(gram + ridge * eye, x.T @ unrotated[row, pairs, h] + ridge * eye[:, :dim])
+                features = torch.cat([unrotated[row, -1, h], emb_new[row, 0, h], torch.ones(1)])
+                cos, sin = target.model.rotary_emb(features[None, None], positions[row].view(1, 1))
+                expected, _ = apply_rotary_pos_emb((features @ weights).view(1, 1, 1, dim), (features @ weights).view(1, 1, 1, dim),
+                                                   cos.double(), sin.double())
+                torch.testing.assert_close(predicted[row, h], expected.view(dim), rtol=2e-3, atol=2e-4)
+    with pytest.raises(ValueError, match="needs model="):
+        TargetLayerHead(1, query="predicted")
+    with pytest.raises(ValueError, match="query must be one of"):
+        TargetLayerHead(1, query="next")
+
+
+def test_rotation_is_undone_exactly_with_scaling_and_partial_rotary():
+    from specontext_compiler.retrieval.query_prediction import rotate
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, 5, 16, generator=g, dtype=torch.float64)
+    angles = torch.rand(2, 5, 4, generator=g, dtype=torch.float64) * 6
+    for scale in (1.0, 1.3):
+        cos = torch.cat([angles.cos()] * 2, -1) * scale  # 8 rotary dimensions of 16
+        sin = torch.cat([angles.sin()] * 2, -1) * scale
+        turned = rotate(q, cos, sin)
+        assert torch.equal(turned[..., 8:], q[..., 8:])
+        torch.testing.assert_close(rotate(turned, cos, sin, inverse=True), q)
