@@ -14,8 +14,8 @@ Three measurements on the Llama-3.1-8B shape (random bf16 weights, as in benchma
   their number of decode steps; the difference, per step, is the replayed step's kernels (prefill and
   capture cancel). Kernels are grouped by kind (matrix products, attention, selection, elementwise...).
 * **step time** of each variant (``--variants``: the default CUDA graph; ``graph_inductor``, i.e.
-  ``compile_decode_step=True``; ``graph_inductor_untuned``, the same without coordinate-descent tuning (cuBLAS
-  keeps the one-row matrix products); ``fixed``, the
+  Inductor with coordinate-descent tuning; ``graph_inductor_untuned``, the default compiled step, without it
+  (cuBLAS keeps the one-row matrix products); ``fixed``, the
   fixed-shape step without a graph), as the difference of two generates over the steps they differ
   by, with the kernel time summed per step: the difference is time the GPU spends between kernels.
 
@@ -174,10 +174,10 @@ def main() -> None:
             continue
         compiled.engine.decode_mode = "fixed" if variant == "fixed" else "graph"
         compiled.engine.fixed_shape_step = None
-        if variant == "graph_inductor":  # compile_decode_step=True
-            compiled.engine.compile_fixed_shape_step()
+        if variant == "graph_inductor":  # with coordinate-descent tuning (the default until 2026-12-04)
+            compiled.engine.compile_fixed_shape_step(inductor_options={"coordinate_descent_tuning": True})
         elif variant == "graph_inductor_untuned":
-            compiled.engine.compile_fixed_shape_step(inductor_options={})  # cuBLAS keeps the matrix products
+            compiled.engine.compile_fixed_shape_step()  # the default: cuBLAS keeps the matrix products
         try:
             variants[variant] = profile_variant(compiled, ids, new_tokens=16)
         except Exception as error:  # a variant that fails is recorded, and the others still run

@@ -259,16 +259,17 @@ class GenerationEngine:
 
     def compile_fixed_shape_step(self, inductor_options: dict | None = None) -> None:
         """Fixed-shape decode steps through Inductor: it fuses the elementwise operators between the matrix
-        products (8B at 32K on an H200: ~1,400 kernels per step down to ~520, 6.9 -> 4.9 ms; docs/benchmarks.md),
-        and coordinate-descent tuning picks the block sizes of the one-token matrix-vector kernels it
-        generates. Prefill and eager steps keep ``step``.
+        products (8B at 32K on an H200: ~1,400 kernels per step down to ~600; docs/benchmarks.md). The
+        matrix products stay cuBLAS's: with coordinate-descent tuning Inductor rewrites one-row products as
+        tuned Triton reductions, whose speed varied from machine to machine (5.68 against 5.48 ms per step at
+        batch 1 on 2026-12-04). Prefill and eager steps keep ``step``.
 
         The batch size and the capacity (the mask's width) are compiled as dynamic sizes from the first call,
         so a new prompt length or batch size reuses the compiled code: one compilation for batch 1 (which
         Dynamo specializes) and one for every larger batch. Inductor's caches on disk (FX graph, AOTAutograd,
-        autotuning) let a later process skip most of the work. ``inductor_options`` replaces the options
-        (``{}``: Inductor's defaults, which leave one-row matrix products to cuBLAS)."""
-        options = {"coordinate_descent_tuning": True} if inductor_options is None else inductor_options
+        autotuning) let a later process skip most of the work. ``inductor_options``: Inductor's options
+        (``{"coordinate_descent_tuning": True}`` measures the tuned reductions)."""
+        options = {} if inductor_options is None else inductor_options
         compiled = torch.compile(self.step, options=options)
 
         def fixed_shape_step(**inputs):
