@@ -27,6 +27,9 @@ def head_description(head) -> tuple[dict, dict[str, torch.Tensor]]:
     if head is None:
         return {"kind": "none"}, {}
     if isinstance(head, TargetLayerHead):
+        if head.query != "previous":  # its fit reads the target's modules, which an artifact does not hold
+            raise ValueError(f"export does not support the draft-free head with query={head.query!r} yet; "
+                             "accepted: query='previous' (the default)")
         return {"kind": "target_layer", "layers": list(head.layers), "prefill_prior": head.prefill_prior,
                 "query_weight": head.query_weight, "lookahead": head.lookahead, "lookbehind": head.lookbehind,
                 "prior_window": head.prior_window, "prior_from": head.prior_from, "combine": head.combine}, {}

@@ -550,11 +550,19 @@ def test_every_option_of_the_draft_free_head_survives_its_description(tmp_path):
 
 
 def test_draft_heads_are_refused_before_writing(tmp_path):
+    from specontext_compiler.retrieval import TargetLayerHead
+
     draft = tiny_model("llama", seed=1)
     compiled = specontext.compile(tiny_model("llama"), "1GB", token_budget=16, draft=draft, progress=False)
     with pytest.raises(ValueError, match="DraftModelHead"):
         specontext.export(compiled, tmp_path / "draft")
     assert not (tmp_path / "draft").exists()
+    model = tiny_model("llama")
+    predicted = TargetLayerHead(1, query="predicted", model=model)
+    compiled = specontext.compile(model, "1GB", token_budget=16, draft=predicted, progress=False)
+    with pytest.raises(ValueError, match="query='predicted'"):
+        specontext.export(compiled, tmp_path / "predicted")
+    assert not (tmp_path / "predicted").exists()
 
 
 def test_dropout_in_training_mode_is_refused():
