@@ -102,6 +102,8 @@ def main() -> None:
                         help="the guard's threshold (0: measure coverage, never redo a step)")
     parser.add_argument("--guard-check-every", type=int, default=GuardSettings().check_every,
                         help="steps between the guard's reads of the coverage (1: every step's is recorded)")
+    parser.add_argument("--guard-dense-start", type=int, default=GuardSettings().dense_start,
+                        help="the guard's dense decode steps at each sequence's start (its methods get '+dense<N>')")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--first-prompt", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -117,8 +119,10 @@ def main() -> None:
     tasks = args.tasks or list(ruler.tasks_of(args.split))
     choice = HeadChoice({name: variants[name]() for name in names})
     runs = [(name, False) for name in names] + [(name, True) for name in args.guard_heads]
-    labels = [name + ("+guard" if guard else "") for name, guard in runs]
-    guard = GuardSettings(threshold=args.guard_threshold, check_every=args.guard_check_every) if args.guard_heads else False
+    dense_start = f"+dense{args.guard_dense_start}" if args.guard_dense_start else ""
+    labels = [name + ("+guard" + dense_start if guard else "") for name, guard in runs]
+    guard = GuardSettings(threshold=args.guard_threshold, check_every=args.guard_check_every,
+                          dense_start=args.guard_dense_start) if args.guard_heads else False
     compiled = specontext.compile(model, "200GB", draft=choice, offload="none", guard=guard)
     samples = ruler.suite(tokenizer, tasks, args.lengths, args.prompts, args.split, chat, args.first_prompt)
     rows = []
@@ -148,7 +152,7 @@ def main() -> None:
             text = tokenizer.decode(outputs[method][0], skip_special_tokens=True)
             rows.append({"task": sample.task, "length": sample.tokens, "index": sample.index,
                          "target_length": next(length for length in args.lengths if sample.tokens <= length),
-                         "method": method.name, "budget": budget,
+                         "method": method.name + (dense_start if method.guard else ""), "budget": budget,
                          "token_budget": method.token_budget, "score": sample.score(text), "output": text,
                          "references": list(sample.references),
                          **{k: v for k, v in stats[method].items() if k in GUARD_STATS}})

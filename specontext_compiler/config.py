@@ -107,6 +107,8 @@ DEFAULT_THRESHOLD = 0.65
 DEFAULT_HOLD_STEPS = 16
 #: Steps between two host reads of the coverage (docs/accuracy.md: the read's cost on an H200 at batch 1).
 DEFAULT_CHECK_EVERY = 8
+#: Decode steps at the start of each sequence that attend densely (docs/accuracy.md: the fifth round).
+DEFAULT_DENSE_START = 0
 #: Whether compile turns the guard on when not told (tests of other features turn it off: tests/conftest.py).
 DEFAULT_GUARD = True
 
@@ -125,12 +127,16 @@ class GuardSettings:
         layer: the guard layer; None: the retrieval head's (deepest) scoring layer, or the deepest of the
             draft-free head's default layers, moved to the nearest full-attention layer whose KV stays on
             the GPU.
+        dense_start: the first ``dense_start`` decode steps of each sequence attend densely, as during a
+            hold (a short answer's tokens come from the whole context); not where layers start offloaded,
+            whose dense steps would read their whole KV over PCIe.
     """
 
     threshold: float = DEFAULT_THRESHOLD
     hold_steps: int = DEFAULT_HOLD_STEPS
     check_every: int = DEFAULT_CHECK_EVERY
     layer: int | None = None
+    dense_start: int = DEFAULT_DENSE_START
 
     def __post_init__(self):
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold < 1:
@@ -139,6 +145,8 @@ class GuardSettings:
             raise ValueError(f"guard hold_steps must be a non-negative int; got {self.hold_steps!r}")
         if isinstance(self.check_every, bool) or not isinstance(self.check_every, int) or self.check_every < 1:
             raise ValueError(f"guard check_every must be a positive int; got {self.check_every!r}")
+        if isinstance(self.dense_start, bool) or not isinstance(self.dense_start, int) or self.dense_start < 0:
+            raise ValueError(f"guard dense_start must be a non-negative int; got {self.dense_start!r}")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
             raise ValueError(f"guard layer must be a non-negative int or None; got {self.layer!r}")
 

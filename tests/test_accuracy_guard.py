@@ -27,8 +27,9 @@ class OldestTokens(StreamingLLM):
 
 def compile_missing(guard, **options):
     # No sinks, no window, 4 of ~40 tokens, the oldest: far from the tokens the peaked attention picks.
+    options = {"offload": "none", **options}
     return specontext.compile(peaked_llama(), "1GB", token_budget=5, sink_tokens=0, local_window=0,
-                              draft=OldestTokens(), offload="none", progress=False, guard=guard, **options)
+                              draft=OldestTokens(), progress=False, guard=guard, **options)
 
 
 @pytest.mark.parametrize("decode_mode", ["eager", "fixed"])
@@ -57,6 +58,31 @@ def test_guard_holds_dense_then_selects_again():
     # 19 steps: a trigger (its redo) and 3 held steps, then the selection is tried again and misses.
     assert stats["guard_triggers"] == 5 and stats["guard_checks"] == 5
     assert stats["guard_dense_steps"] == 19
+
+
+@pytest.mark.parametrize("decode_mode", ["eager", "fixed"])
+def test_dense_start_gives_dense_tokens_first_then_selects(decode_mode, poisoned):
+    """``dense_start=6``: the first 6 decode steps attend densely (the first 7 tokens are dense's: the
+    first comes from prefill), then the head that misses selects; threshold 0 never triggers."""
+    ids, mask = padded_batch(96, [40, 33], seed=5)
+    dense = specontext.compile(peaked_llama(), "1GB", token_budget=None, progress=False)
+    expected = dense.generate(ids, attention_mask=mask, **GENERATE)
+    started = compile_missing(GuardSettings(threshold=0.0, dense_start=6))
+    started.engine.decode_mode = decode_mode
+    tokens = started.generate(ids, attention_mask=mask, **GENERATE)
+    prompt = ids.shape[1]
+    assert torch.equal(tokens[:, : prompt + 7], expected[:, : prompt + 7])
+    assert not torch.equal(tokens, expected)
+    stats = started.stats
+    assert stats["guard_dense_steps"] == 6 and stats["guard_triggers"] == 0
+    assert stats["fixed_shape_steps"] == (stats["steps"] - 6 if decode_mode == "fixed" else 0)
+    again = started.generate(ids, attention_mask=mask, **GENERATE)  # every sequence starts dense
+    assert torch.equal(again, tokens) and started.stats["guard_dense_steps"] == 6
+    offloaded = compile_missing(GuardSettings(threshold=0.0, dense_start=6, layer=0), offload=[1])
+    offloaded.generate(ids, attention_mask=mask, **GENERATE)  # dense steps would read layer 1 from the host
+    assert offloaded.stats["guard_dense_steps"] == 0
+    with pytest.raises(ValueError, match="dense_start must be a non-negative int"):
+        GuardSettings(dense_start=-1)
 
 
 @pytest.mark.parametrize("decode_mode", ["eager", "fixed"])

@@ -23,6 +23,7 @@ that out-of-memory recovery uses) and runs it again attending densely, then atte
 ``hold_steps`` more steps before the selection resumes, where the guard measures it again: a selection
 that still misses triggers again. A batch attends densely while any of its sequences is held (one step
 shape for the batch). Counters in ``stats``: steps checked, triggers, steps redone and dense steps.
+``dense_start`` holds the first decode steps of a sequence dense the same way (they count as dense steps).
 
 Threshold and hold were chosen on the suite's fit split (docs/accuracy.md), not on what they are
 reported on.
@@ -68,10 +69,12 @@ class AccuracyGuard:
             "guard_max_coverage": self.max_coverage if self.checks else None,
         }
 
-    def new_sequence(self) -> None:
+    def new_sequence(self, dense_start: bool = True) -> None:
+        """A sequence starts: its first ``settings.dense_start`` decode steps are held dense (unless
+        ``dense_start`` is False: layers start offloaded)."""
         self.coverage = None
         self.buffer = None
-        self.dense_left = 0
+        self.dense_left = self.settings.dense_start if dense_start else 0
         self._since_check = 0
 
     @property

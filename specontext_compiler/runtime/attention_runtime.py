@@ -231,7 +231,7 @@ class AttentionRuntime:
         if self.head is not None:
             self.head.reset(batch=0, reserve_tokens=reserve_tokens)
         if self.guard is not None:
-            self.guard.new_sequence()
+            self.guard.new_sequence(dense_start=not self.store.offloaded)
             self.place_guard()
 
     def place_guard(self) -> None:
