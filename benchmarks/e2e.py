@@ -113,12 +113,13 @@ def difference_lengths(compiled, new_tokens: int) -> tuple[int, int]:
     """Tokens of the shorter and the longer of two generates whose difference, per step, is the step time:
     the shorter one already warms up and captures every kind of fixed-shape step the longer one runs (with
     the guard: the steps that measure its coverage, one in ``check_every``, the first of which comes at
-    step ``check_every``), and they differ by a whole number of guard periods."""
+    step ``check_every`` after the guard's dense start), and they differ by a whole number of guard periods."""
     guard = compiled.runtime.guard
     if guard is None:
         return SHORT, SHORT + new_tokens
     every = guard.settings.check_every
-    short = 2 * every + 1  # prefill's token, then two measured steps: the kind's warm-up and its capture
+    # prefill's token, the dense start's steps, then two measured steps: the kind's warm-up and its capture
+    short = guard.settings.dense_start + 2 * every + 1
     return short, short + every * -(-new_tokens // every)
 
 
