@@ -96,9 +96,10 @@ def _guard_option(value):
 
     if value is None or value is False:
         return False
-    if not isinstance(value, dict) or set(value) - {"threshold", "hold_steps", "check_every", "layer"}:
-        raise ValueError(f"guard is {value!r}; accepted: null or an object of threshold, hold_steps, check_every, layer")
-    return GuardSettings(**value)
+    if not isinstance(value, dict) or set(value) - {"threshold", "hold_steps", "check_every", "layer", "dense_start"}:
+        raise ValueError(f"guard is {value!r}; accepted: null or an object of threshold, hold_steps, check_every, "
+                         "layer, dense_start")
+    return GuardSettings(**{"dense_start": 0, **value})  # artifacts from before dense_start ran without it
 
 
 # -- export -------------------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ DEFAULT_HOLD_STEPS = 16
 #: Steps between two host reads of the coverage (docs/accuracy.md: the read's cost on an H200 at batch 1).
 DEFAULT_CHECK_EVERY = 8
 #: Decode steps at the start of each sequence that attend densely (docs/accuracy.md: the fifth round).
-DEFAULT_DENSE_START = 0
+DEFAULT_DENSE_START = 16
 #: Whether compile turns the guard on when not told (tests of other features turn it off: tests/conftest.py).
 DEFAULT_GUARD = True
 

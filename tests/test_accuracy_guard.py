@@ -40,7 +40,7 @@ def test_guard_restores_the_dense_tokens_of_a_head_that_misses(decode_mode, pois
     unguarded = compile_missing(False)
     unguarded.engine.decode_mode = decode_mode
     assert not torch.equal(unguarded.generate(ids, attention_mask=mask, **GENERATE), expected)  # it does miss
-    guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=0, check_every=1))
+    guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=0, check_every=1, dense_start=0))
     guarded.engine.decode_mode = decode_mode
     assert torch.equal(guarded.generate(ids, attention_mask=mask, **GENERATE), expected)
     stats = guarded.stats
@@ -52,7 +52,7 @@ def test_guard_restores_the_dense_tokens_of_a_head_that_misses(decode_mode, pois
 
 def test_guard_holds_dense_then_selects_again():
     ids, mask = padded_batch(96, [40, 33], seed=5)
-    guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=3, check_every=1))
+    guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=3, check_every=1, dense_start=0))
     guarded.generate(ids, attention_mask=mask, **GENERATE)
     stats = guarded.stats
     # 19 steps: a trigger (its redo) and 3 held steps, then the selection is tried again and misses.
@@ -88,7 +88,7 @@ def test_dense_start_gives_dense_tokens_first_then_selects(decode_mode, poisoned
 @pytest.mark.parametrize("decode_mode", ["eager", "fixed"])
 def test_guard_measures_and_reads_one_step_in_n(decode_mode):
     ids, mask = padded_batch(96, [40, 33], seed=5)
-    guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=0, check_every=4))
+    guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=0, check_every=4, dense_start=0))
     guarded.engine.decode_mode = decode_mode
     guarded.generate(ids, attention_mask=mask, **GENERATE)
     stats = guarded.stats  # 19 steps: reads after steps 4, 8, 12, 16, each redoing its step densely
@@ -103,7 +103,7 @@ def test_guard_keeps_a_selection_that_covers_the_attention():
     budget covers more than a low threshold: no trigger, the sparse tokens stay."""
     ids, mask = padded_batch(96, [40, 33], seed=5)
     oracle = specontext.compile(tiny_model("llama"), "1GB", token_budget=30, selection="oracle", offload="none",
-                                progress=False, guard=GuardSettings(threshold=0.9, check_every=1))
+                                progress=False, guard=GuardSettings(threshold=0.9, check_every=1, dense_start=0))
     sparse = specontext.compile(tiny_model("llama"), "1GB", token_budget=30, selection="oracle", offload="none",
                                 progress=False, guard=False)
     assert torch.equal(oracle.generate(ids, attention_mask=mask, **GENERATE),
@@ -138,7 +138,7 @@ def test_guard_replay_redoes_missed_steps():
     ids, _ = padded_batch(96, [40], seed=6)
     continuation = torch.randint(3, 96, (1, 12))
     dense = specontext.compile(peaked_llama(), "1GB", token_budget=None, progress=False)
-    guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=0, check_every=1))
+    guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=0, check_every=1, dense_start=0))
     torch.testing.assert_close(guarded.replay(ids, continuation), dense.replay(ids, continuation))
 
 

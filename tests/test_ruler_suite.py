@@ -4,6 +4,7 @@ the benchmark on the real SmolLM2 (the full runs are benchmarks/accuracy_gpu.sh)
 import pytest
 
 import specontext
+from specontext_compiler.config import GuardSettings
 from specontext_compiler.evaluation import ruler, texts
 from specontext_compiler.evaluation.shared_prefill import DENSE, HeadChoice, Method, generate_each
 from specontext_compiler.retrieval import OracleTopK, TargetLayerHead
@@ -55,13 +56,15 @@ def test_bad_suite_arguments_are_refused(bad, match, tokenizer):
 
 
 def test_a_slice_of_the_suite_on_smollm2(smollm2):
-    """One held-out needle at ~1K tokens: dense finds it, and so do the default head (with the guard on)
-    and oracle top-k at a quarter of the prompt, all decoded from one prefill."""
+    """One held-out needle at ~1K tokens: dense finds it, and so do the default head (with the guard on,
+    selecting from the first decode step: no dense start, so the selection is what finds it) and oracle
+    top-k at a quarter of the prompt, all decoded from one prefill."""
     model, tokenizer = smollm2
     sample = ruler.make_sample("niah_single_noise", tokenizer, 1024, 0, "heldout")
     choice = HeadChoice({"default": TargetLayerHead(default_layers(model.config.num_hidden_layers)),
                          "oracle": OracleTopK()})
-    compiled = specontext.compile(model, "24GB", draft=choice, offload="none", progress=False, guard=True)
+    compiled = specontext.compile(model, "24GB", draft=choice, offload="none", progress=False,
+                                  guard=GuardSettings(dense_start=0))
     budget = sample.tokens // 4
     methods = [DENSE, Method("default", budget, guard=True), Method("oracle", budget)]
     stats = {}

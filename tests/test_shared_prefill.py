@@ -8,7 +8,7 @@ from specontext_compiler.evaluation.shared_prefill import DENSE, HeadChoice, Met
 from specontext_compiler.retrieval import OracleTopK, StreamingLLM, TargetLayerHead
 from tiny_models import padded_batch, peaked_llama, tiny_model
 
-GUARD = GuardSettings(threshold=0.6, check_every=1)
+GUARD = GuardSettings(threshold=0.6, check_every=1, dense_start=0)
 
 
 def test_each_method_decodes_as_its_own_compiled_model_and_the_runtime_is_put_back():
