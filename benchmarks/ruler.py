@@ -119,8 +119,8 @@ def main() -> None:
     tasks = args.tasks or list(ruler.tasks_of(args.split))
     choice = HeadChoice({name: variants[name]() for name in names})
     runs = [(name, False) for name in names] + [(name, True) for name in args.guard_heads]
-    dense_start = f"+dense{args.guard_dense_start}" if args.guard_dense_start else ""
-    labels = [name + ("+guard" + dense_start if guard else "") for name, guard in runs]
+    dense_suffix = f"+dense{args.guard_dense_start}" if args.guard_dense_start else ""
+    labels = [name + ("+guard" + dense_suffix if guard else "") for name, guard in runs]
     guard = GuardSettings(threshold=args.guard_threshold, check_every=args.guard_check_every,
                           dense_start=args.guard_dense_start) if args.guard_heads else False
     compiled = specontext.compile(model, "200GB", draft=choice, offload="none", guard=guard)
@@ -152,7 +152,7 @@ def main() -> None:
             text = tokenizer.decode(outputs[method][0], skip_special_tokens=True)
             rows.append({"task": sample.task, "length": sample.tokens, "index": sample.index,
                          "target_length": next(length for length in args.lengths if sample.tokens <= length),
-                         "method": method.name + (dense_start if method.guard else ""), "budget": budget,
+                         "method": method.name + (dense_suffix if method.guard else ""), "budget": budget,
                          "token_budget": method.token_budget, "score": sample.score(text), "output": text,
                          "references": list(sample.references),
                          **{k: v for k, v in stats[method].items() if k in GUARD_STATS}})

@@ -109,7 +109,7 @@ def _select(compiled, choice: HeadChoice, method: Method, guard) -> None:
         raise ValueError(f"{method.label} asks for the accuracy guard but the model was compiled without one")
     runtime.guard = guard if method.guard else None
     if method.guard:  # the sequence starts again here: no hold or coverage left from the method before
-        guard.new_sequence(dense_start=not runtime.store.offloaded)
+        runtime.restart_guard()
     if method.token_budget is None:
         runtime.sparse = None
         return

@@ -94,6 +94,12 @@ class RetrievalHead:
         return 0
 
 
+def decoder_of(model):
+    """The decoder stack of a causal LM (its ``layers``, ``rotary_emb``): ``get_decoder()`` where the model
+    has it, else ``model.model``."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
 class KeyCache:
     """A retrieval head's own keys over the context, [B, H, capacity, D]: reserved once per sequence,
     appended each step, grown in chunks past the reservation (the heads' twin of the runtime's KV store)."""

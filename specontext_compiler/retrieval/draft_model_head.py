@@ -23,7 +23,7 @@ import logging
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from .base import KeyCache, RetrievalHead, vote_for_groups
+from .base import KeyCache, RetrievalHead, decoder_of, vote_for_groups
 from .eagle3 import rotate_half
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class DraftModelHead(RetrievalHead):
 
     # -- pruning ---------------------------------------------------------------------------------------
     def _prune(self, draft: PreTrainedModel):
-        base = draft.get_decoder() if hasattr(draft, "get_decoder") else draft.model
+        base = decoder_of(draft)
         attention = base.layers[self.layer].self_attn
         layer = base.layers[self.layer]
         head_dim = attention.head_dim

@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import torch
 
+from .base import decoder_of
+from .eagle3 import rotate_half
+
 #: Ridge strength, relative to the mean diagonal of each head's Gram matrix (measured: docs/accuracy.md).
 DEFAULT_RIDGE = 1e-2
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def rotate(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -41,9 +39,9 @@ def rotate(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
     cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)
     turned, kept = q[..., :rot], q[..., rot:]
     if inverse:
-        turned = (turned * cos - _rotate_half(turned) * sin) / (cos * cos + sin * sin)
+        turned = (turned * cos - rotate_half(turned) * sin) / (cos * cos + sin * sin)
     else:
-        turned = turned * cos + _rotate_half(turned) * sin
+        turned = turned * cos + rotate_half(turned) * sin
     return torch.cat((turned, kept), dim=-1)
 
 
@@ -51,8 +49,7 @@ class EmbeddingQuery:
     """``q_emb``: one layer's query projection (after its input norm) of token embeddings, [B, Hq, T, D]."""
 
     def __init__(self, model, layer: int):
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        block = decoder.layers[layer]
+        block = decoder_of(model).layers[layer]
         attention = block.self_attn
         self.embed = model.get_input_embeddings()
         self.norm = block.input_layernorm
@@ -80,8 +77,7 @@ class RotaryTables:
     """cos/sin [B, T, R] at given positions, from the model's own rotary module (its scaling included)."""
 
     def __init__(self, model, layer: int):
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        self.rotary = decoder.rotary_emb
+        self.rotary = decoder_of(model).rotary_emb
         layer_types = getattr(model.config, "layer_types", None)
         # Gemma 3 keeps one table per attention type and takes the type as an argument.
         self.layer_type = layer_types[layer] if layer_types and hasattr(self.rotary, "layer_types") else None
@@ -175,7 +171,3 @@ class QueryPredictor:
         features = self._features(unrotated, input_ids)  # [B, Hq, 1, F]
         predicted = features @ self.weights  # [B, Hq, 1, D]
         return rotate(predicted, cos[:, 1:].float(), sin[:, 1:].float())[:, :, 0]
-
-    def parameter_count(self) -> int:
-        """Weights per sequence (fitted at prefill, not stored in the model)."""
-        return 0 if self.weights is None else self.weights[0].numel()

@@ -231,8 +231,13 @@ class AttentionRuntime:
         if self.head is not None:
             self.head.reset(batch=0, reserve_tokens=reserve_tokens)
         if self.guard is not None:
-            self.guard.new_sequence(dense_start=not self.store.offloaded)
+            self.restart_guard()
             self.place_guard()
+
+    def restart_guard(self) -> None:
+        """The guard starts a sequence: no hold or coverage left, and its dense start unless layers start
+        offloaded (their dense steps would read the whole KV over PCIe)."""
+        self.guard.new_sequence(dense_start=not self.store.offloaded)
 
     def place_guard(self) -> None:
         """Measure on the full-attention layer nearest the preferred one whose KV is on the GPU now."""
