@@ -226,8 +226,8 @@ def check_graph_decode() -> dict:
     from tiny_models import padded_batch, tiny_model
 
     results = {}
-    for family, offload, inductor in (("llama", "none", False), ("gemma2", "none", False), ("gemma2", "none", True),
-                                      ("llama", "all", False),
+    for family, offload, inductor in (("llama", "none", False), ("llama", "none", True), ("gemma2", "none", False),
+                                      ("gemma2", "none", True), ("llama", "all", False),
                                       ("llama", "all", True)):
         model = tiny_model(family).cuda()
         compiled = specontext.compile(model, "1GB", token_budget=16, offload=offload, local_window=4, progress=False,

@@ -210,6 +210,22 @@ def tune(hbm: float, cases=((1, 8192), (2, 8192), (4, 4096), (8, 2048), (16, 102
     return rows
 
 
+def merge_sweep(hbm: float, **cases) -> list[dict]:
+    """The merge kernel's launch (after the first kernel or early, programmatic dependent launch), splits
+    per load and warps, at the shipped launch parameters of the first."""
+    from specontext_compiler.kernels.sparse_decode_attention import GPU_CONFIG
+
+    rows = tune(hbm, block_n=(GPU_CONFIG["block_n"],), programs=(GPU_CONFIG["programs"],),
+                warps=(GPU_CONFIG["num_warps"],), stages=(GPU_CONFIG["num_stages"],), pdl=(True, False),
+                merge_loads=(64, 16), merge_warps=(1, 2, 4), **cases)
+    for row in rows:
+        times = {(f"{'PDL' if r['config']['pdl'] else 'after'}/{r['config']['merge_splits_per_load']}/"
+                  f"{r['config']['merge_warps']}"): r["us"] for r in row["all"] if "us" in r}
+        print(f"merge B={row['batch']:>2} K={row['selected']:>4} (us; launch, splits per load, warps): "
+              + ", ".join(f"{name} {t:.1f}" for name, t in times.items()), flush=True)
+    return rows
+
+
 def size_floor(hbm: float, sizes_mb=(34, 68, 136, 272, 545)) -> list[dict]:
     """What plain torch kernels reach at the attention grid's sizes, timed the same way: a device copy
     moving n bytes (n/2 read, n/2 written) and a sum reading n bytes. A call's fixed cost (launch, the
@@ -234,6 +250,40 @@ def size_floor(hbm: float, sizes_mb=(34, 68, 136, 272, 545)) -> list[dict]:
     return rows
 
 
+def scoring_sweep(hbm: float, cases=((1, 32768), (16, 32768), (4, 131072)), block_n=(64, 128), warps=(4, 8),
+                  stages=(2, 3, 4), probability_blocks=(256, 512, 1024)) -> list[dict]:
+    """CUDA-graph time of the retrieval scores (both passes) for each launch configuration, per (B, P)."""
+    import itertools
+
+    from specontext_compiler.kernels import retrieval_scores
+    from specontext_compiler.kernels.retrieval_scores import GPU_CONFIG
+
+    default = dict(GPU_CONFIG)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    rows = []
+    for batch, length in cases:
+        q = torch.randn(batch, HQ, DIM, device="cuda", generator=g, dtype=torch.bfloat16)
+        keys = torch.randn(batch, HKV, length, DIM, device="cuda", generator=g, dtype=torch.bfloat16)
+        out = torch.empty(batch, HKV, length, device="cuda")
+        moved = keys.nbytes + 2 * batch * HQ * length * 4 + batch * HKV * length * 4
+        results = []
+        for n, w, st, pb in itertools.product(block_n, warps, stages, probability_blocks):
+            GPU_CONFIG.update(block_n=n, num_warps=w, num_stages=st, probability_block=pb)
+            try:
+                seconds = bench_graph(lambda: retrieval_scores(q, keys, DIM ** -0.5, out=out))
+            except Exception as error:  # out of shared memory for this combination: skip it
+                results.append({"config": dict(GPU_CONFIG), "error": str(error)[:120]})
+                continue
+            results.append({"config": dict(GPU_CONFIG), "us": 1e6 * seconds, "share_of_hbm": moved / seconds / hbm})
+        GPU_CONFIG.update(default)
+        ok = sorted((r for r in results if "us" in r), key=lambda r: r["us"])
+        shipped = next(r for r in results if r["config"] == default and "us" in r)
+        rows.append({"batch": batch, "keys": length, "best": ok[:5], "shipped": shipped, "all": results})
+        print(f"scoring B={batch:>2} P={length:>6}: shipped {shipped['us']:.1f} us ({100 * shipped['share_of_hbm']:.1f}% "
+              f"HBM); best {ok[0]['config']} {ok[0]['us']:.1f} us ({100 * ok[0]['share_of_hbm']:.1f}% HBM)", flush=True)
+    return rows
+
+
 def scoring(hbm: float) -> list[dict]:
     from specontext_compiler.kernels import retrieval_top_k, use_kernels
     from specontext_compiler.retrieval.base import group_probabilities
@@ -242,7 +292,7 @@ def scoring(hbm: float) -> list[dict]:
     g = torch.Generator(device="cuda").manual_seed(2)
     from specontext_compiler.kernels import retrieval_scores
 
-    for batch, length in [(1, 32768), (1, 131072), (4, 32768), (4, 131072)]:
+    for batch, length in [(1, 32768), (1, 131072), (4, 32768), (4, 131072), (16, 32768)]:
         q = torch.randn(batch, HQ, DIM, device="cuda", generator=g, dtype=torch.bfloat16)
         keys = torch.randn(batch, HKV, length, DIM, device="cuda", generator=g, dtype=torch.bfloat16)
         use_kernels(False)  # group_probabilities: the torch path
@@ -337,6 +387,10 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["check", "attention", "gather", "scoring", "runtime", "decode"])
     parser.add_argument("--tune", action="store_true", help="only sweep the attention kernel's launch parameters")
+    parser.add_argument("--scoring-only", action="store_true",
+                        help="only sweep the retrieval scores' launch parameters, then time scoring as shipped")
+    parser.add_argument("--merge-only", action="store_true",
+                        help="only compare the ways the attention kernel merges its splits, at decode's sizes")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
@@ -351,6 +405,13 @@ def main() -> None:
     if args.tune:
         payload["tune"] = tune(hbm)
         args.skip = ["check", "attention", "gather", "scoring", "runtime", "decode"]
+    if args.scoring_only:
+        args.skip = ["check", "attention", "gather", "runtime", "decode"]
+        payload["scoring_sweep"] = scoring_sweep(hbm)
+    if args.merge_only:
+        args.skip = ["check", "attention", "gather", "scoring", "runtime", "decode"]
+        payload["merge_sweep"] = merge_sweep(hbm, cases=((1, 2048), (4, 2048), (8, 2048), (16, 2048), (24, 2048),
+                                                         (32, 2048), (1, 8192), (16, 8192)))
     if "check" not in args.skip:
         payload["bf16_check"] = correctness()
     if "attention" not in args.skip:
@@ -358,15 +419,7 @@ def main() -> None:
 
         payload["gpu_config"] = dict(GPU_CONFIG)  # as shipped: the grid measures what the runtime runs
         payload["size_floor"] = size_floor(hbm)
-        payload["merge_sweep"] = tune(hbm, block_n=(GPU_CONFIG["block_n"],), programs=(GPU_CONFIG["programs"],),
-                                      warps=(GPU_CONFIG["num_warps"],), stages=(GPU_CONFIG["num_stages"],),
-                                      pdl=(False, True), merge_loads=(16, 64), merge_warps=(1, 2, 4))
-        for row in payload["merge_sweep"]:
-            times = {(r["config"]["pdl"], r["config"]["merge_splits_per_load"], r["config"]["merge_warps"]): r["us"]
-                     for r in row["all"]}
-            print(f"merge B={row['batch']:>2} K={row['selected']:>4} (us; launch, splits per load, warps): "
-                  + ", ".join(f"{'PDL' if d else 'after'}/{sl}/{mw} {t:.1f}" for (d, sl, mw), t in times.items()),
-                  flush=True)
+        payload["merge_sweep"] = merge_sweep(hbm)
         print(f"launch parameters: {GPU_CONFIG}", flush=True)
         payload["attention"] = attention_grid(hbm, args.batches, args.selections)
         big = [r for r in payload["attention"] if r["batch"] * r["selected"] >= 16384]

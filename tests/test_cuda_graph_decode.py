@@ -47,6 +47,18 @@ def test_fixed_shape_decode_gives_the_eager_tokens(family, poisoned):
     assert compiled.stats["attended_tokens_per_step"] <= 16
 
 
+def test_fixed_shape_decode_of_a_row_shorter_than_its_sinks_gives_the_eager_tokens(poisoned):
+    """A row whose prompt has fewer real tokens than the sinks: its first new tokens become sinks as it
+    decodes, so the sinks are found at each step there (elsewhere once per sequence)."""
+    compiled = specontext.compile(tiny_model("llama"), "1GB", token_budget=16, offload="none", local_window=4,
+                                  progress=False)
+    ids, mask = padded_batch(96, [40, 2], seed=7)
+    expected = compiled.generate(ids, attention_mask=mask, **GENERATE)
+    compiled.engine.decode_mode = "fixed"
+    assert torch.equal(compiled.generate(ids, attention_mask=mask, **GENERATE), expected)
+    assert compiled.stats["fixed_shape_steps"] == 23
+
+
 @pytest.mark.parametrize("options", [{}, {"lookbehind": 1, "prior_window": 4},
                                      {"combine": "union", "prior_from": 0.5}, {"query": "predicted"}])
 def test_fixed_shape_decode_of_the_multi_layer_lookahead_head_gives_the_eager_tokens(poisoned, options):

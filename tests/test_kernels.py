@@ -89,6 +89,30 @@ def test_many_splits_merge_in_chunks():
     assert relative_error(out, sparse_decode_attention_reference(q.double(), k.double(), v.double(), indices)) < 1e-4
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_new_token_is_attended_and_stored_by_the_same_launch(splits):
+    """A decode step's append + attention in one kernel: the output is attention over the selection and the
+    new token, and the new K/V land at ``position`` of the caches, every other row untouched."""
+    g = torch.Generator().manual_seed(splits)
+    b, hkv, t, d = 2, 2, 80, 32
+    q = torch.randn(b, 4 * hkv, d, generator=g)
+    k, v = torch.randn(b, hkv, t, d, generator=g), torch.randn(b, hkv, t, d, generator=g)
+    new_k, new_v = torch.randn(b, hkv, d, generator=g), torch.randn(b, hkv, d, generator=g)
+    position = torch.tensor(60)
+    indices = torch.stack([torch.stack([torch.randperm(60, generator=g)[:37] for _ in range(hkv)]) for _ in range(b)])
+    valid = torch.rand(b, hkv, 37, generator=g) > 0.3
+    expected_k, expected_v = k.clone(), v.clone()
+    expected_k[:, :, 60], expected_v[:, :, 60] = new_k, new_v
+    with_new = torch.cat([indices, indices.new_full((b, hkv, 1), 60)], -1)
+    ref = sparse_decode_attention_reference(q.double(), expected_k.double(), expected_v.double(), with_new,
+                                            valid=torch.cat([valid, valid.new_ones(b, hkv, 1)], -1))
+    k[:, :, 60], v[:, :, 60] = POISON, POISON  # the row the launch writes: unwritten, it would show
+    out = sparse_decode_attention(q, k, v, indices, valid=valid, splits=splits, out=torch.full((b, 4 * hkv, d), POISON),
+                                  new_k=new_k, new_v=new_v, position=position)
+    assert relative_error(out, ref) < 1e-4
+    assert torch.equal(k, expected_k) and torch.equal(v, expected_v)
+
+
 def test_sparse_decode_attention_reads_strided_caches():
     """The KV store's buffers are views with spare capacity ([B, Hkv, capacity, D] sliced to the length)."""
     g = torch.Generator().manual_seed(1)
@@ -110,6 +134,11 @@ def test_bad_inputs_are_refused_before_launch():
         sparse_decode_attention(q, k, k, None, valid=torch.ones(1, 2, 3, dtype=torch.bool))
     with pytest.raises(TypeError, match="float32, float16, bfloat16"):
         sparse_decode_attention(q.double(), k.double(), k.double(), None)
+    indices, new = torch.zeros(1, 2, 3, dtype=torch.long), torch.randn(1, 2, 16)
+    with pytest.raises(ValueError, match="go together"):
+        sparse_decode_attention(q, k, k, indices, new_k=new, new_v=new)
+    with pytest.raises(ValueError, match="int64 scalar"):
+        sparse_decode_attention(q, k, k, indices, new_k=new, new_v=new, position=torch.tensor([3]))
     with pytest.raises(ValueError, match="key_valid must be bool"):
         retrieval_scores(q, k, 0.25, torch.ones(1, 3, dtype=torch.bool))
 

@@ -73,32 +73,31 @@ def _logits_kernel(
 
 @triton.jit
 def _probabilities_kernel(
-    LOGITS, M_IN, L_IN, OUT, sl_b, sl_h, so_b, so_h, kv_heads, length, per_split,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    LOGITS, M_IN, L_IN, OUT, sl_b, sl_h, so_b, so_h, kv_heads, length, per_split, splits,
+    GROUP: tl.constexpr, PART_G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # Every split's (max, sum) of the (batch, KV head) in one [splits, G] load, then this split's logits
+    # in [G, BLOCK_N] tiles: wide tiles keep enough bytes in flight (G real rows, not the dot's 16).
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    splits = tl.num_programs(1)
     b = (bh // kv_heads).to(tl.int64)
     h = (bh % kv_heads).to(tl.int64)
     g = tl.arange(0, BLOCK_G)
-    base = bh.to(tl.int64) * splits
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    for other in range(0, splits):
-        m = tl.maximum(m, tl.load(M_IN + (base + other) * BLOCK_G + g))
+    s = tl.arange(0, BLOCK_S)
+    live = (s < splits)[:, None] & (g < GROUP)[None, :]
+    part = (bh.to(tl.int64) * splits + s)[:, None] * PART_G + g[None, :]
+    m_parts = tl.load(M_IN + part, mask=live, other=float("-inf"))
+    m = tl.max(m_parts, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    denom = tl.zeros([BLOCK_G], tl.float32)
-    for other in range(0, splits):
-        part = (base + other) * BLOCK_G + g
-        denom += tl.load(L_IN + part) * tl.exp(tl.load(M_IN + part) - m_safe)
-    inverse = tl.where((g < GROUP) & (denom > 0), 1.0 / denom, 0.0)
+    denom = tl.sum(tl.load(L_IN + part, mask=live, other=0.0) * tl.exp(m_parts - m_safe[None, :]), 0)
+    inverse = tl.where((g < GROUP) & (denom > 0), 1.0 / tl.where(denom > 0, denom, 1.0), 0.0)
     start = split * per_split
     stop = tl.minimum(start + per_split, length)
     for offset in range(0, per_split, BLOCK_N):
         n = start + offset + tl.arange(0, BLOCK_N)
-        s = tl.load(LOGITS + b * sl_b + (h * GROUP + g)[:, None] * sl_h + n[None, :],
-                    mask=(g < GROUP)[:, None] & (n < stop)[None, :], other=float("-inf"))
-        p = tl.exp(s - m_safe[:, None]) * inverse[:, None]
+        logits = tl.load(LOGITS + b * sl_b + (h * GROUP + g)[:, None] * sl_h + n[None, :],
+                         mask=(g < GROUP)[:, None] & (n < stop)[None, :], other=float("-inf"))
+        p = tl.exp(logits - m_safe[:, None]) * inverse[:, None]
         tl.store(OUT + b * so_b + h * so_h + n, tl.sum(p, 0), mask=n < stop)
 
 
@@ -106,6 +105,11 @@ def _probabilities_kernel(
 def _retrieval_scores(q: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor | None, out: torch.Tensor,
                       scale: float) -> None:
     _launch(q, keys, key_valid, out, scale, wrap_triton)
+
+
+#: GPU launch parameters: keys per block, warps and pipeline stages of the first pass; positions per tile
+#: of the second (its loads carry G rows of float32 logits). From `benchmarks/kernels.py --scoring-only`.
+GPU_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3, "probability_block": 512}
 
 
 def _direct(kernel):
@@ -122,7 +126,8 @@ def _launch(q, keys, key_valid, out, scale, launcher) -> None:
     logits = torch.empty(batch, q_heads, length, dtype=torch.float32, device=q.device)
     block_g = max(16, triton.next_power_of_2(group))
     block_d = max(16, triton.next_power_of_2(dim))
-    block_n = 64 if q.device.type == "cuda" else 32
+    on_gpu = q.device.type == "cuda"
+    block_n = GPU_CONFIG["block_n"] if on_gpu else 32
     wanted = max(1, -(-528 // (batch * kv_heads))) if q.device.type == "cuda" else 2
     splits = max(1, min(wanted, -(-length // block_n)))
     per_split = block_n * -(-length // (splits * block_n))
@@ -138,10 +143,12 @@ def _launch(q, keys, key_valid, out, scale, launcher) -> None:
         kv_heads, length, per_split, scale,
         GROUP=group, BLOCK_G=block_g, DIM=dim, BLOCK_D=block_d, BLOCK_N=block_n, HAS_VALID=key_valid is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **({"num_warps": GPU_CONFIG["num_warps"], "num_stages": GPU_CONFIG["num_stages"]} if on_gpu else {}),
     )
     launcher(_probabilities_kernel)[grid](
         logits, m, denom, out, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), kv_heads, length,
-        per_split, GROUP=group, BLOCK_G=block_g, BLOCK_N=block_n,
+        per_split, splits, GROUP=group, PART_G=block_g, BLOCK_G=triton.next_power_of_2(group),
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_N=min(GPU_CONFIG["probability_block"], triton.next_power_of_2(per_split)) if on_gpu else block_n,
     )
 
 

@@ -52,12 +52,13 @@ def sparse_decode_attention_reference(q, k, v, indices=None, *, scale=None, vali
 
 @triton.jit
 def _partial_kernel(
-    Q, K, V, IDX, VALID, M_OUT, L_OUT, ACC_OUT, OUT,
-    sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, si_b, si_h, sm_b, sm_h, so_b, so_h,
+    Q, K, V, IDX, VALID, M_OUT, L_OUT, ACC_OUT, OUT, NEW_K, NEW_V, POSITION,
+    sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, si_b, si_h, sm_b, sm_h, so_b, so_h, snk_b, snk_h, snv_b, snv_h,
     kv_heads, selected, per_split, scale, softcap,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr,
     SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, FINAL: tl.constexpr, PDL: tl.constexpr,
+    HAS_NEW: tl.constexpr,
 ):
     if PDL:  # let the merge kernel's programs start now (they wait for this grid before reading)
         gdc_launch_dependents()
@@ -73,6 +74,21 @@ def _partial_kernel(
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    if HAS_NEW:
+        if split == 0:
+            # The new token: split 0 starts from it and stores its K/V at POSITION for later steps (no
+            # program of this launch reads that row: the selection holds past tokens only).
+            k_new = tl.load(NEW_K + b * snk_b + h * snk_h + d, mask=d < DIM, other=0.0)
+            v_new = tl.load(NEW_V + b * snv_b + h * snv_h + dv, mask=dv < DIM_V, other=0.0)
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
+            if SOFTCAP:
+                s_new = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s_new / softcap) + 1.0))
+            m = s_new
+            denom = tl.full([BLOCK_G], 1.0, tl.float32)
+            acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32) + v_new.to(tl.float32)[None, :]
+            position = tl.load(POSITION).to(tl.int64)
+            tl.store(K + b * sk_b + h * sk_h + position * sk_t + d, k_new, mask=d < DIM)
+            tl.store(V + b * sv_b + h * sv_h + position * sv_t + dv, v_new, mask=dv < DIM_V)
     start = split * per_split
     stop = tl.minimum(start + per_split, selected)
     for offset in range(0, per_split, BLOCK_N):
@@ -149,7 +165,8 @@ def _merge_kernel(
 #: GPU launch parameters: rows per block (with several splits; with one), programs to aim for (split-K),
 #: warps, pipeline stages; the merge: launched early (programmatic dependent launch), splits read per
 #: load, warps (one load of up to 64 splits by one warp measured fastest: the merge is latency-bound).
-#: From the H100 sweeps (`benchmarks/kernels.py`, docs/kernels.md).
+#: From the H100 sweeps (`benchmarks/kernels.py`, docs/kernels.md); merging in the first kernel instead (the
+#: last program of each KV head, counted by an atomic) measured slower on the H200 (docs/kernels.md).
 GPU_CONFIG = {"block_n": 32, "block_n_one_split": 64, "programs": 528, "num_warps": 4, "num_stages": 3, "pdl": True,
               "merge_splits_per_load": 64, "merge_warps": 1}
 
@@ -199,7 +216,16 @@ def _sparse_decode_attention(
     _launch(q, k, v, indices, valid, out, scale, softcap, splits, wrap_triton)
 
 
-def _launch(q, k, v, indices, valid, out, scale, softcap, splits, launcher) -> None:
+@triton_op("specontext::sparse_decode_attention_appending", mutates_args=("k", "v", "out"))
+def _sparse_decode_attention_appending(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor | None,
+    new_k: torch.Tensor, new_v: torch.Tensor, position: torch.Tensor, out: torch.Tensor, scale: float,
+    softcap: float, splits: int,
+) -> None:
+    _launch(q, k, v, indices, valid, out, scale, softcap, splits, wrap_triton, (new_k, new_v, position))
+
+
+def _launch(q, k, v, indices, valid, out, scale, softcap, splits, launcher, new=None) -> None:
     """Both kernels; ``launcher`` is ``wrap_triton`` inside the registered op (traceable) or the kernel
     itself on the eager path (no dispatcher in between: decode calls this once per layer per step)."""
     batch, q_heads, dim = q.shape
@@ -207,36 +233,40 @@ def _launch(q, k, v, indices, valid, out, scale, softcap, splits, launcher) -> N
     group = q_heads // kv_heads
     dim_v = v.shape[-1]
     selected = k.shape[2] if indices is None else indices.shape[-1]
-    if selected == 0:
+    if selected == 0 and new is None:
         out.zero_()
         return
     block_g = max(16, triton.next_power_of_2(group))
     block_d, block_dv = max(16, triton.next_power_of_2(dim)), max(16, triton.next_power_of_2(dim_v))
     on_gpu = q.device.type == "cuda"
     block_n = GPU_CONFIG["block_n"] if on_gpu else 16
-    splits = splits or _splits(batch * kv_heads, selected, block_n, q.device)
+    splits = max(1, splits or _splits(batch * kv_heads, selected, block_n, q.device))
     if splits == 1 and on_gpu:  # one program walks all K rows: longer blocks keep more bytes in flight
         block_n = GPU_CONFIG["block_n_one_split"]
-    per_split = block_n * -(-selected // (splits * block_n))
-    splits = -(-selected // per_split)
+    per_split = block_n * max(1, -(-selected // (splits * block_n)))
+    splits = max(1, -(-selected // per_split))
     m, denom, acc = _workspace(q.device, batch, kv_heads, splits, block_g, block_dv)
     # Programmatic dependent launch (Hopper and later, direct launches): the merge kernel's launch and
     # start overlap the first kernel instead of following it (a few us of a ~30 us call).
     pdl = splits > 1 and launcher is _direct and on_gpu and _has_pdl(q.device)
+    block_s = min(GPU_CONFIG["merge_splits_per_load"], triton.next_power_of_2(splits)) if on_gpu else 16
     index = indices if indices is not None else m  # unused when HAS_INDEX is False
+    new_k, new_v, position = new if new is not None else (m, m, m)  # unused when HAS_NEW is False
     mask = valid.view(torch.uint8) if valid is not None else m
     if indices is not None and valid is not None and valid.stride() != indices.stride():
         raise ValueError("valid and indices must share strides")
     launcher(_partial_kernel)[(batch * kv_heads, splits)](
-        q, k, v, index, mask, m, denom, acc, out,
+        q, k, v, index, mask, m, denom, acc, out, new_k, new_v, position,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         index.stride(0) if indices is not None else (mask.stride(0) if valid is not None else 0),
         index.stride(1) if indices is not None else (mask.stride(1) if valid is not None else 0),
         m.stride(0) // block_g, m.stride(1) // block_g, out.stride(0), out.stride(1),
+        new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1),
         kv_heads, selected, per_split, scale, softcap,
         GROUP=group, BLOCK_G=block_g, DIM=dim, DIM_V=dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_N=block_n,
         HAS_INDEX=indices is not None, HAS_VALID=valid is not None, SOFTCAP=bool(softcap),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FINAL=splits == 1, PDL=pdl,
+        HAS_NEW=new is not None,
         num_warps=GPU_CONFIG["num_warps"] if on_gpu else 4, num_stages=GPU_CONFIG["num_stages"] if on_gpu else 1,
     )
     if splits == 1:
@@ -244,13 +274,18 @@ def _launch(q, k, v, indices, valid, out, scale, softcap, splits, launcher) -> N
     launcher(_merge_kernel)[(batch * q_heads,)](
         m, denom, acc, out, out.stride(0), out.stride(1), q_heads, splits,
         GROUP=group, BLOCK_G=block_g, DIM_V=dim_v, BLOCK_DV=block_dv, PDL=pdl,
-        BLOCK_S=min(GPU_CONFIG["merge_splits_per_load"], triton.next_power_of_2(splits)) if on_gpu else 16,
+        BLOCK_S=block_s,
         num_warps=GPU_CONFIG["merge_warps"] if on_gpu else 4, **({"launch_pdl": True} if pdl else {}),
     )
 
 
 @_sparse_decode_attention.register_fake
 def _(q, k, v, indices, valid, out, scale, softcap, splits):
+    return None
+
+
+@_sparse_decode_attention_appending.register_fake
+def _(q, k, v, indices, valid, new_k, new_v, position, out, scale, softcap, splits):
     return None
 
 
@@ -265,6 +300,9 @@ def sparse_decode_attention(
     softcap: float = 0.0,
     splits: int = 0,
     out: torch.Tensor | None = None,
+    new_k: torch.Tensor | None = None,
+    new_v: torch.Tensor | None = None,
+    position: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton sparse-gather decode attention (see the module docstring).
 
@@ -272,6 +310,11 @@ def sparse_decode_attention(
     positions on the token axis, shared by each KV head's query group (None: all T rows, for slot
     buffers); valid bool [B, Hkv, K] (or [B, Hkv, T] with no indices) or None; ``splits`` (0: chosen to
     fill the GPU); ``out``: a contiguous [B, Hq, Dv] buffer to write (default: a new one). Returns it.
+
+    With ``new_k``/``new_v`` [B, Hkv, D] and ``position`` (an int64 scalar tensor on the device), the new
+    token is attended too, and stored in ``k``/``v`` at ``position`` by the same launch (a decode step's
+    append and attention in one kernel); ``indices`` must not name ``position`` (the selection holds past
+    tokens), which the kernel cannot check without a synchronisation.
     """
     if q.dim() != 3 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"expected q [B, Hq, D] and k/v [B, Hkv, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -294,6 +337,19 @@ def sparse_decode_attention(
         valid = valid.contiguous()
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("k and v rows must be contiguous along the last dimension")
+    new = None
+    if new_k is not None or new_v is not None or position is not None:
+        if new_k is None or new_v is None or position is None or indices is None:
+            raise ValueError("new_k, new_v and position go together, with indices")
+        if new_k.shape != (batch, k.shape[1], dim) or new_v.shape != (batch, k.shape[1], v.shape[-1]):
+            raise ValueError(f"new_k/new_v must be [B, Hkv, D] = {(batch, k.shape[1], dim)}; got "
+                             f"{tuple(new_k.shape)}, {tuple(new_v.shape)}")
+        if new_k.dtype != k.dtype or new_v.dtype != k.dtype or new_k.stride(-1) != 1 or new_v.stride(-1) != 1:
+            raise ValueError(f"new_k/new_v must be {k.dtype} with contiguous rows")
+        if position.dtype != torch.long or position.dim() != 0 or position.device != k.device:
+            raise ValueError(f"position must be an int64 scalar tensor on {k.device}; got {position.dtype} "
+                             f"{tuple(position.shape)} on {position.device}")
+        new = (new_k, new_v, position)
     q = q.contiguous()
     scale = dim ** -0.5 if scale is None else float(scale)
     if out is None:
@@ -301,7 +357,9 @@ def sparse_decode_attention(
     elif out.shape != (batch, q_heads, v.shape[-1]) or out.dtype != q.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {(batch, q_heads, v.shape[-1])}")
     if type(q) is torch.Tensor and not torch.compiler.is_compiling():
-        _launch(q, k, v, indices, valid, out, scale, float(softcap), int(splits), _direct)
-    else:  # traced (torch.compile, export): the registered op, opaque to the graph
+        _launch(q, k, v, indices, valid, out, scale, float(softcap), int(splits), _direct, new)
+    elif new is not None:  # traced (torch.compile, export): the registered ops, opaque to the graph
+        _sparse_decode_attention_appending(q, k, v, indices, valid, *new, out, scale, float(softcap), int(splits))
+    else:
         _sparse_decode_attention(q, k, v, indices, valid, out, scale, float(softcap), int(splits))
     return out

@@ -25,7 +25,7 @@ def sink_positions(key_valid: torch.Tensor, sink_tokens: int) -> torch.Tensor:
 
 def select_tokens(
     scores: torch.Tensor, key_valid: torch.Tensor, budget: int, sink_tokens: int, local_window: int,
-    past: torch.Tensor | None = None,
+    past: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick ``budget`` past positions per (row, KV head): sinks and window first, then the best scores.
 
@@ -37,6 +37,8 @@ def select_tokens(
         budget: past tokens to keep (the new token comes on top).
         past: where the past ends, as a device scalar, when the rows are longer than the past (a
             fixed-shape decode step: ``key_valid`` is False from ``past`` on); None: P.
+        sinks: ``sink_positions(key_valid, sink_tokens)`` where the caller knows it already (fixed-shape
+            decode, once every row has its sinks: they stay the same from step to step).
     Returns:
         int64 [B, Hkv, budget] positions, sorted ascending (gathers read memory in order).
     """
@@ -48,7 +50,16 @@ def select_tokens(
     if local_window:
         recency = torch.arange(positions, device=scores.device, dtype=torch.float64)
         ranked = torch.where(recency >= end - local_window, 1e12 + recency, ranked)
-    ranked = ranked.masked_fill(sink_positions(key_valid, sink_tokens)[:, None, :], 1e13)
-    ranked = ranked.masked_fill(~key_valid[:, None, :], float("-inf"))
+    sinks = sink_positions(key_valid, sink_tokens) if sinks is None else sinks
+    ranked = ranked.masked_fill(sinks[:, None, :], 1e13)
+    if past is None:
+        ranked = ranked.masked_fill(~key_valid[:, None, :], float("-inf"))
+    else:
+        # A row with fewer tokens than the budget also picks invalid positions (masked by attention): its
+        # padding first, which holds stored values, before the positions not written yet, which may hold
+        # anything (NaN times a zero weight is still NaN on the torch path).
+        at = torch.arange(positions, device=scores.device, dtype=torch.float64)
+        fill = torch.full_like(at, float("-inf")).masked_fill(at < end, -1e300)
+        ranked = torch.where(key_valid[:, None, :], ranked, fill)
     indices = ranked.topk(budget, dim=-1, sorted=False).indices
     return indices.sort(dim=-1).values

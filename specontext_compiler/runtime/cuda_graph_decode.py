@@ -38,8 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import in_cuda_graph_decode
-from ..retrieval.selection import resolve_token_budget, select_tokens
+from ..kernels import in_cuda_graph_decode, on_triton_path
+from ..kernels import sparse_decode_attention as triton_sparse_decode_attention
+from ..retrieval.selection import resolve_token_budget, select_tokens, sink_positions
 from .attention_runtime import AttentionRuntime, attend_positions, attend_slots
 from . import step_transaction
 from .prefetcher import load_rows, row_sources, slot_validity
@@ -70,6 +71,7 @@ class StaticDecodeRuntime:
         device = position.device
         self.at = torch.arange(capacity, device=device)
         self.key_valid: torch.Tensor | None = None
+        self.sinks: torch.Tensor | None = None  # fixed from the first step on, or found at each step
         self.h2d_bytes = torch.zeros((), dtype=torch.long, device=device)
         self.full_reload_bytes = torch.zeros((), dtype=torch.long, device=device)
         self.kept = torch.zeros((), dtype=torch.long, device=device)
@@ -91,8 +93,12 @@ class StaticDecodeRuntime:
         """The transfer counters the steps add to in place (bytes loaded, a full reload's bytes, kept)."""
         return self.h2d_bytes, self.full_reload_bytes, self.kept
 
-    def begin(self, batch: int, kv_heads: int) -> None:
-        """Before the first step: slot buffers and the in-place slot map for the offloaded layers."""
+    def begin(self, batch: int, kv_heads: int, mask: torch.Tensor) -> None:
+        """Before the first step: the sink positions where every row has its sinks already (``mask``: the
+        first step's [B, capacity] mask), slot buffers and the in-place slot map for the offloaded layers."""
+        stored = mask.bool() & (self.at < self.position)
+        if int(stored.sum(-1).min()) >= self.sparse.sink_tokens:  # (one synchronisation per sequence)
+            self.sinks = sink_positions(stored, self.sparse.sink_tokens)
         store = self.store
         if self.guard is not None:
             self.guard_coverage = torch.ones(batch, device=self.position.device)
@@ -115,21 +121,32 @@ class StaticDecodeRuntime:
         self.with_new = self.key_valid | (self.at == self.position)
         scores = self.head.score_static(self.key_valid, input_ids)
         indices = select_tokens(scores, self.key_valid, self.budget, self.sparse.sink_tokens,
-                                self.sparse.local_window, past=self.position)
+                                self.sparse.local_window, past=self.position, sinks=self.sinks)
         self.indices = indices  # the step's selection: the graph passes it to prefetch and attention
-        # The positions every resident full-attention layer reads: the selection and the new token (once
-        # per step, not per layer), and whether each is a real token where the batch has padding.
-        newest = self.position.view(1, 1, 1).expand(*indices.shape[:2], 1)
-        self.positions = torch.cat([indices, newest], dim=-1)
-        self.positions_valid = None if self.runtime.padding_free else self._holds_token(self.positions)
+        # Whether each selected position is a stored token (None: no padding), once per step, not per layer. A
+        # row with fewer tokens than the budget also picks unstored positions, the new token's among them:
+        # invalid here, so the fused kernel never reads the row it writes.
+        self.selection_valid = None if self.runtime.padding_free else self._holds_token(indices, self.key_valid)
+        self._positions = None
         if self.store.offloaded:
             self._plan_loads(indices)
         return indices
 
-    def _holds_token(self, positions: torch.Tensor) -> torch.Tensor:
-        """Bool like ``positions`` [B, Hkv, N]: whether each is a stored token or the new one (not padding)."""
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The selection and the new token [B, Hkv, K + 1], and which are real tokens (None: no padding):
+        what a layer reads whose append is not fused into its attention kernel (built once per step)."""
+        if self._positions is None:
+            newest = self.position.view(1, 1, 1).expand(*self.indices.shape[:2], 1)
+            positions = torch.cat([self.indices, newest], dim=-1)
+            self._positions = (positions, None if self.runtime.padding_free else self._holds_token(positions))
+        return self._positions
+
+    def _holds_token(self, positions: torch.Tensor, stored: torch.Tensor | None = None) -> torch.Tensor:
+        """Bool like ``positions`` [B, Hkv, N]: whether each is a stored token or the new one (not padding);
+        ``stored`` [B, capacity]: which positions count (default: the stored ones and the new one)."""
         batch, kv_heads = positions.shape[:2]
-        return self.with_new[:, None, :].expand(batch, kv_heads, self.capacity).gather(2, positions)
+        stored = self.with_new if stored is None else stored
+        return stored[:, None, :].expand(batch, kv_heads, self.capacity).gather(2, positions)
 
     def _plan_loads(self, indices: torch.Tensor) -> None:
         store = self.store
@@ -201,21 +218,27 @@ class StaticDecodeRuntime:
         if self.store.is_offloaded(layer):
             return self._offloaded_attention(layer, q, k, v, scale, softcap)
         entry = self.store.layers[layer]
+        self.head.observe_static(layer, q, k, self.position)
+        measures = self.measuring and layer == self.guard.layer
+        windowed = sliding_window and sliding_window < self.capacity  # exceeded already (``eligible``)
+        if on_triton_path(q) and not measures and not windowed:
+            # The append and the attention in one launch: the kernel stores the new K/V at ``position``.
+            return triton_sparse_decode_attention(
+                q[:, :, 0], entry.key, entry.value, self.indices, scale=scale, valid=self.selection_valid,
+                softcap=softcap, new_k=k[:, :, 0].contiguous(), new_v=v[:, :, 0].contiguous(),
+                position=self.position)[:, :, None]
         at = self.position.view(1)
         entry.key.index_copy_(2, at, k)
         entry.value.index_copy_(2, at, v)
         keys, values = entry.key[:, :, : self.capacity], entry.value[:, :, : self.capacity]
-        self.head.observe_static(layer, q, k, self.position)
         batch, kv_heads = k.shape[:2]
-        if self.measuring and layer == self.guard.layer:
-            self.guard.measure(q, keys, scale, self.positions, self.with_new,
-                               self.positions_valid, out=self.guard_coverage)
-        if sliding_window and sliding_window < self.capacity:  # exceeded already (``eligible``): the window
+        positions, valid = self.positions()
+        if measures:
+            self.guard.measure(q, keys, scale, positions, self.with_new, valid, out=self.guard_coverage)
+        if windowed:  # the layer's last ``sliding_window`` positions
             window = (self.position - sliding_window + 1 + torch.arange(sliding_window, device=q.device)).clamp_min(0)
             positions = window.expand(batch, kv_heads, sliding_window)
             valid = self._holds_token(positions)
-        else:
-            positions, valid = self.positions, self.positions_valid
         return attend_positions(q, keys, values, positions, valid, scale, softcap)
 
     def _offloaded_attention(self, layer, q, k, v, scale, softcap):
@@ -284,7 +307,7 @@ class GraphDecoder:
         self.static = StaticDecodeRuntime(runtime, capacity, budget, self.position)
         runtime.head.begin_static(capacity)
         layer = runtime.store.layers[0]
-        self.static.begin(batch, layer.key.shape[1])
+        self.static.begin(batch, layer.key.shape[1], self.mask)
         self.use_graph = use_graph
         # Captured steps and their logits buffers, by whether the step measures the guard's coverage.
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
