@@ -25,6 +25,13 @@ class OldestTokens(StreamingLLM):
         return -self._static_scores
 
 
+def set_decode_mode(compiled, mode: str) -> None:
+    """"eager", "fixed", or "fixed_lagged": fixed shape with the guard's checks read one step late (the
+    GPU's default, forced here on the CPU: a miss takes back two steps and the loop redoes the first)."""
+    compiled.engine.decode_mode = "fixed" if mode == "fixed_lagged" else mode
+    compiled.engine.lag_guard_reads = mode == "fixed_lagged"
+
+
 def compile_missing(guard, **options):
     # No sinks, no window, 4 of ~40 tokens, the oldest: far from the tokens the peaked attention picks.
     options = {"offload": "none", **options}
@@ -32,16 +39,16 @@ def compile_missing(guard, **options):
                               draft=OldestTokens(), progress=False, guard=guard, **options)
 
 
-@pytest.mark.parametrize("decode_mode", ["eager", "fixed"])
+@pytest.mark.parametrize("decode_mode", ["eager", "fixed", "fixed_lagged"])
 def test_guard_restores_the_dense_tokens_of_a_head_that_misses(decode_mode, poisoned):
     ids, mask = padded_batch(96, [40, 33], seed=5)
     dense = specontext.compile(peaked_llama(), "1GB", token_budget=None, progress=False)
     expected = dense.generate(ids, attention_mask=mask, **GENERATE)
     unguarded = compile_missing(False)
-    unguarded.engine.decode_mode = decode_mode
+    set_decode_mode(unguarded, decode_mode)
     assert not torch.equal(unguarded.generate(ids, attention_mask=mask, **GENERATE), expected)  # it does miss
     guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=0, check_every=1, dense_start=0))
-    guarded.engine.decode_mode = decode_mode
+    set_decode_mode(guarded, decode_mode)
     assert torch.equal(guarded.generate(ids, attention_mask=mask, **GENERATE), expected)
     stats = guarded.stats
     steps = stats["steps"]
@@ -85,15 +92,19 @@ def test_dense_start_gives_dense_tokens_first_then_selects(decode_mode, poisoned
         GuardSettings(dense_start=-1)
 
 
-@pytest.mark.parametrize("decode_mode", ["eager", "fixed"])
+@pytest.mark.parametrize("decode_mode", ["eager", "fixed", "fixed_lagged"])
 def test_guard_measures_and_reads_one_step_in_n(decode_mode):
     ids, mask = padded_batch(96, [40, 33], seed=5)
     guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=0, check_every=4, dense_start=0))
-    guarded.engine.decode_mode = decode_mode
-    guarded.generate(ids, attention_mask=mask, **GENERATE)
+    set_decode_mode(guarded, decode_mode)
+    tokens = guarded.generate(ids, attention_mask=mask, **GENERATE)
     stats = guarded.stats  # 19 steps: reads after steps 4, 8, 12, 16, each redoing its step densely
     assert stats["guard_checks"] == stats["guard_triggers"] == stats["guard_dense_steps"] == 4
-    if decode_mode == "fixed":  # summed over the 5 decoders (each trigger ends one); none captures on the CPU
+    assert stats["steps"] == 19
+    if decode_mode == "fixed_lagged":  # read one step late: the same tokens as reading at once
+        set_decode_mode(guarded, "fixed")
+        assert torch.equal(guarded.generate(ids, attention_mask=mask, **GENERATE), tokens)
+    if decode_mode != "eager":  # summed over the 5 decoders (each trigger ends one); none captures on the CPU
         assert stats["fixed_shape_steps"] == stats["fixed_shape_steps_not_replayed"] == 15
         assert stats["graph_captures"] == 0
 

@@ -17,6 +17,10 @@ def resolve_token_budget(token_budget: int | float, context: int) -> int:
     return token_budget
 
 
+_WINDOW_RANK = 2.0 ** 100
+_SINK_RANK = 2.0 ** 110
+
+
 def sink_positions(key_valid: torch.Tensor, sink_tokens: int) -> torch.Tensor:
     """Bool [B, P]: the first ``sink_tokens`` real (non-padding) positions of each row."""
     rank = key_valid.long().cumsum(-1) - 1
@@ -45,21 +49,24 @@ def select_tokens(
     batch, heads, positions = scores.shape
     budget = min(budget, positions)
     end = positions if past is None else past
-    # float64 ranks: scores stay below 1e12, the window ranks above them by recency, sinks above all.
-    ranked = scores.double()
+    # Ranks in the scores' precision (float32 but for float64 scores: top-k's radix select takes half the
+    # passes): scores stay below 2^100, the window ranks above them by recency (2^100 * (1 + recency / 2^23),
+    # exact for recency < 2^23), sinks above all; invalid positions below every score.
+    rank_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    ranked = scores.to(rank_dtype)
     if local_window:
-        recency = torch.arange(positions, device=scores.device, dtype=torch.float64)
-        ranked = torch.where(recency >= end - local_window, 1e12 + recency, ranked)
+        recency = torch.arange(positions, device=scores.device, dtype=rank_dtype)
+        ranked = torch.where(recency >= end - local_window, _WINDOW_RANK * (1 + recency / 2 ** 23), ranked)
     sinks = sink_positions(key_valid, sink_tokens) if sinks is None else sinks
-    ranked = ranked.masked_fill(sinks[:, None, :], 1e13)
+    ranked = ranked.masked_fill(sinks[:, None, :], _SINK_RANK)
     if past is None:
         ranked = ranked.masked_fill(~key_valid[:, None, :], float("-inf"))
     else:
         # A row with fewer tokens than the budget also picks invalid positions (masked by attention): its
         # padding first, which holds stored values, before the positions not written yet, which may hold
         # anything (NaN times a zero weight is still NaN on the torch path).
-        at = torch.arange(positions, device=scores.device, dtype=torch.float64)
-        fill = torch.full_like(at, float("-inf")).masked_fill(at < end, -1e300)
+        at = torch.arange(positions, device=scores.device, dtype=rank_dtype)
+        fill = torch.full_like(at, float("-inf")).masked_fill(at < end, -_WINDOW_RANK)
         ranked = torch.where(key_valid[:, None, :], ranked, fill)
     indices = ranked.topk(budget, dim=-1, sorted=False).indices
     return indices.sort(dim=-1).values

@@ -16,7 +16,10 @@ keys (not its values), 1/num_layers of the K cache, and takes a top-k over them.
 It measures one step in ``check_every``, the step after which the host reads the coverage (a read makes
 the host wait for the GPU): the measurement is a few percent of a decode step at long contexts
 (docs/benchmarks.md), and sampling one step in 8 still notices a selection that keeps missing. In
-fixed-shape decode the measured steps replay a CUDA graph of their own.
+fixed-shape decode the measured steps replay a CUDA graph of their own, and on a GPU the host reads the
+coverage one step late (``missed(lagged=True)``, then ``pending_missed``): the copy to pinned memory waits
+behind an event while the next step is queued, so the GPU does not idle while the host prepares and
+launches that step; a miss then takes back two steps (the engine redoes the measured one).
 
 When any sequence's coverage falls below ``threshold``, the engine rolls the step back (the transaction
 that out-of-memory recovery uses) and runs it again attending densely, then attends densely for
@@ -47,6 +50,7 @@ class AccuracyGuard:
         self.buffer: torch.Tensor | None = None  # the fixed-shape steps' coverage buffer, while they run
         self.dense_left = 0
         self._since_check = 0
+        self._pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None  # a lagged read's copy
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -76,6 +80,7 @@ class AccuracyGuard:
         self.buffer = None
         self.dense_left = self.settings.dense_start if dense_start else 0
         self._since_check = 0
+        self._pending = None
 
     @property
     def holding(self) -> bool:
@@ -110,17 +115,51 @@ class AccuracyGuard:
         ``check_every`` steps)."""
         return self._since_check + 1 >= self.settings.check_every
 
-    def missed(self) -> bool:
+    def missed(self, lagged: bool = False) -> bool:
         """After each step: on a check step, whether its coverage (the lowest over its measurements) fell
-        below the threshold (reads it on the host); between checks, False without reading anything."""
+        below the threshold (reads it on the host); between checks, False without reading anything.
+
+        ``lagged``: a check step's coverage is copied to pinned host memory behind an event instead, and
+        False returned; :meth:`pending_missed` reads it, after the next step is queued."""
         self._since_check += 1
         # A replayed CUDA graph lowers the buffer without running this Python: read the buffer then.
         measured = self.coverage if self.coverage is not None else self.buffer
         if self._since_check < self.settings.check_every or measured is None:
             return False
         self._since_check = 0
+        if lagged and measured.is_cuda:
+            copy = torch.empty(measured.shape, dtype=torch.float32, pin_memory=True)
+            copy.copy_(measured, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (copy, event)
+            self.reset_coverage()  # (stream-ordered after the copy)
+            return False
+        if lagged:
+            self._pending = (measured.to("cpu", torch.float32, copy=True), None)
+            self.reset_coverage()
+            return False
         coverage = measured.to("cpu", torch.float32, copy=True)  # the buffer is refilled below
         self.reset_coverage()
+        return self._judge(coverage)
+
+    @property
+    def read_pending(self) -> bool:
+        """Whether a lagged check waits to be read (:meth:`pending_missed`)."""
+        return self._pending is not None
+
+    def pending_missed(self) -> bool:
+        """Reads the lagged check (waits for the step it measured, not for the ones queued after it);
+        False if none is pending."""
+        if self._pending is None:
+            return False
+        coverage, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        return self._judge(coverage)
+
+    def _judge(self, coverage: torch.Tensor) -> bool:
         self.checks += 1
         lowest = float(coverage.min())
         self.min_coverage = min(self.min_coverage, lowest)

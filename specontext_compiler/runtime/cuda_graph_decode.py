@@ -318,7 +318,8 @@ class GraphDecoder:
         self.captures = 0  # graphs captured, and steps run eagerly at fixed shape (on a GPU: warm-ups)
         self.unreplayed_steps = 0
         self.last_replayed = False  # whether the last step was a replay of a captured graph
-        self._last_unreplayed = False
+        self._unreplayed = [False, False]  # whether each of the last two steps ran outside a graph
+        self._checked_before = None  # the snapshot before the step whose guard check is read one step late
 
     def _run(self) -> torch.Tensor:
         from .context import activate
@@ -354,7 +355,7 @@ class GraphDecoder:
         else:
             logits = self._allocating_step()
         self.last_replayed = graph is not None  # not a warm-up, nor the replay right after a capture
-        self._last_unreplayed = self.unreplayed_steps != unreplayed
+        self._unreplayed = [self._unreplayed[-1], self.unreplayed_steps != unreplayed]  # the last two steps'
         self.steps += 1
         self.runtime.attended_tokens.append(self.static.budget + 1)
         self.runtime.store.advance_in_place()
@@ -405,21 +406,35 @@ class GraphDecoder:
         graph.replay()
         return self.logits[measuring]
 
-    def guard_missed(self) -> bool:
-        """Whether the accuracy guard finds that the step just run missed (reads its coverage)."""
-        return self.static.guard is not None and self.static.guard.missed()
+    def guard_missed(self, lagged: bool = False) -> bool:
+        """Whether the accuracy guard finds that the step just run missed (reads its coverage). ``lagged``:
+        a check starts instead (False), read by :meth:`earlier_step_missed` after the next step."""
+        guard = self.static.guard
+        if guard is None:
+            return False
+        missed = guard.missed(lagged)
+        if guard.read_pending:
+            self._checked_before = self._before
+        return missed
 
-    def undo_step(self) -> None:
-        """Take back the step just run (the guard redoes it eagerly and densely) and end fixed-shape decode:
-        the head's query goes back to before the step, the stored lengths to before its token (what it
-        wrote at its position is rewritten by the redo)."""
-        step_transaction.roll_back_fixed_shape(self.static, self._before)
-        self.steps -= 1
-        self.unreplayed_steps -= self._last_unreplayed
-        self.runtime.attended_tokens.pop()
+    def earlier_step_missed(self) -> bool:
+        """After a step: whether the step before it, whose guard check is pending, missed (waits for that
+        step only; this one stays queued)."""
+        return self.static.guard is not None and self.static.guard.pending_missed()
+
+    def undo_step(self, steps: int = 1) -> None:
+        """Take back the last ``steps`` steps (1: the step just run, which measured the guard's coverage; 2:
+        that step and the one after it, when the check was read one step late) and end fixed-shape decode:
+        the engine redoes the measured step eagerly and densely. The head's query goes back to before the
+        measured step, the stored lengths to before its token (what the steps wrote at their positions is
+        rewritten by the redo and the steps after it)."""
+        step_transaction.roll_back_fixed_shape(self.static, self._before if steps == 1 else self._checked_before)
+        self.steps -= steps
+        self.unreplayed_steps -= sum(self._unreplayed[-steps:])
+        del self.runtime.attended_tokens[-steps:]
         self.finish()
         store = self.runtime.store
-        store.truncate(max(store.length(layer) for layer in range(store.num_layers)) - 1)
+        store.truncate(max(store.length(layer) for layer in range(store.num_layers)) - steps)
 
     def abandon(self) -> None:
         """Leave the rest of the sequence to eager steps (a step ran out of memory): count the steps that

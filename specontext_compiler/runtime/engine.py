@@ -22,6 +22,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from . import step_transaction
 from .attention_runtime import AttentionRuntime
 from .context import activate
+from .lagged_reads import REDO_PREVIOUS, LaggedStopCheck, LoopState
 from .cuda_graph_decode import DecoderTotals, GraphDecoder, StepTimer, eligible
 from .sampling import DecodingSettings, build_logits_processors, select_next_tokens
 
@@ -60,44 +61,6 @@ class Prefilled:
     attention_mask: torch.Tensor
     logits: torch.Tensor
     seconds: float
-
-
-class LaggedStopCheck:
-    """Whether every row has finished; on a GPU read one step late, so that the host never waits for it.
-
-    Reading ``unfinished.any()`` at once blocks the host until the step that produced it ends, leaving
-    the GPU idle while Python prepares and launches the next step. On a GPU the flag is copied to pinned
-    host memory behind an event instead, and read at the next step, once that step's tokens are queued
-    (the GPU is still busy with the decode step launched in between). A step whose rows had all finished
-    before it produces only padding, and the loop stops before appending it: the same sequences as a
-    check at once, for one extra decode step at the end of a sequence that stops on EOS (``stats``
-    count it). On the CPU, where nothing runs ahead of the host, the check is immediate.
-    """
-
-    def __init__(self, device: torch.device):
-        cuda = device.type == "cuda"
-        self.lagged = cuda
-        self.flag = torch.ones((), dtype=torch.bool, pin_memory=cuda)
-        self.event = torch.cuda.Event() if cuda else None
-        self.pending = False
-
-    def record(self, unfinished: torch.Tensor) -> None:
-        self.flag.copy_(unfinished.any(), non_blocking=self.event is not None)
-        if self.event is not None:
-            self.event.record()
-        self.pending = True
-
-    def finished_now(self) -> bool:
-        """Every row has finished, known without waiting (never, when lagged: see all_finished_before)."""
-        return not self.lagged and self.pending and not bool(self.flag)
-
-    def all_finished_before(self) -> bool:
-        """When lagged: every row had finished at the previous step."""
-        if not (self.lagged and self.pending):
-            return False
-        if self.event is not None:
-            self.event.synchronize()
-        return not bool(self.flag)
 
 
 CAPACITY_ALIGNMENT = 16
@@ -170,6 +133,8 @@ class GenerationEngine:
         # Record an event on the compute stream at each decode step (benchmarks; ``stats``
         # ``replayed_step_ms``: the mean interval from a replayed fixed-shape step to the next one).
         self.time_steps = False
+        # Read the accuracy guard's checks one step late (None: on a GPU without a streamer; tests set True).
+        self.lag_guard_reads: bool | None = None
 
     # -- prefill --------------------------------------------------------------------------------------
     def run_chunks(self, step: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_all: bool) -> torch.Tensor:
@@ -298,10 +263,26 @@ class GenerationEngine:
         decoder.static.time_waits = self.time_graph_waits
         return decoder
 
+    def _end_decoder_after_miss(self, steps: int) -> None:
+        self.decoder.undo_step(steps)
+        self.ended_decoders.add(self.decoder)
+        self.decoder = None
+        self.runtime.guard.trigger()
+
+    def last_step_missed(self) -> bool:
+        """Whether the guard check of the last fixed-shape step, read one step late and still pending, finds
+        a miss (the loop ends: no step follows to read it after); the step is then taken back."""
+        if self.decoder is None or not self.decoder.earlier_step_missed():
+            return False
+        self._end_decoder_after_miss(steps=1)
+        return True
+
     def _fixed_shape_step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position: torch.Tensor,
-                          capacity: int) -> torch.Tensor | None:
+                          capacity: int, lagged: bool = False):
         """One decode step at fixed shape (the decoder is built at the first one that can be); None where
-        the step must run eagerly.
+        the step must run eagerly. ``lagged``: the guard's checks are read one step late, and
+        ``REDO_PREVIOUS`` says that the step before this one missed: both were taken back, and the loop
+        redoes the earlier one densely.
 
         Out of GPU memory while the decoder is built, warms up or captures its graph, the decoder is
         abandoned (the step put back what it wrote in place), the memory manager re-plans with twice the
@@ -315,11 +296,11 @@ class GenerationEngine:
                 if self.decoder is None:
                     return None
             logits = self.decoder.decode(tokens, position)
-            if self.decoder.guard_missed():  # the guard redoes the step eagerly, densely (guarded_step)
-                self.decoder.undo_step()
-                self.ended_decoders.add(self.decoder)
-                self.decoder = None
-                self.runtime.guard.trigger()
+            if lagged and self.decoder.earlier_step_missed():  # this step and the one it checked go back
+                self._end_decoder_after_miss(steps=2)
+                return REDO_PREVIOUS
+            if self.decoder.guard_missed(lagged):  # the guard redoes the step eagerly, densely (guarded_step)
+                self._end_decoder_after_miss(steps=1)
                 return None
             return logits
         except torch.OutOfMemoryError as error:
@@ -395,13 +376,18 @@ class GenerationEngine:
         self.compile_seconds = 0.0
         capacity = reserved_tokens(prompt_length + settings.max_new_tokens)
         stop = LaggedStopCheck(self.device)
+        # The guard's checks read one step late (on a GPU, without a streamer, which is handed each token at
+        # once): the GPU does not idle while the host prepares and launches the step after a check.
+        lagged = self.runtime.guard is not None and (
+            self.lag_guard_reads if self.lag_guard_reads is not None else self.device.type == "cuda" and streamer is None)
         timer = StepTimer(self.time_steps and self.device.type == "cuda")
         attended_before = len(self.runtime.attended_tokens)
         with torch.no_grad(), activate(self.runtime), cyclic_gc_paused():
             _synchronize(self.device)
             t1 = time.perf_counter()
             try:
-                for index in range(settings.max_new_tokens):
+                index, before_step, earlier = 0, None, None
+                while index < settings.max_new_tokens:
                     next_logits = logits[:, -1, :].to(dtype=torch.float32, copy=True)
                     scores = processors(sequences, next_logits)
                     if keep_logits:
@@ -409,28 +395,55 @@ class GenerationEngine:
                     if keep_scores:
                         scores_out.append(scores)
                     next_tokens = select_next_tokens(scores, settings.do_sample)
+                    redo = None
                     if eos is not None:
                         next_tokens = torch.where(unfinished, next_tokens, settings.pad_token_id)
                         if stop.all_finished_before():  # every row ended last step: these are padding
-                            break
-                    sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
-                    if streamer is not None:
-                        streamer.put(next_tokens.cpu())
-                    if eos is not None:
-                        unfinished &= ~torch.isin(next_tokens, eos)
-                        stop.record(unfinished)
-                    if index + 1 == settings.max_new_tokens or stop.finished_now():
-                        break
-                    attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
-                    position = position + 1
-                    logits = None
-                    timer.step_starts()
-                    if self.decode_mode != "eager" and not self.fixed_shape_abandoned:
-                        logits = self._fixed_shape_step(next_tokens[:, None], attention_mask, position, capacity)
-                    timer.kind(self.decoder is not None and logits is not None and self.decoder.last_replayed)
+                            if not (lagged and self.last_step_missed()):
+                                break
+                            redo = before_step
+                    if redo is None:
+                        sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
+                        if streamer is not None:
+                            streamer.put(next_tokens.cpu())
+                        if eos is not None:
+                            unfinished &= ~torch.isin(next_tokens, eos)
+                            stop.record(unfinished)
+                        if index + 1 == settings.max_new_tokens or stop.finished_now():
+                            if not (lagged and self.last_step_missed()):
+                                break
+                            redo = before_step
+                    if redo is None:
+                        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
+                        position = position + 1
+                        earlier, before_step = before_step, LoopState(index, decode_steps, sequences, attention_mask,
+                                                                      position, unfinished.clone(), next_tokens,
+                                                                      len(scores_out), len(logits_out))
+                        logits = None
+                        timer.step_starts()
+                        if self.decode_mode != "eager" and not self.fixed_shape_abandoned:
+                            logits = self._fixed_shape_step(next_tokens[:, None], attention_mask, position, capacity,
+                                                            lagged)
+                        timer.kind(self.decoder is not None and logits is not None and self.decoder.last_replayed)
+                        if logits is REDO_PREVIOUS:
+                            redo = earlier
+                    if redo is not None:
+                        # The guard found the step of ``redo`` missed, read one step late: the steps after it
+                        # were taken back; the loop returns to before it, and the step runs again densely.
+                        sequences, attention_mask, position = redo.sequences, redo.attention_mask, redo.position
+                        unfinished = redo.unfinished.clone()
+                        if eos is not None:
+                            stop.record(unfinished)
+                        del scores_out[redo.scores:], logits_out[redo.logits:]
+                        timer.step_starts()
+                        timer.kind(False)
+                        logits = self.guarded_step(redo.tokens[:, None], attention_mask, position)
+                        index, decode_steps = redo.index + 1, redo.steps + 1
+                        continue
                     if logits is None:
                         logits = self.guarded_step(next_tokens[:, None], attention_mask, position)
                     decode_steps += 1
+                    index += 1
             finally:
                 graph_wait_ms = None if self.decoder is None else self.decoder.static.wait_ms()
                 if self.decoder is not None:  # the stored lengths catch up with the steps that ran

@@ -1,0 +1,73 @@
+"""What the decode loop's host reads one step late, so that it never waits for the GPU between steps.
+
+Reading a flag the GPU computes makes the host wait for the step that computed it, and the GPU then idles
+while Python prepares and launches the next step (at 32K, batch 1: ~1 ms of a ~5 ms step). Two reads are
+lagged: whether every row has finished (:class:`LaggedStopCheck`), and the accuracy guard's check of a
+measured step (``AccuracyGuard.missed(lagged=True)``), which is read after the next step is queued; a
+miss then takes back both steps and the loop returns to the :class:`LoopState` before the measured one
+(``REDO_PREVIOUS``), where the step runs again densely, as an immediate check would have redone it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class LaggedStopCheck:
+    """Whether every row has finished; on a GPU read one step late, so that the host never waits for it.
+
+    Reading ``unfinished.any()`` at once blocks the host until the step that produced it ends, leaving
+    the GPU idle while Python prepares and launches the next step. On a GPU the flag is copied to pinned
+    host memory behind an event instead, and read at the next step, once that step's tokens are queued
+    (the GPU is still busy with the decode step launched in between). A step whose rows had all finished
+    before it produces only padding, and the loop stops before appending it: the same sequences as a
+    check at once, for one extra decode step at the end of a sequence that stops on EOS (``stats``
+    count it). On the CPU, where nothing runs ahead of the host, the check is immediate.
+    """
+
+    def __init__(self, device: torch.device):
+        cuda = device.type == "cuda"
+        self.lagged = cuda
+        self.flag = torch.ones((), dtype=torch.bool, pin_memory=cuda)
+        self.event = torch.cuda.Event() if cuda else None
+        self.pending = False
+
+    def record(self, unfinished: torch.Tensor) -> None:
+        self.flag.copy_(unfinished.any(), non_blocking=self.event is not None)
+        if self.event is not None:
+            self.event.record()
+        self.pending = True
+
+    def finished_now(self) -> bool:
+        """Every row has finished, known without waiting (never, when lagged: see all_finished_before)."""
+        return not self.lagged and self.pending and not bool(self.flag)
+
+    def all_finished_before(self) -> bool:
+        """When lagged: every row had finished at the previous step."""
+        if not (self.lagged and self.pending):
+            return False
+        if self.event is not None:
+            self.event.synchronize()
+        return not bool(self.flag)
+
+
+@dataclass
+class LoopState:
+    """The decode loop just before a step: what it returns to when the guard takes that step back."""
+
+    index: int  # the loop's index when the step's input token was chosen
+    steps: int  # decode steps before it
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    position: torch.Tensor
+    unfinished: torch.Tensor
+    tokens: torch.Tensor  # the step's input tokens [B]
+    scores: int  # entries of the kept scores and logits before it
+    logits: int
+
+
+# What a fixed-shape step returns when the step before it missed (a check read one step late).
+REDO_PREVIOUS = object()
+
