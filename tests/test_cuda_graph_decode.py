@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import specontext
-from specontext_compiler.runtime import cuda_graph_decode
+from specontext_compiler.runtime import cuda_graph_decode, step_timer
 from specontext_compiler.retrieval.selection import select_tokens
 from tiny_models import TINY_FAMILIES, padded_batch, tiny_model
 
@@ -250,8 +250,8 @@ def test_the_step_timer_averages_the_intervals_that_follow_replayed_steps():
         def elapsed_time(self, end):
             return end.ms - self.ms
 
-    timer = cuda_graph_decode.StepTimer(True)
+    timer = step_timer.StepTimer(True)
     timer.events = [At(t) for t in (0.0, 9.0, 15.0, 20.0, 26.0, 30.0)]  # 5 steps
     timer.replayed = [False, False, True, True, True]  # a warm-up, a capture, three replays
     assert timer.stats() == {"replayed_steps_timed": 3, "replayed_step_ms": 5.0}
-    assert cuda_graph_decode.StepTimer(False).stats() == {}
+    assert step_timer.StepTimer(False).stats() == {}

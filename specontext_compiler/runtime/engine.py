@@ -23,7 +23,8 @@ from . import step_transaction
 from .attention_runtime import AttentionRuntime
 from .context import activate
 from .lagged_reads import REDO_PREVIOUS, LaggedStopCheck, LoopState
-from .cuda_graph_decode import DecoderTotals, GraphDecoder, StepTimer, eligible
+from .cuda_graph_decode import DecoderTotals, GraphDecoder, eligible
+from .step_timer import StepTimer
 from .sampling import DecodingSettings, build_logits_processors, select_next_tokens
 
 logger = logging.getLogger(__name__)
