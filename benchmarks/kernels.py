@@ -170,6 +170,23 @@ def attention_grid(hbm: float, batches, selections, length: int = 32768) -> list
     return rows
 
 
+def sweep_config(config: dict, settings: list[dict], call, moved: int, hbm: float) -> list[dict]:
+    """CUDA-graph time of ``call`` under each of ``settings`` applied to a kernel's launch ``config`` (put
+    back after), with the share of HBM bandwidth that ``moved`` bytes make."""
+    default = dict(config)
+    results = []
+    for setting in settings:
+        config.update(setting)
+        try:
+            seconds = bench_graph(call)
+        except Exception as error:  # out of shared memory for this combination: skip it
+            results.append({"config": dict(config), "error": str(error)[:120]})
+            continue
+        results.append({"config": dict(config), "us": 1e6 * seconds, "share_of_hbm": moved / seconds / hbm})
+    config.update(default)
+    return results
+
+
 def tune(hbm: float, cases=((1, 8192), (2, 8192), (4, 4096), (8, 2048), (16, 1024), (32, 512), (32, 8192)),
          length: int = 32768, block_n=(32, 64, 128), programs=(264, 396, 528, 1056), warps=(4, 8),
          stages=(2, 3, 4), pdl=(True,), merge_loads=(16,), merge_warps=(4,)) -> list[dict]:
@@ -179,7 +196,6 @@ def tune(hbm: float, cases=((1, 8192), (2, 8192), (4, 4096), (8, 2048), (16, 102
     from specontext_compiler.kernels import sparse_decode_attention
     from specontext_compiler.kernels.sparse_decode_attention import GPU_CONFIG
 
-    default = dict(GPU_CONFIG)
     g = torch.Generator(device="cuda").manual_seed(1)
     top = max(b for b, _ in cases)
     cache_k = torch.randn(top, HKV, length, DIM, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -191,18 +207,10 @@ def tune(hbm: float, cases=((1, 8192), (2, 8192), (4, 4096), (8, 2048), (16, 102
         idx = torch.rand(batch, HKV, length, device="cuda", generator=g).topk(selected, dim=-1).indices
         out = torch.empty(batch, HQ, DIM, device="cuda", dtype=torch.bfloat16)
         moved = 2 * batch * HKV * selected * DIM * 2 + idx.numel() * idx.element_size() + 2 * q.nbytes
-        results = []
-        for n, p, w, st, dependent, loads, mw in itertools.product(block_n, programs, warps, stages, pdl, merge_loads,
-                                                                    merge_warps):
-            GPU_CONFIG.update(block_n=n, programs=p, num_warps=w, num_stages=st, pdl=dependent,
-                              merge_splits_per_load=loads, merge_warps=mw)
-            try:
-                seconds = bench_graph(lambda: sparse_decode_attention(q, k, v, idx, out=out))
-            except Exception as error:  # out of shared memory for this combination: skip it
-                results.append({"config": dict(GPU_CONFIG), "error": str(error)[:120]})
-                continue
-            results.append({"config": dict(GPU_CONFIG), "us": 1e6 * seconds, "share_of_hbm": moved / seconds / hbm})
-        GPU_CONFIG.update(default)
+        settings = [dict(block_n=n, programs=p, num_warps=w, num_stages=st, pdl=dependent, merge_splits_per_load=loads,
+                         merge_warps=mw) for n, p, w, st, dependent, loads, mw
+                    in itertools.product(block_n, programs, warps, stages, pdl, merge_loads, merge_warps)]
+        results = sweep_config(GPU_CONFIG, settings, lambda: sparse_decode_attention(q, k, v, idx, out=out), moved, hbm)
         ok = sorted((r for r in results if "us" in r), key=lambda r: r["us"])
         rows.append({"batch": batch, "selected": selected, "best": ok[:5], "all": results})
         print(f"tune B={batch:>2} K={selected:>4}: best {ok[0]['config']} {ok[0]['us']:.1f} us "
@@ -266,16 +274,9 @@ def scoring_sweep(hbm: float, cases=((1, 32768), (16, 32768), (4, 131072)), bloc
         keys = torch.randn(batch, HKV, length, DIM, device="cuda", generator=g, dtype=torch.bfloat16)
         out = torch.empty(batch, HKV, length, device="cuda")
         moved = keys.nbytes + 2 * batch * HQ * length * 4 + batch * HKV * length * 4
-        results = []
-        for n, w, st, pb in itertools.product(block_n, warps, stages, probability_blocks):
-            GPU_CONFIG.update(block_n=n, num_warps=w, num_stages=st, probability_block=pb)
-            try:
-                seconds = bench_graph(lambda: retrieval_scores(q, keys, DIM ** -0.5, out=out))
-            except Exception as error:  # out of shared memory for this combination: skip it
-                results.append({"config": dict(GPU_CONFIG), "error": str(error)[:120]})
-                continue
-            results.append({"config": dict(GPU_CONFIG), "us": 1e6 * seconds, "share_of_hbm": moved / seconds / hbm})
-        GPU_CONFIG.update(default)
+        settings = [dict(block_n=n, num_warps=w, num_stages=st, probability_block=pb)
+                    for n, w, st, pb in itertools.product(block_n, warps, stages, probability_blocks)]
+        results = sweep_config(GPU_CONFIG, settings, lambda: retrieval_scores(q, keys, DIM ** -0.5, out=out), moved, hbm)
         ok = sorted((r for r in results if "us" in r), key=lambda r: r["us"])
         shipped = next(r for r in results if r["config"] == default and "us" in r)
         rows.append({"batch": batch, "keys": length, "best": ok[:5], "shipped": shipped, "all": results})
