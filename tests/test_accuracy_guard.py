@@ -178,3 +178,42 @@ def test_bad_guard_options_are_refused(guard, error, match):
         return
     with pytest.raises(error, match=match):
         specontext.compile(tiny_model("llama"), "1GB", progress=False, guard=guard)
+
+
+def test_a_check_read_one_step_late_survives_an_out_of_memory_step(monkeypatch):
+    """The step after a measured one runs out of GPU memory with the measured step's check still unread:
+    the check is read then, its miss takes the measured step back and the loop redoes it densely."""
+    from specontext_compiler.runtime import cuda_graph_decode
+
+    ids, mask = padded_batch(96, [40, 33], seed=5)
+    expected = specontext.compile(peaked_llama(), "1GB", token_budget=None, progress=False).generate(
+        ids, attention_mask=mask, **GENERATE)
+    decode, calls = cuda_graph_decode.GraphDecoder.decode, []
+
+    def failing_second_step(self, tokens, position_ids):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return decode(self, tokens, position_ids)
+
+    monkeypatch.setattr(cuda_graph_decode.GraphDecoder, "decode", failing_second_step)
+    guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=0, check_every=1, dense_start=0), offload="auto")
+    set_decode_mode(guarded, "fixed_lagged")
+    monkeypatch.setattr(guarded.engine.memory, "recover", lambda failure, length: None)  # nothing to re-plan here
+    assert torch.equal(guarded.generate(ids, attention_mask=mask, **GENERATE), expected)
+    stats = guarded.stats
+    assert stats["fixed_shape_abandoned"] and stats["guard_checks"] == stats["guard_triggers"] == stats["steps"]
+    assert not guarded.runtime.guard.read_pending
+
+
+def test_seeded_sampling_draws_the_same_tokens_when_checks_are_read_one_step_late():
+    """A step taken back by a check read one step late puts the sampling generator back too."""
+    ids, mask = padded_batch(96, [40, 33], seed=5)
+    tokens = {}
+    for mode in ("fixed", "fixed_lagged"):
+        guarded = compile_missing(GuardSettings(threshold=0.6, hold_steps=0, check_every=1, dense_start=0))
+        set_decode_mode(guarded, mode)
+        torch.manual_seed(0)
+        tokens[mode] = guarded.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=True, pad_token_id=0)
+        assert guarded.stats["guard_triggers"] > 0
+    assert torch.equal(tokens["fixed"], tokens["fixed_lagged"])

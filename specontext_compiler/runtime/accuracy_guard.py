@@ -131,7 +131,7 @@ class AccuracyGuard:
             copy = torch.empty(measured.shape, dtype=torch.float32, pin_memory=True)
             copy.copy_(measured, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(measured.device))
             self._pending = (copy, event)
             self.reset_coverage()  # (stream-ordered after the copy)
             return False
@@ -176,7 +176,7 @@ class AccuracyGuard:
     def trigger(self) -> None:
         """The step is redone densely, and ``hold_steps`` more after it."""
         self.triggers += 1
-        self.buffer = None  # the fixed-shape decoder, if any, is gone
+        self.buffer = self.coverage = None  # the fixed-shape decoder, if any, is gone
         self.dense_left = self.settings.hold_steps + 1
 
     def step_done(self, dense: bool) -> None:

@@ -124,8 +124,8 @@ class StaticDecodeRuntime:
                                 self.sparse.local_window, past=self.position, sinks=self.sinks)
         self.indices = indices  # the step's selection: the graph passes it to prefetch and attention
         # Whether each selected position is a stored token (None: no padding), once per step, not per layer. A
-        # row with fewer tokens than the budget also picks unstored positions, the new token's among them:
-        # invalid here, so the fused kernel never reads the row it writes.
+        # row with fewer tokens than the budget also picks padding (select_tokens ranks it above positions
+        # not written yet, the new token's among them, so the fused kernel never reads the row it writes).
         self.selection_valid = None if self.runtime.padding_free else self._holds_token(indices, self.key_valid)
         self._positions = None
         if self.store.offloaded:

@@ -7,8 +7,6 @@ prompt in chunks, then one step per new token.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import logging
 import time
 import traceback
@@ -22,7 +20,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from . import step_transaction
 from .attention_runtime import AttentionRuntime
 from .context import activate
-from .lagged_reads import REDO_PREVIOUS, LaggedStopCheck, LoopState
+from .host_ahead import REDO_PREVIOUS, LaggedStopCheck, LoopState, cyclic_gc_paused, rng_state
 from .cuda_graph_decode import DecoderTotals, GraphDecoder, eligible
 from .step_timer import StepTimer
 from .sampling import DecodingSettings, build_logits_processors, select_next_tokens
@@ -36,22 +34,6 @@ def prompt_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions of a (left-)padded prompt, counted over real tokens only, as transformers does."""
     position_ids = attention_mask.long().cumsum(-1) - 1
     return position_ids.masked_fill(attention_mask == 0, 0)
-
-
-@contextlib.contextmanager
-def cyclic_gc_paused():
-    """Pause Python's cyclic garbage collector (reference counting still frees everything else).
-
-    A decode step creates many short-lived Python objects; each full collection then walks the whole
-    heap (torch, transformers, the graph) while the GPU idles. Cycles made meanwhile wait for the end.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 @dataclass
@@ -134,7 +116,7 @@ class GenerationEngine:
         # Record an event on the compute stream at each decode step (benchmarks; ``stats``
         # ``replayed_step_ms``: the mean interval from a replayed fixed-shape step to the next one).
         self.time_steps = False
-        # Read the accuracy guard's checks one step late (None: on a GPU without a streamer; tests set True).
+        # Read the accuracy guard's checks one step late (None: on a GPU; tests set True), never with a streamer.
         self.lag_guard_reads: bool | None = None
 
     # -- prefill --------------------------------------------------------------------------------------
@@ -307,10 +289,15 @@ class GenerationEngine:
         except torch.OutOfMemoryError as error:
             failure = error  # handled below, once the failed step's frames (and tensors) are gone
             traceback.clear_frames(error.__traceback__)  # the traceback stays; its frames' tensors go
+        # A check read one step late is read now: a miss takes back the step it measured (this one put back
+        # what it wrote), which the loop redoes densely.
+        earlier_missed = lagged and self.decoder is not None and self.decoder.earlier_step_missed()
+        if earlier_missed:
+            self._end_decoder_after_miss(steps=1)
         if self.decoder is not None:
             self.ended_decoders.add(self.decoder)
             self.decoder.abandon()
-        else:  # building the decoder failed: its in-place slot map may be half made
+        else:  # building the decoder failed (its in-place slot map may be half made), or it ended above
             self.runtime.store.slot_map.reset()
         self.decoder = None
         self.fixed_shape_abandoned = True
@@ -320,7 +307,7 @@ class GenerationEngine:
         if self.memory is None:
             raise failure
         self.memory.recover(failure, length)
-        return None
+        return REDO_PREVIOUS if earlier_missed else None
 
     # -- generate -------------------------------------------------------------------------------------
     def generate(
@@ -379,8 +366,8 @@ class GenerationEngine:
         stop = LaggedStopCheck(self.device)
         # The guard's checks read one step late (on a GPU, without a streamer, which is handed each token at
         # once): the GPU does not idle while the host prepares and launches the step after a check.
-        lagged = self.runtime.guard is not None and (
-            self.lag_guard_reads if self.lag_guard_reads is not None else self.device.type == "cuda" and streamer is None)
+        lagged = self.runtime.guard is not None and streamer is None and (
+            self.lag_guard_reads if self.lag_guard_reads is not None else self.device.type == "cuda")
         timer = StepTimer(self.time_steps and self.device.type == "cuda")
         attended_before = len(self.runtime.attended_tokens)
         with torch.no_grad(), activate(self.runtime), cyclic_gc_paused():
@@ -417,9 +404,9 @@ class GenerationEngine:
                     if redo is None:
                         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
                         position = position + 1
-                        earlier, before_step = before_step, LoopState(index, decode_steps, sequences, attention_mask,
-                                                                      position, unfinished.clone(), next_tokens,
-                                                                      len(scores_out), len(logits_out))
+                        earlier, before_step = before_step, LoopState(
+                            index, decode_steps, sequences, attention_mask, position, unfinished.clone(), next_tokens,
+                            len(scores_out), len(logits_out), rng_state(self.device) if lagged and settings.do_sample else None)
                         logits = None
                         timer.step_starts()
                         if self.decode_mode != "eager" and not self.fixed_shape_abandoned:
@@ -436,6 +423,7 @@ class GenerationEngine:
                         if eos is not None:
                             stop.record(unfinished)
                         del scores_out[redo.scores:], logits_out[redo.logits:]
+                        redo.restore_rng(self.device)
                         timer.step_starts()
                         timer.kind(False)
                         logits = self.guarded_step(redo.tokens[:, None], attention_mask, position)

@@ -1,4 +1,4 @@
-"""What the decode loop's host reads one step late, so that it never waits for the GPU between steps.
+"""The decode loop's host stays ahead of the GPU: what it reads one step late, and the garbage collector.
 
 Reading a flag the GPU computes makes the host wait for the step that computed it, and the GPU then idles
 while Python prepares and launches the next step (at 32K, batch 1: ~1 ms of a ~5 ms step). Two reads are
@@ -10,6 +10,8 @@ miss then takes back both steps and the loop returns to the :class:`LoopState` b
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -66,8 +68,33 @@ class LoopState:
     tokens: torch.Tensor  # the step's input tokens [B]
     scores: int  # entries of the kept scores and logits before it
     logits: int
+    rng: torch.Tensor | None = None  # the sampling generator's state (None: greedy), so a redo draws again alike
+
+    def restore_rng(self, device: torch.device) -> None:
+        if self.rng is not None:
+            (torch.cuda.set_rng_state(self.rng, device) if device.type == "cuda" else torch.set_rng_state(self.rng))
+
+
+def rng_state(device: torch.device) -> torch.Tensor:
+    """The default generator's state for sampling on ``device`` (host memory: no synchronisation)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
 # What a fixed-shape step returns when the step before it missed (a check read one step late).
 REDO_PREVIOUS = object()
 
+
+@contextlib.contextmanager
+def cyclic_gc_paused():
+    """Pause Python's cyclic garbage collector (reference counting still frees everything else).
+
+    A decode step creates many short-lived Python objects; each full collection then walks the whole
+    heap (torch, transformers, the graph) while the GPU idles. Cycles made meanwhile wait for the end.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
