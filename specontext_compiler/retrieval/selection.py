@@ -54,9 +54,9 @@ def select_tokens(
     # exact for recency < 2^23), sinks above all; invalid positions below every score.
     rank_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     ranked = scores.to(rank_dtype)
+    at = torch.arange(positions, device=scores.device, dtype=rank_dtype)
     if local_window:
-        recency = torch.arange(positions, device=scores.device, dtype=rank_dtype)
-        ranked = torch.where(recency >= end - local_window, _WINDOW_RANK * (1 + recency / 2 ** 23), ranked)
+        ranked = torch.where(at >= end - local_window, _WINDOW_RANK * (1 + at / 2 ** 23), ranked)
     sinks = sink_positions(key_valid, sink_tokens) if sinks is None else sinks
     ranked = ranked.masked_fill(sinks[:, None, :], _SINK_RANK)
     if past is None:
@@ -65,7 +65,6 @@ def select_tokens(
         # A row with fewer tokens than the budget also picks invalid positions (masked by attention): its
         # padding first, which holds stored values, before the positions not written yet, which may hold
         # anything (NaN times a zero weight is still NaN on the torch path).
-        at = torch.arange(positions, device=scores.device, dtype=rank_dtype)
         fill = torch.full_like(at, float("-inf")).masked_fill(at < end, -_WINDOW_RANK)
         ranked = torch.where(key_valid[:, None, :], ranked, fill)
     indices = ranked.topk(budget, dim=-1, sorted=False).indices

@@ -127,21 +127,16 @@ class AccuracyGuard:
         if self._since_check < self.settings.check_every or measured is None:
             return False
         self._since_check = 0
-        if lagged and measured.is_cuda:
-            copy = torch.empty(measured.shape, dtype=torch.float32, pin_memory=True)
-            copy.copy_(measured, non_blocking=True)
+        # To host memory, pinned behind an event on a GPU (the buffer is refilled after it, stream-ordered).
+        copy = torch.empty(measured.shape, dtype=torch.float32, pin_memory=measured.is_cuda)
+        copy.copy_(measured, non_blocking=measured.is_cuda)
+        event = None
+        if measured.is_cuda:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(measured.device))
-            self._pending = (copy, event)
-            self.reset_coverage()  # (stream-ordered after the copy)
-            return False
-        if lagged:
-            self._pending = (measured.to("cpu", torch.float32, copy=True), None)
-            self.reset_coverage()
-            return False
-        coverage = measured.to("cpu", torch.float32, copy=True)  # the buffer is refilled below
+        self._pending = (copy, event)
         self.reset_coverage()
-        return self._judge(coverage)
+        return False if lagged else self.pending_missed()
 
     @property
     def read_pending(self) -> bool:

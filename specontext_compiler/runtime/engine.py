@@ -384,24 +384,23 @@ class GenerationEngine:
                         scores_out.append(scores)
                     next_tokens = select_next_tokens(scores, settings.do_sample)
                     redo = None
+                    # Every row ended last step (these are padding), or after this token: the loop ends.
+                    ending = eos is not None and stop.all_finished_before()
                     if eos is not None:
                         next_tokens = torch.where(unfinished, next_tokens, settings.pad_token_id)
-                        if stop.all_finished_before():  # every row ended last step: these are padding
-                            if not (lagged and self.last_step_missed()):
-                                break
-                            redo = before_step
-                    if redo is None:
+                    if not ending:
                         sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
                         if streamer is not None:
                             streamer.put(next_tokens.cpu())
                         if eos is not None:
                             unfinished &= ~torch.isin(next_tokens, eos)
                             stop.record(unfinished)
-                        if index + 1 == settings.max_new_tokens or stop.finished_now():
-                            if not (lagged and self.last_step_missed()):
-                                break
-                            redo = before_step
-                    if redo is None:
+                        ending = index + 1 == settings.max_new_tokens or stop.finished_now()
+                    if ending:
+                        if not (lagged and self.last_step_missed()):
+                            break
+                        redo = before_step  # the last step's check, read late, missed: that step goes again
+                    else:
                         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
                         position = position + 1
                         earlier, before_step = before_step, LoopState(
