@@ -285,56 +285,6 @@ def scoring_sweep(hbm: float, cases=((1, 32768), (16, 32768), (4, 131072)), bloc
     return rows
 
 
-def matvec_sweep(hbm: float, block_n=(8, 16, 32), block_k=(256, 512, 1024), warps=(4, 8), stages=(3, 4),
-                 copies: int = 8) -> list[dict]:
-    """One-row products of the 8B shape's decode step (bf16): the matvec kernel under each launch
-    configuration against cuBLAS (``F.linear``), CUDA-graph time. Each call runs over ``copies`` distinct
-    weights (> L2 in all, as a step's layers are), and the time is per product."""
-    import itertools
-
-    from specontext_compiler.kernels.matvec import GPU_CONFIG, matvec
-
-    shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
-              "lm_head": (128256, 4096)}
-    g = torch.Generator(device="cuda").manual_seed(5)
-    settings = [dict(block_n=n, block_k=k, num_warps=w, num_stages=st)
-                for n, k, w, st in itertools.product(block_n, block_k, warps, stages)]
-    rows = []
-    for name, (out_features, in_features) in shapes.items():
-        count = 2 if name == "lm_head" else copies
-        weights = [torch.randn(out_features, in_features, device="cuda", generator=g, dtype=torch.bfloat16)
-                   for _ in range(count)]
-        x = torch.randn(1, 1, in_features, device="cuda", generator=g, dtype=torch.bfloat16)
-        moved = weights[0].nbytes
-        cublas_us = 1e6 * bench_graph(lambda: [F.linear(x, w) for w in weights]) / count
-        best_us, best = float("inf"), None
-        results = []
-        for setting in settings:
-            config = dict(GPU_CONFIG, **setting)
-            try:
-                us = 1e6 * bench_graph(lambda: [matvec(x, w, config=config) for w in weights]) / count
-            except Exception as error:  # out of registers or shared memory for this combination: skip it
-                results.append({"config": config, "error": str(error)[:120]})
-                continue
-            results.append({"config": config, "us": us, "share_of_hbm": moved / (us * 1e-6) / hbm})
-            if us < best_us:
-                best_us, best = us, config
-        shipped = 1e6 * bench_graph(lambda: [matvec(x, w) for w in weights]) / count
-        error = (matvec(x, weights[0]).float() - F.linear(x.double(), weights[0].double()).float()).abs().max().item()
-        reference_error = (F.linear(x, weights[0]).float() - F.linear(x.double(), weights[0].double()).float()).abs().max().item()
-        rows.append({"shape": name, "out_features": out_features, "in_features": in_features,
-                     "cublas_us": cublas_us, "cublas_share_of_hbm": moved / (cublas_us * 1e-6) / hbm,
-                     "shipped_us": shipped, "shipped_share_of_hbm": moved / (shipped * 1e-6) / hbm,
-                     "best_us": best_us, "best_config": best, "max_error_vs_float64": error,
-                     "cublas_max_error_vs_float64": reference_error, "all": results})
-        print(f"matvec {name:8s} [{out_features} x {in_features}]: cuBLAS {cublas_us:7.1f} us "
-              f"({100 * rows[-1]['cublas_share_of_hbm']:5.1f}% HBM); shipped {shipped:7.1f} us "
-              f"({100 * rows[-1]['shipped_share_of_hbm']:5.1f}%); best {best_us:7.1f} us {best}; "
-              f"error {error:.3g} (cuBLAS {reference_error:.3g})", flush=True)
-        del weights
-    return rows
-
-
 def scoring(hbm: float) -> list[dict]:
     from specontext_compiler.kernels import retrieval_top_k, use_kernels
     from specontext_compiler.retrieval.base import group_probabilities
@@ -440,8 +390,6 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="only sweep the attention kernel's launch parameters")
     parser.add_argument("--scoring-only", action="store_true",
                         help="only sweep the retrieval scores' launch parameters, then time scoring as shipped")
-    parser.add_argument("--matvec-only", action="store_true",
-                        help="only sweep the one-row product kernel's launch parameters against cuBLAS")
     parser.add_argument("--merge-only", action="store_true",
                         help="only compare the ways the attention kernel merges its splits, at decode's sizes")
     args = parser.parse_args()
@@ -461,9 +409,6 @@ def main() -> None:
     if args.scoring_only:
         args.skip = ["check", "attention", "gather", "runtime", "decode"]
         payload["scoring_sweep"] = scoring_sweep(hbm)
-    if args.matvec_only:
-        args.skip = ["check", "attention", "gather", "scoring", "runtime", "decode"]
-        payload["matvec_sweep"] = matvec_sweep(hbm)
     if args.merge_only:
         args.skip = ["check", "attention", "gather", "scoring", "runtime", "decode"]
         payload["merge_sweep"] = merge_sweep(hbm, cases=((1, 2048), (4, 2048), (8, 2048), (16, 2048), (24, 2048),
