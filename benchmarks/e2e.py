@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import json
 import statistics
 import time
 
@@ -42,6 +43,7 @@ SYSTEMS = ("hf_eager", "hf_static_compile", "hf_offloaded", "specontext_80gb", "
            "specontext_80gb_offloaded", "specontext_24gb")
 TOKEN_BUDGET = 2048
 INDUCTOR = None  # compile_decode_step: None (the default: Inductor on CUDA), --inductor True, --no-inductor False
+INDUCTOR_OPTIONS: dict | None = None  # --inductor-options: Inductor's options for the fixed-shape step (None: defaults)
 SHORT = 3  # tokens of the shorter generate without the guard (prefill, the eager warm-up step, one replay)
 GUARD = True  # --no-guard: the accuracy guard off
 TIME_WAITS = False  # --time-waits: time the compute stream's waits on loads inside graph steps
@@ -155,6 +157,8 @@ def run_specontext(model, system: str, ids: torch.Tensor, new_tokens: int) -> di
         offload = "all" if system.endswith("_offloaded") else "auto"
         _COMPILED[system] = specontext.compile(model, budget, token_budget=TOKEN_BUDGET, offload=offload, progress=False,
                                                compile_decode_step=INDUCTOR, guard=GUARD)
+        if INDUCTOR_OPTIONS is not None:
+            _COMPILED[system].engine.compile_fixed_shape_step(inductor_options=INDUCTOR_OPTIONS)
     compiled = _COMPILED[system]
     compiled.engine.decode_mode = "eager" if system.endswith("_eager") else "graph"
     compiled.engine.time_graph_waits = TIME_WAITS
@@ -282,7 +286,7 @@ def measure(model, system: str, context: int, batch: int, new_tokens: int, hbm: 
 
 
 def main() -> None:
-    global INDUCTOR, BUDGET, GUARD, TIME_WAITS, REPEATS
+    global INDUCTOR, INDUCTOR_OPTIONS, BUDGET, GUARD, TIME_WAITS, REPEATS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768])
@@ -293,6 +297,8 @@ def main() -> None:
     parser.add_argument("--check-only", action="store_true", help="only compare graph, fixed and eager decode tokens")
     parser.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=None,
                         help="compile_decode_step True / False (default: the library's default, Inductor on CUDA)")
+    parser.add_argument("--inductor-options", type=json.loads, default=None,
+                        help='Inductor options for the fixed-shape step, as JSON (e.g. \'{"triton.enable_pdl": true}\')')
     parser.add_argument("--time-waits", action="store_true",
                         help="time the compute stream's waits on loads inside graph steps (the last step's)")
     parser.add_argument("--no-guard", action="store_true", help="the accuracy guard off")
@@ -303,7 +309,7 @@ def main() -> None:
     args = parser.parse_args()
 
     INDUCTOR, BUDGET, GUARD, TIME_WAITS = args.inductor, args.budget, not args.no_guard, args.time_waits
-    REPEATS = args.repeats
+    REPEATS, INDUCTOR_OPTIONS = args.repeats, args.inductor_options
     if args.kernels:
         from specontext_compiler.kernels import use_kernels
 

@@ -115,3 +115,18 @@ def test_a_batch_equals_its_prompts_one_by_one(case, token_budget, offload):
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(st.integers(1, 3), st.sampled_from([256 * 8, 256 * 9, 1187 * 8, 128256]), st.integers(1, 4),
+       st.booleans(), st.integers(0, 2 ** 16))
+def test_two_stage_greedy_equals_argmax(batch, vocab, levels, nan, seed):
+    """The two-stage argmax that CUDA greedy decoding uses picks argmax's token, the first of equal
+    maxima included (few distinct levels: many ties), and a NaN where argmax picks one."""
+    from specontext_compiler.runtime.sampling import greedy_tokens
+
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, levels, (batch, vocab), generator=g).float()
+    if nan:
+        scores[0, int(torch.randint(0, vocab, (1,), generator=g))] = float("nan")
+    assert torch.equal(greedy_tokens(scores, two_stage=True), torch.argmax(scores, dim=-1))

@@ -47,6 +47,10 @@ class Prefilled:
 
 
 CAPACITY_ALIGNMENT = 16
+#: Inductor's options for the fixed-shape decode step on CUDA: a batch-1 step launches ~530 kernels, so
+#: launch latency counts. Programmatic dependent launch lets a kernel start while the one before it
+#: drains; combo kernels merge independent small kernels into one launch (docs/benchmarks.md).
+CUDA_INDUCTOR_OPTIONS = {"triton.enable_pdl": True, "combo_kernels": True}
 
 
 def reserved_tokens(total: int) -> int:
@@ -216,8 +220,11 @@ class GenerationEngine:
         so a new prompt length or batch size reuses the compiled code: one compilation for batch 1 (which
         Dynamo specializes) and one for every larger batch. Inductor's caches on disk (FX graph, AOTAutograd,
         autotuning) let a later process skip most of the work. ``inductor_options``: Inductor's options
-        (``{"coordinate_descent_tuning": True}`` measures the tuned reductions)."""
-        options = {} if inductor_options is None else inductor_options
+        (``{"coordinate_descent_tuning": True}`` measures the tuned reductions; default on CUDA:
+        :data:`CUDA_INDUCTOR_OPTIONS`)."""
+        options = inductor_options
+        if options is None:
+            options = dict(CUDA_INDUCTOR_OPTIONS) if self.device.type == "cuda" else {}
         compiled = torch.compile(self.step, options=options)
 
         def fixed_shape_step(**inputs):
