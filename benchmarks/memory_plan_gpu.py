@@ -116,11 +116,11 @@ def migration(model_8b) -> dict:
     reference = specontext.compile(small, "8GB", offload="none", **options).generate(
         ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     probe = specontext.compile(small, "8GB", offload="auto", **options)
-    probe.runtime.store.migration_chunk = 16  # a small copy temporary: moves fit within a short decode
+    probe.runtime.store.migration.chunk = 16  # a small copy temporary: moves fit within a short decode
     prompt = ids.shape[1]
     budget, until = budget_with_migrations(probe, 1, prompt, prompt + new, 3, prompt + new // 4)
     compiled = specontext.compile(small, budget, offload="auto", **options)
-    compiled.runtime.store.migration_chunk = 16
+    compiled.runtime.store.migration.chunk = 16
     compiled.runtime.store.fill_value = 1e4
     out = compiled.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     result["small_fp32"] = {"budget_bytes": budget, "resident_until": until, "migrated": compiled.memory.migrated,
@@ -131,10 +131,10 @@ def migration(model_8b) -> dict:
     context, new = 32768 - 384, 384
     ids = torch.randint(10, 120000, (1, context), generator=torch.Generator().manual_seed(7)).cuda()
     probe = specontext.compile(model_8b, "80GB", token_budget=2048, offload="auto", progress=False)
-    probe.runtime.store.migration_chunk = 256
+    probe.runtime.store.migration.chunk = 256
     budget, until = budget_with_migrations(probe, 1, context, context + new, 31, context + 96)
     compiled = specontext.compile(model_8b, budget, token_budget=2048, offload="auto", progress=False)
-    compiled.runtime.store.migration_chunk = 256
+    compiled.runtime.store.migration.chunk = 256
     clock = StepClock()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -272,7 +272,7 @@ def out_of_memory_in_decode() -> dict:
     for mode, at in cases:
         compiled = specontext.compile(model, budget, offload="auto", **options)
         compiled.memory.workspace = workspace
-        compiled.runtime.store.migration_chunk = 32  # a move's device temporary: a small (<= 1 MiB) block
+        compiled.runtime.store.migration.chunk = 32  # a move's device temporary: a small (<= 1 MiB) block
         compiled.engine.decode_mode = mode
         tenant = TenantTakesMemory(at, slack)
         torch.cuda.empty_cache()

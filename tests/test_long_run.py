@@ -60,7 +60,7 @@ def test_ten_thousand_steps_hold_memory_steady_and_lose_no_token():
     ids = torch.randint(3, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(11))
     budget, planned = budget_with_migrations(model, PROMPT, PROMPT + NEW)
     compiled = specontext.compile(model, budget, offload="auto", **SPARSE)
-    compiled.runtime.store.migration_chunk = CHUNK
+    compiled.runtime.store.migration.chunk = CHUNK
     # What the steps append, per layer, in order: into buffers filled before the run (numpy), so
     # that recording adds neither live tensors nor resident memory while it runs (NaN: every
     # page written now, and a position never recorded shows).

@@ -201,7 +201,7 @@ CHUNK = 8  # tokens per copy of a moving layer: its device temporary stays small
 def budget_with_migrations(model, prompt, total, workspace=None, batch=1):
     """The smallest budget (in steps of one layer-token of KV) whose plan moves layers out mid-decode."""
     probe = specontext.compile(model, "1GB", offload="auto", **SPARSE)
-    probe.runtime.store.migration_chunk = CHUNK
+    probe.runtime.store.migration.chunk = CHUNK
     if workspace is not None:
         probe.memory.workspace = workspace
     memory = probe.memory.model(total)
@@ -250,7 +250,7 @@ def test_layers_move_to_host_memory_as_the_sequence_grows_without_losing_a_token
     budget, planned = budget_with_migrations(model, 90, 90 + new)
     compiled = specontext.compile(model, budget, offload="auto", **SPARSE)
     compiled.runtime.store.fill_value = POISON
-    compiled.runtime.store.migration_chunk = CHUNK
+    compiled.runtime.store.migration.chunk = CHUNK
     out = compiled.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
     moves = sorted((tokens, layer) for layer, tokens in enumerate(planned) if 90 <= tokens < 90 + new)
     assert moves and sorted(compiled.memory.migrated) == moves  # each moved when the sequence passed its length
@@ -274,7 +274,7 @@ def test_out_of_memory_mid_step_rolls_back_replans_and_retries():
     compiled = specontext.compile(model, budget, offload="auto", **SPARSE)
     compiled.memory.workspace = workspace
     compiled.runtime.store.fill_value = POISON
-    compiled.runtime.store.migration_chunk = CHUNK
+    compiled.runtime.store.migration.chunk = CHUNK
     first = compiled.memory.model(90 + new).schedule(1, 90, 90 + new, budget)
     compiled.memory.workspace = 2 * workspace
     replanned = compiled.memory.model(90 + new).schedule(1, 95, 90 + new, budget, prompt=90)
@@ -326,11 +326,12 @@ def test_out_of_memory_while_a_layer_moves_to_host_memory_retries_the_move(where
     compiled = specontext.compile(model, budget, offload="auto", **SPARSE)
     compiled.memory.workspace = workspace  # the re-plan's doubled margin still fits the budget
     compiled.runtime.store.fill_value = POISON
-    compiled.runtime.store.migration_chunk = CHUNK
+    compiled.runtime.store.migration.chunk = CHUNK
     store, inside, failed = compiled.runtime.store, [], []
-    method, then = {"switching over": ("migrate_to_host", "_copy_to_host"),
-                    "making its slots": ("ensure_slots", "full")}[where]
-    outer = getattr(store, method)
+    owner, method, then_owner, then = {
+        "switching over": (store.migration, "to_host", store.migration, "_copy_to_host"),
+        "making its slots": (store, "ensure_slots", torch, "full")}[where]
+    outer = getattr(owner, method)
 
     def watched(*args):
         inside.append(0)
@@ -339,7 +340,7 @@ def test_out_of_memory_while_a_layer_moves_to_host_memory_retries_the_move(where
         finally:
             inside.pop()
 
-    inner = getattr(torch if then == "full" else store, then)
+    inner = getattr(then_owner, then)
 
     def fails_once(*args, **kwargs):
         result = inner(*args, **kwargs)
@@ -350,8 +351,8 @@ def test_out_of_memory_while_a_layer_moves_to_host_memory_retries_the_move(where
                 raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
         return result
 
-    setattr(store, method, watched)
-    monkeypatch.setattr(torch if then == "full" else store, then, fails_once)
+    setattr(owner, method, watched)
+    monkeypatch.setattr(then_owner, then, fails_once)
     out = compiled.generate(ids, attention_mask=mask, **settings)
     assert failed and compiled.memory.retries == 1
     assert torch.equal(out.sequences, expected.sequences)

@@ -49,6 +49,23 @@ class HostTier:
         self.ring_start = length
         self.flushed = min(self.flushed, length)
 
+    def append(self, host_key: torch.Tensor, host_value: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               start: int) -> None:
+        """New tokens ``key``/``value`` [B, Hkv, T, D] at positions start...: a prefill chunk goes straight to
+        the host buffers (after what the ring holds back), a decode token stays in the ring (rows due go
+        to host memory first); the ring keeps the last ``window`` either way."""
+        end = start + key.shape[2]
+        if key.shape[2] > 1:
+            self.flush(host_key, host_value, start)
+            # Token-major host memory: the chunk is one contiguous block, so the device-to-host copy into
+            # pinned memory is a single asynchronous DMA (readers are ordered after it).
+            token_major(host_key)[start:end].copy_(key.permute(2, 0, 1, 3), non_blocking=True)
+            token_major(host_value)[start:end].copy_(value.permute(2, 0, 1, 3), non_blocking=True)
+            self.flushed = end
+        elif self.flush_due(start):
+            self.flush(host_key, host_value, start)
+        self.write_ring(key, value, start)
+
     def write_ring(self, key: torch.Tensor, value: torch.Tensor, start: int) -> None:
         """The last ``window`` of the new tokens ([B, Hkv, T, D], at positions start...) into the ring."""
         batch, heads, new, dim = key.shape

@@ -7,22 +7,20 @@ in whole chunks, when a caller appends past the reservation: no per-step allocat
 per-step pinning.
 
 An offloaded layer also keeps, on the compute device, a ring of its recent tokens and the slots of the
-step's selection: its :class:`~.host_tier.HostTier`. A resident layer's buffer is all it has. Layers move
-from the GPU to host memory mid-sequence here too (:meth:`KVStore.advance_migration`,
-:meth:`KVStore.migrate_to_host`).
+step's selection: its :class:`~.host_tier.HostTier`. A resident layer's buffer is all it has. Resident
+layers that leave the GPU mid-sequence do so through the store's :class:`~.migration.LayerMigration`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
 
 import torch
 
-from ..planning.memory_model import MIGRATION_CHUNK
 from .host_tier import HostTier, token_major
+from .migration import LayerMigration
 from .slots import SlotMap
 
 logger = logging.getLogger(__name__)
@@ -88,14 +86,11 @@ class KVStore:
         self.fast: dict[int, HostTier] = {layer: HostTier(self.window) for layer in self.offloaded}
         self.slot_map = SlotMap(elastic)  # what every offloaded layer's slots hold
         self.layers: list[LayerKV | None] = [None] * num_layers
-        self._reserved_tokens = 0
+        self.reserved_tokens = 0
         self._staging: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._layer_reserve: dict[int, int] = {}  # resident layers sized for fewer tokens than the sequence
-        # Layers on their way to host memory: (host K, host V, tokens copied, copy done on the side stream).
-        self._moving: dict[int, tuple] = {}
         self.unloaded_slots: set[int] = set()  # offloaded layers whose slots do not hold the slot map yet
-        self._host_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # pinned ahead of a move
-        self.migration_chunk = MIGRATION_CHUNK  # tokens per device-to-host copy of a moving layer
+        self.migration = LayerMigration(self)  # resident layers moving to host memory mid-sequence
 
     def is_offloaded(self, layer: int) -> bool:
         return layer in self.offloaded
@@ -120,10 +115,9 @@ class KVStore:
             self.fast = {layer: self.fast.get(layer) or HostTier(self.window) for layer in self.offloaded}
             if not self.offloaded:
                 self._staging.clear()
-        self._moving.clear()
+        self.migration.reset()
         self.unloaded_slots.clear()
-        self._host_buffers.clear()
-        self._reserved_tokens = reserve_tokens
+        self.reserved_tokens = reserve_tokens
         self._layer_reserve = dict(resident_until or {})
         for tier in self.fast.values():
             tier.restart()
@@ -141,8 +135,7 @@ class KVStore:
                 if layer.length < length:
                     raise ValueError(f"cannot truncate to {length} tokens: a layer holds {layer.length}")
                 layer.length = length
-        for layer, (host_key, host_value, copied, done) in self._moving.items():
-            self._moving[layer] = (host_key, host_value, min(copied, length), done)  # copy those rows again
+        self.migration.truncate(length)
         # Ring slots past `length` will be overwritten by different tokens: trust none of the ring.
         for tier in self.fast.values():
             tier.restart(length)
@@ -160,16 +153,7 @@ class KVStore:
         entry = self._ensure_capacity(layer, key, value)
         start, end = entry.length, entry.length + key.shape[2]
         if layer in self.offloaded:
-            if key.shape[2] > 1:  # a prefill chunk: straight to host memory (after what the ring holds back)
-                self.flush(layer)
-                # Token-major host memory: the chunk is one contiguous block, so the device-to-host copy
-                # into pinned memory is a single asynchronous DMA (readers are ordered after it).
-                token_major(entry.key)[start:end].copy_(key.permute(2, 0, 1, 3), non_blocking=True)
-                token_major(entry.value)[start:end].copy_(value.permute(2, 0, 1, 3), non_blocking=True)
-                self.fast[layer].flushed = end
-            elif self.fast[layer].flush_due(start):  # decode: the new token stays in the ring
-                self.flush(layer)
-            self.fast[layer].write_ring(key, value, start)
+            self.fast[layer].append(entry.key, entry.value, key, value, start)
         else:
             entry.key[:, :, start:end].copy_(key)
             entry.value[:, :, start:end].copy_(value)
@@ -213,7 +197,7 @@ class KVStore:
         key_buffer, value_buffer = self._staging.get(device, (None, None))
         if key_buffer is None or key_buffer.shape[1:3] != (batch, heads) or key_buffer.shape[0] < length or \
                 key_buffer.shape[3] != entry.key.shape[3] or value_buffer.shape[3] != entry.value.shape[3]:
-            capacity = max(length, self._reserved_tokens, 1)
+            capacity = max(length, self.reserved_tokens, 1)
             key_buffer = torch.empty(capacity, batch, heads, entry.key.shape[3], dtype=self.dtype, device=device)
             value_buffer = torch.empty(capacity, batch, heads, entry.value.shape[3], dtype=self.dtype, device=device)
             self._staging[device] = (key_buffer, value_buffer)
@@ -222,99 +206,30 @@ class KVStore:
         value_buffer[:length].copy_(token_major(entry.value)[:length], non_blocking=True)
         return key_buffer[:length].permute(1, 2, 0, 3), value_buffer[:length].permute(1, 2, 0, 3)
 
-    def advance_migration(self, layer: int, stream: "torch.cuda.Stream | None" = None, steps_left: int = 1) -> None:
-        """Copy a resident layer that is about to move to host memory a share (1 / ``steps_left``) of its
-        stored tokens not yet copied, on ``stream`` (a side stream: in the background of decoding), in
-        ``migration_chunk``-token copies (host storage is token-major, so each copy goes through a small
-        device temporary). Stored tokens are never rewritten, so copies can run steps before
-        :meth:`migrate_to_host` switches the layer over."""
-        if layer in self.offloaded:
-            return
-        entry = self.layers[layer]
-        if entry is None or entry.length == 0:
-            return
-        device = self.devices[layer]
-        if layer in self._moving:
-            host_key, host_value, copied, _ = self._moving[layer]
-        else:
-            host_key, host_value = self._host_buffers.pop(layer, None) or self._host_buffers_like(layer, entry)
-            copied = 0
-        end = copied + math.ceil((entry.length - copied) / max(1, steps_left))
-        done = None
-        if stream is not None:
-            written = torch.cuda.Event()
-            written.record(torch.cuda.current_stream(device))
-            stream.wait_event(written)  # every append so far, then the copy
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            self._copy_to_host(entry, host_key, host_value, copied, end)
-        if stream is not None:
-            done = torch.cuda.Event()
-            done.record(stream)
-        self._moving[layer] = (host_key, host_value, end, done)
-
-    def migrate_to_host(self, layer: int) -> None:
-        """Switch a resident layer to host memory between two steps, nothing lost or repeated: the
-        tokens :meth:`advance_migration` has not copied yet are copied, the
-        compute stream waits for the background copy, the ring gets the newest ``window`` tokens from
-        the GPU buffer, and the GPU buffer is freed (the compute stream is ordered after its last
-        reader, so the memory is reusable at once). The layer's slots are filled with the current
-        selection by the next step's prefetch (:attr:`unloaded_slots`)."""
-        if layer in self.offloaded:
-            raise ValueError(f"layer {layer} is already offloaded")
-        entry = self.layers[layer]
-        if entry is not None and entry.length and layer not in self._moving:
-            # At once: on the compute stream, which waits for the copy anyway and can reuse the blocks it
-            # caches (a side stream's first allocation needs a new segment: none is left after an OOM).
-            self.advance_migration(layer, None, steps_left=1)
-        fast = HostTier(self.window)
-        if entry is None or entry.length == 0:
-            self._switch_to_host(layer, fast)
-            self.layers[layer] = None  # nothing stored yet: the next append allocates host memory
-            self._moving.pop(layer, None)
-            return
-        # Everything that allocates device memory comes before the store changes: a move that runs out of
-        # memory leaves the layer resident, and the memory manager's retry can move it again.
-        length = entry.length
-        device = self.devices[layer]
-        host_key, host_value, copied, done = self._moving[layer]
-        if done is not None:
-            torch.cuda.current_stream(device).wait_event(done)
-        self._copy_to_host(entry, host_key, host_value, copied, length)  # the few newest, on this stream
-        # The ring: the newest tokens at position % window, trusted no further back than the other
-        # offloaded layers' rings (one source mask serves every offloaded layer).
-        others = [self.fast[o].ring_start for o in self.offloaded if self.layers[o] is not None]
-        fast.fill_ring(entry.key, entry.value, max([length - self.window] + others + [0]), length)
-        del self._moving[layer]
-        self._switch_to_host(layer, fast)
-        self.layers[layer] = LayerKV(host_key.permute(1, 2, 0, 3), host_value.permute(1, 2, 0, 3), length)
-        self.unloaded_slots.add(layer)
-        logger.info("layer %d: KV of %d tokens moved to host memory", layer, length)
-
-    def _switch_to_host(self, layer: int, fast: HostTier) -> None:
+    def switch_to_host(self, layer: int, tier: HostTier,
+                       host: tuple[torch.Tensor, torch.Tensor, int] | None) -> None:
+        """Layer ``layer`` keeps its KV in host memory from now on (a move, :mod:`.migration`): ``tier`` its
+        ring and slots, ``host`` its (key, value, stored tokens) there as [B, Hkv, capacity, D] views (None:
+        nothing stored yet; the next append allocates host memory). Its slots are filled by the next
+        step's prefetch."""
         self._layer_reserve.pop(layer, None)
-        self._host_buffers.pop(layer, None)
+        self.migration.forget(layer)
         self.offloaded = self.offloaded | {layer}
-        self.fast[layer] = fast
+        self.fast[layer] = tier
+        if host is None:
+            self.layers[layer] = None
+            return
+        key, value, length = host
+        self.layers[layer] = LayerKV(key, value, length)
+        self.unloaded_slots.add(layer)
 
-    def _new_host_buffers(self, layer: int, capacity: int, batch: int, heads: int, key_dim: int,
+    def new_host_buffers(self, layer: int, capacity: int, batch: int, heads: int, key_dim: int,
                           value_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-major [capacity, B, Hkv, D] host K/V buffers (a token's rows are one block), pinned when
         the layer computes on a GPU (asynchronous copies, zero-copy reads)."""
         pin = self.devices[layer].type == "cuda"
         return (torch.empty(capacity, batch, heads, key_dim, dtype=self.dtype, pin_memory=pin),
                 torch.empty(capacity, batch, heads, value_dim, dtype=self.dtype, pin_memory=pin))
-
-    def _host_buffers_like(self, layer: int, entry: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
-        """Host buffers for a resident layer's whole reservation, to move it to host memory."""
-        batch, heads, _, key_dim = entry.key.shape
-        capacity = max(self._reserved_tokens, entry.length)
-        return self._new_host_buffers(layer, capacity, batch, heads, key_dim, entry.value.shape[3])
-
-    def _copy_to_host(self, entry: LayerKV, host_key: torch.Tensor, host_value: torch.Tensor, start: int, end: int) -> None:
-        for begin in range(start, end, self.migration_chunk):
-            stop = min(begin + self.migration_chunk, end)
-            host_key[begin:stop].copy_(entry.key[:, :, begin:stop].permute(2, 0, 1, 3), non_blocking=True)
-            host_value[begin:stop].copy_(entry.value[:, :, begin:stop].permute(2, 0, 1, 3), non_blocking=True)
 
     def ensure_slots(self, layer: int, slots: int) -> HostTier:
         """Slot buffers of at least ``slots`` slots for an offloaded layer (grown, contents dropped)."""
@@ -330,7 +245,7 @@ class KVStore:
         entry = self.layers[layer]
         batch, heads, new, _ = key.shape
         needed = (0 if entry is None else entry.length) + new
-        reserve = self._reserved_tokens
+        reserve = self.reserved_tokens
         if layer not in self.offloaded:
             reserve = self._layer_reserve.get(layer, reserve)
         # A buffer kept from an earlier sequence serves this one only if it holds this one's reservation
@@ -354,7 +269,7 @@ class KVStore:
         device = self.tier_device(layer)
         if layer in self.offloaded:
             # Host tier: token-major storage seen as [B, Hkv, capacity, D], pinned once here.
-            host_key, host_value = self._new_host_buffers(layer, capacity, batch, heads, key.shape[3], value.shape[3])
+            host_key, host_value = self.new_host_buffers(layer, capacity, batch, heads, key.shape[3], value.shape[3])
             new_key, new_value = host_key.permute(1, 2, 0, 3), host_value.permute(1, 2, 0, 3)
         else:
             new_key = torch.empty(batch, heads, capacity, key.shape[3], dtype=self.dtype, device=device)
@@ -369,10 +284,8 @@ class KVStore:
             logger.debug("layer %d: KV buffer grown to %d tokens", layer, capacity)
         entry = LayerKV(new_key, new_value, length)
         self.layers[layer] = entry
-        if layer in self._layer_reserve and layer not in self.offloaded and layer not in self._host_buffers:
-            # It will move to host memory mid-sequence: pin its host buffers now (pinning takes
-            # milliseconds per 100 MB of CPU time, better spent in prefill than between decode steps).
-            self._host_buffers[layer] = self._host_buffers_like(layer, entry)
+        if layer in self._layer_reserve and layer not in self.offloaded:
+            self.migration.pin_ahead(layer, entry)  # it will move to host memory mid-sequence
         return entry
 
     def nbytes(self) -> int:

@@ -5,7 +5,7 @@ Before a sequence, :meth:`MemoryManager.plan` asks the planner (:mod:`specontext
 how one sequence growing from its prompt to prompt + max_new_tokens should be placed: layers resident
 throughout, layers offloaded from the start, and layers that stay on the GPU until the sequence passes
 their length. Before each step, :meth:`before_step` moves the layers whose length the step passes to
-host memory (:meth:`KVStore.migrate_to_host`: ring and slots filled on the device, the copy on the side
+host memory (:meth:`LayerMigration.to_host`: ring and slots filled on the device, the copy on the side
 stream in the background). :meth:`run_step` runs a step; if the GPU still runs out of memory, the step
 is rolled back (stored tokens, the retrieval head), the margin doubles, the plan is redone for the rest
 of the sequence (more layers move out at once), and the step runs again.
@@ -93,7 +93,7 @@ class MemoryManager:
     def model(self, end: int) -> PeakModel:
         """The memory model for sequences of ``end`` tokens (the selection size depends on it)."""
         selected = None if self.token_budget is None else min(end, resolve_token_budget(self.token_budget, end))
-        chunk = self.runtime.store.migration_chunk
+        chunk = self.runtime.store.migration.chunk
         key = (selected, self.workspace, chunk)
         if key not in self._models:
             terms = memory_terms(self.shape, selected, self.window, self.prefill_chunk, workspace=self.workspace,
@@ -150,9 +150,9 @@ class MemoryManager:
                 stream = self.runtime.prefetcher.side_stream(store.devices[layer])
             if tokens >= total:
                 # Copy in the background, an even share of what is left each step until it must leave.
-                store.advance_migration(layer, stream, steps_left=tokens - total + 1)
+                store.migration.advance(layer, stream, steps_left=tokens - total + 1)
                 continue
-            store.migrate_to_host(layer)
+            store.migration.to_host(layer)
             del self.placement.resident_until[layer]
             self.migrated.append((store.length(layer), layer))
             moved_from_gpu = moved_from_gpu or stream is not None
