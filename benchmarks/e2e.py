@@ -298,7 +298,8 @@ def main() -> None:
     parser.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=None,
                         help="compile_decode_step True / False (default: the library's default, Inductor on CUDA)")
     parser.add_argument("--inductor-options", type=json.loads, default=None,
-                        help='Inductor options for the fixed-shape step, as JSON (e.g. \'{"triton.enable_pdl": true}\')')
+                        help="Inductor options for the fixed-shape step, as JSON; they replace the library's "
+                             "(engine.CUDA_INDUCTOR_OPTIONS): '{}' compiles with Inductor's own defaults")
     parser.add_argument("--time-waits", action="store_true",
                         help="time the compute stream's waits on loads inside graph steps (the last step's)")
     parser.add_argument("--no-guard", action="store_true", help="the accuracy guard off")
@@ -310,6 +311,8 @@ def main() -> None:
 
     INDUCTOR, BUDGET, GUARD, TIME_WAITS = args.inductor, args.budget, not args.no_guard, args.time_waits
     REPEATS, INDUCTOR_OPTIONS = args.repeats, args.inductor_options
+    if INDUCTOR_OPTIONS is not None and INDUCTOR is False:
+        parser.error("--inductor-options compiles the step with Inductor: not with --no-inductor")
     if args.kernels:
         from specontext_compiler.kernels import use_kernels
 

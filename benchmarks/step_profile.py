@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from benchmarks.e2e import TOKEN_BUDGET, _prompt, difference_lengths, hbm_bandwidth, llama_8b_random, step_ms
 from benchmarks.results_file import write_results
+from specontext_compiler.runtime.engine import CUDA_INDUCTOR_OPTIONS
 
 KINDS = (  # first match wins
     ("attention (Triton)", ("sparse_decode", "_attention_kernel", "attn")),
@@ -174,10 +175,11 @@ def main() -> None:
             continue
         compiled.engine.decode_mode = "fixed" if variant == "fixed" else "graph"
         compiled.engine.fixed_shape_step = None
-        if variant == "graph_inductor":  # with coordinate-descent tuning (the default until 2026-12-04)
-            compiled.engine.compile_fixed_shape_step(inductor_options={"coordinate_descent_tuning": True})
+        if variant == "graph_inductor":  # the defaults + coordinate-descent tuning (a default until 2026-12-04)
+            compiled.engine.compile_fixed_shape_step(
+                inductor_options={**CUDA_INDUCTOR_OPTIONS, "coordinate_descent_tuning": True})
         elif variant == "graph_inductor_untuned":
-            compiled.engine.compile_fixed_shape_step()  # the default: cuBLAS keeps the matrix products
+            compiled.engine.compile_fixed_shape_step()  # the defaults: cuBLAS keeps the matrix products
         try:
             variants[variant] = profile_variant(compiled, ids, new_tokens=16)
         except Exception as error:  # a variant that fails is recorded, and the others still run

@@ -210,8 +210,8 @@ class KVStore:
                        host: tuple[torch.Tensor, torch.Tensor, int] | None) -> None:
         """Layer ``layer`` keeps its KV in host memory from now on (a move, :mod:`.migration`): ``tier`` its
         ring and slots, ``host`` its (key, value, stored tokens) there as [B, Hkv, capacity, D] views (None:
-        nothing stored yet; the next append allocates host memory). Its slots are filled by the next
-        step's prefetch."""
+        nothing stored yet; the next append allocates host memory). A layer moved with tokens stored is
+        in :attr:`unloaded_slots`: the next step's prefetch fills its slots."""
         self._layer_reserve.pop(layer, None)
         self.migration.forget(layer)
         self.offloaded = self.offloaded | {layer}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,7 +36,7 @@ class LayerMigration:
     """
 
     def __init__(self, store: "KVStore"):
-        self.store = store
+        self.store = weakref.proxy(store)  # the store owns this: no reference cycle keeping its buffers
         self.chunk = MIGRATION_CHUNK
         # Layers on their way to host memory: (host K, host V, tokens copied, copy done on the side stream).
         self._moving: dict[int, tuple] = {}
