@@ -128,7 +128,7 @@ def _launch(q, keys, key_valid, out, scale, launcher) -> None:
     block_d = max(16, triton.next_power_of_2(dim))
     on_gpu = q.device.type == "cuda"
     block_n = GPU_CONFIG["block_n"] if on_gpu else 32
-    wanted = max(1, -(-528 // (batch * kv_heads))) if q.device.type == "cuda" else 2
+    wanted = max(1, -(-528 // (batch * kv_heads))) if on_gpu else 2
     splits = max(1, min(wanted, -(-length // block_n)))
     per_split = block_n * -(-length // (splits * block_n))
     splits = -(-length // per_split)

@@ -38,6 +38,7 @@ import torch
 
 from ..config import GuardSettings
 from ..retrieval.base import group_probabilities
+from .host_ahead import PinnedCopy
 
 
 class AccuracyGuard:
@@ -50,7 +51,7 @@ class AccuracyGuard:
         self.buffer: torch.Tensor | None = None  # the fixed-shape steps' coverage buffer, while they run
         self.dense_left = 0
         self._since_check = 0
-        self._pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None  # a lagged read's copy
+        self._pending: PinnedCopy | None = None  # a check's coverage, read one step late
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -128,13 +129,8 @@ class AccuracyGuard:
             return False
         self._since_check = 0
         # To host memory, pinned behind an event on a GPU (the buffer is refilled after it, stream-ordered).
-        copy = torch.empty(measured.shape, dtype=torch.float32, pin_memory=measured.is_cuda)
-        copy.copy_(measured, non_blocking=measured.is_cuda)
-        event = None
-        if measured.is_cuda:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(measured.device))
-        self._pending = (copy, event)
+        self._pending = PinnedCopy()
+        self._pending.start(measured, torch.float32)
         self.reset_coverage()
         return False if lagged else self.pending_missed()
 
@@ -148,10 +144,8 @@ class AccuracyGuard:
         False if none is pending."""
         if self._pending is None:
             return False
-        coverage, event = self._pending
+        coverage = self._pending.read()
         self._pending = None
-        if event is not None:
-            event.synchronize()
         return self._judge(coverage)
 
     def _judge(self, coverage: torch.Tensor) -> bool:

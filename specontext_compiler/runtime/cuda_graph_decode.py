@@ -96,7 +96,7 @@ class StaticDecodeRuntime:
     def begin(self, batch: int, kv_heads: int, mask: torch.Tensor) -> None:
         """Before the first step: the sink positions where every row has its sinks already (``mask``: the
         first step's [B, capacity] mask), slot buffers and the in-place slot map for the offloaded layers."""
-        stored = mask.bool() & (self.at < self.position)
+        stored = self._stored(mask)
         if int(stored.sum(-1).min()) >= self.sparse.sink_tokens:  # (one synchronisation per sequence)
             self.sinks = sink_positions(stored, self.sparse.sink_tokens)
         store = self.store
@@ -117,7 +117,7 @@ class StaticDecodeRuntime:
         self._row_bytes = sum(self.runtime.prefetcher.row_bytes(layer) for layer in store.offloaded)
 
     def retrieve(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-        self.key_valid = attention_mask.bool() & (self.at < self.position)
+        self.key_valid = self._stored(attention_mask)
         self.with_new = self.key_valid | (self.at == self.position)
         scores = self.head.score_static(self.key_valid, input_ids)
         indices = select_tokens(scores, self.key_valid, self.budget, self.sparse.sink_tokens,
@@ -131,6 +131,11 @@ class StaticDecodeRuntime:
         if self.store.offloaded:
             self._plan_loads(indices)
         return indices
+
+    def _stored(self, mask: torch.Tensor) -> torch.Tensor:
+        """Bool [B, capacity]: the positions of ``mask`` [B, capacity] that hold a stored token (before
+        ``position``, not padding)."""
+        return mask.bool() & (self.at < self.position)
 
     def positions(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The selection and the new token [B, Hkv, K + 1], and which are real tokens (None: no padding):

@@ -149,8 +149,8 @@ def _argmax_chunk(vocab: int) -> int | None:
 def greedy_tokens(scores: torch.Tensor, two_stage: bool) -> torch.Tensor:
     """``torch.argmax(scores, dim=-1)`` for [B, V] scores. ``two_stage``: the maximum of each chunk of the
     vocabulary first, then of the chunks' maxima (the first of equal maxima, as argmax). CUDA's argmax
-    reduces a row in one thread block: over a 128K vocabulary that takes ~27 us, a sixth of a batch-1
-    decode step's launches besides the matrix products (docs/benchmarks.md); the two stages take a few."""
+    reduces a row in one thread block: over a 128K vocabulary that took 27 us per batch-1 decode step on an
+    H200 (docs/benchmarks.md); the chunks' maxima spread the reduction over many blocks."""
     chunk = _argmax_chunk(scores.shape[-1]) if two_stage else None
     if chunk is None:
         return torch.argmax(scores, dim=-1)
