@@ -68,7 +68,4 @@ def select_tokens(
         fill = torch.full_like(at, float("-inf")).masked_fill(at < end, -_WINDOW_RANK)
         ranked = torch.where(key_valid[:, None, :], ranked, fill)
     indices = ranked.topk(budget, dim=-1, sorted=False).indices
-    if positions <= torch.iinfo(torch.int32).max:
-        # 32-bit keys: CUDA's in-block radix sort takes half the passes of 64-bit ones.
-        return indices.int().sort(dim=-1).values.long()
     return indices.sort(dim=-1).values
