@@ -1,6 +1,6 @@
 """Accuracy of sparse selection next to dense attention, on SmolLM2-135M-Instruct (CPU is enough).
 
-    .venv/bin/python benchmarks/accuracy.py --lengths 1000 2000 4000 --budgets 64 128 256 512 --prompts 16
+    .venv/bin/python -m benchmarks.accuracy --lengths 1000 2000 4000 --budgets 64 128 256 512 --prompts 16
 
 For each context length and prompt (a code-word document, tests' generator), dense generation is the
 reference; every method x token budget then generates the same number of tokens. Reported per cell:
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import specontext
 from specontext_compiler.models import load_model
-from specontext_compiler.workloads import CODE_WORDS, code_word_document
+from specontext.testing import CODE_WORDS, code_word_document
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("retrieval_head", "streaming", "quest", "oracle")

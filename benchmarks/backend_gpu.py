@@ -1,6 +1,6 @@
 """The torch.compile backend on the GPU (needs CUDA):
 
-    PYTHONPATH=.:tests python benchmarks/backend_gpu.py --out backend_h100
+    python -m benchmarks.backend_gpu --out backend_h100
 
 For tiny random models of several families in float32 on CUDA: logits of ``torch.compile(model,
 backend="specontext")`` against eager on a short input (dense there; Inductor generates the GPU
@@ -28,7 +28,7 @@ def main() -> None:
         raise SystemExit("benchmarks/backend_gpu.py needs a CUDA GPU")
     import specontext  # noqa: F401  (registers the backend)
     from specontext_compiler.dynamo_backend import rewrite_attention
-    from tiny_models import tiny_model
+    from specontext.testing import tiny_model
 
     rows = []
     ids = torch.randint(3, 96, (2, 24), generator=torch.Generator().manual_seed(1)).cuda()
@@ -64,7 +64,7 @@ def main() -> None:
     sparse = {"identical_tokens": bool(torch.equal(eager_graph, inductor)), "rewritten_per_graph": counts}
     print(f"sparse generate (budget 16, 40-token prompt): Inductor tokens identical to the rewritten eager graph: "
           f"{sparse['identical_tokens']}; SDPA calls rewritten per graph {counts}", flush=True)
-    payload = {"command": "PYTHONPATH=.:tests python benchmarks/backend_gpu.py", "date": datetime.date.today().isoformat(),
+    payload = {"command": "python -m benchmarks.backend_gpu", "date": datetime.date.today().isoformat(),
                "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "dense": rows, "sparse_generate": sparse}
     write_results(payload, args.out)
 

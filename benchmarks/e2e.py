@@ -1,7 +1,7 @@
 """End to end on the GPU: HF transformers baselines and SpeContext, side by side in one run.
 
-    PYTHONPATH=. python benchmarks/e2e.py --out e2e_h100                        # all systems, 32K
-    PYTHONPATH=. python benchmarks/e2e.py --systems specontext_80gb --contexts 32768 --batches 1 4
+    python -m benchmarks.e2e --out e2e_h100                        # all systems, 32K
+    python -m benchmarks.e2e --systems specontext_80gb --contexts 32768 --batches 1 4
 
 Llama-3.1-8B shape with random bf16 weights (decode speed does not depend on the values), prompts of
 random tokens. Systems:
@@ -227,7 +227,7 @@ def check_graph_decode() -> dict:
     import specontext
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from tiny_models import padded_batch, tiny_model
+    from specontext.testing import padded_batch, tiny_model
 
     results = {}
     for family, offload, inductor in (("llama", "none", False), ("llama", "none", True), ("gemma2", "none", False),
@@ -344,7 +344,7 @@ def main() -> None:
 
 
 def payload(args, hbm: float, check: dict, rows: list[dict], complete: bool) -> dict:
-    return {"command": "PYTHONPATH=. python benchmarks/e2e.py " + " ".join(
+    return {"command": "python -m benchmarks.e2e " + " ".join(
                 f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                 for k, v in vars(args).items()),
             "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),

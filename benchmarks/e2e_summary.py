@@ -1,6 +1,6 @@
 """Merge the JSON of several ``benchmarks/e2e.py`` runs into the headline figures, a table and a PNG.
 
-    python benchmarks/e2e_summary.py benchmarks/results/e2e_*_h200.json --out h200
+    python -m benchmarks.e2e_summary benchmarks/results/e2e_*_h200.json --out h200
 
 For each system and context, the fastest measured row (tokens/s) of any batch is its best; the
 headline ratios compare bests: SpeContext at budget "80GB" against HF eager and HF static cache +

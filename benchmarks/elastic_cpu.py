@@ -1,6 +1,6 @@
 """Elastic loading on SmolLM2 (CPU): bytes moved host -> fast tier with elastic loading on and off.
 
-    .venv/bin/python benchmarks/elastic_cpu.py
+    .venv/bin/python -m benchmarks.elastic_cpu
 
 Every layer offloaded, a ~1,500-token code-word document, token_budget=128, 32 decode steps (the
 runtime issue's CPU setting). Prints the shares and writes benchmarks/results/elastic_cpu.json.
@@ -17,7 +17,7 @@ import torch
 
 import specontext
 from specontext_compiler.models import load_model
-from specontext_compiler.workloads import code_word_document
+from specontext.testing import code_word_document
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -1,7 +1,7 @@
 """Export / load on the GPU, and across torch versions:
 
-    PYTHONPATH=.:tests python benchmarks/export_gpu.py --make-cpu-artifact build/export_cpu   # here (CPU)
-    PYTHONPATH=.:tests python benchmarks/export_gpu.py --cpu-artifact build/export_cpu --out export_h100
+    python -m benchmarks.export_gpu --make-cpu-artifact build/export_cpu   # here (CPU)
+    python -m benchmarks.export_gpu --cpu-artifact build/export_cpu --out export_h100
 
 1. ``--make-cpu-artifact DIR``: on this machine (CPU), compile a tiny random Llama (float32, token budget
    16, a 4-token local window, every layer offloaded), export it to DIR/artifact and write DIR/reference.json: the inputs and the
@@ -30,14 +30,14 @@ GENERATE = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token
 
 
 def _inputs():
-    from tiny_models import padded_batch
+    from specontext.testing import padded_batch
 
     return padded_batch(96, [48, 31], seed=5)
 
 
 def make_cpu_artifact(folder: Path) -> None:
     import specontext
-    from tiny_models import tiny_model
+    from specontext.testing import tiny_model
 
     if folder.exists():
         shutil.rmtree(folder)
@@ -54,7 +54,7 @@ def make_cpu_artifact(folder: Path) -> None:
 
 def cross_version(folder: Path) -> dict:
     import specontext
-    from tiny_models import tiny_model
+    from specontext.testing import tiny_model
 
     reference = json.loads((folder / "reference.json").read_text())
     ids, mask = (t.cuda() for t in _inputs())
@@ -80,7 +80,7 @@ def cross_version(folder: Path) -> dict:
 
 def gpu_round_trips() -> list[dict]:
     import specontext
-    from tiny_models import tiny_model
+    from specontext.testing import tiny_model
 
     rows = []
     ids, mask = (t.cuda() for t in _inputs())
@@ -115,7 +115,7 @@ def main() -> None:
         raise SystemExit("benchmarks/export_gpu.py needs a CUDA GPU (or --make-cpu-artifact)")
     from benchmarks.results_file import write_results
 
-    payload = {"command": "PYTHONPATH=.:tests python benchmarks/export_gpu.py --cpu-artifact build/export_cpu",
+    payload = {"command": "python -m benchmarks.export_gpu --cpu-artifact build/export_cpu",
                "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     if args.cpu_artifact:
         payload["cross_version"] = cross_version(args.cpu_artifact)

@@ -1,6 +1,6 @@
 """HF generate vs SpeContext on SmolLM2-135M-Instruct: prefill and decode speed at a few context lengths.
 
-    .venv/bin/python benchmarks/generate.py --contexts 1000 2000 --new-tokens 32
+    .venv/bin/python -m benchmarks.generate --contexts 1000 2000 --new-tokens 32
 
 Prints a table and writes benchmarks/results/generate_<device>.json. Decode speed is also stated as
 bytes read per step (weights + KV) over the step time, the figure the hardware bounds.
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import specontext
 from specontext_compiler.models import load_model
-from specontext_compiler.workloads import code_word_document
+from specontext.testing import code_word_document
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -1,6 +1,6 @@
 """How the draft-free head is built, measured: code words found by variants of it on SmolLM2 (CPU).
 
-    .venv/bin/python benchmarks/head_sweep.py --prompts 16 --new-tokens 16
+    .venv/bin/python -m benchmarks.head_sweep --prompts 16 --new-tokens 16
 
 Variants of :class:`TargetLayerHead` at token_budget=256 on the accuracy benchmark's ~2K-token
 code-word prompts: the scoring layer alone (the previous token's query), the prefill prior (every
@@ -22,7 +22,7 @@ from tqdm import tqdm
 import specontext
 from specontext_compiler.models import load_model
 from specontext_compiler.retrieval.target_layer_head import TargetLayerHead
-from specontext_compiler.workloads import CODE_WORDS, code_word_document
+from specontext.testing import CODE_WORDS, code_word_document
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -1,6 +1,6 @@
 """The Triton kernels on the GPU, in one run (needs CUDA):
 
-    PYTHONPATH=. python benchmarks/kernels.py --out kernels_h100
+    python -m benchmarks.kernels --out kernels_h100
 
 1. Ceilings measured here: HBM (a 2 GiB device-to-device copy, bytes read + written) and pinned
    host->GPU copy bandwidth.
@@ -395,7 +395,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
-    payload = {"command": "PYTHONPATH=. python benchmarks/kernels.py", "date": datetime.date.today().isoformat(),
+    payload = {"command": "python -m benchmarks.kernels", "date": datetime.date.today().isoformat(),
                "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     import triton
 

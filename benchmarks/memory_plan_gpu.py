@@ -1,6 +1,6 @@
 """The memory model and the memory manager against the GPU, in one run (needs CUDA):
 
-    PYTHONPATH=.:tests python benchmarks/memory_plan_gpu.py --out memory_plan_h100
+    python -m benchmarks.memory_plan_gpu --out memory_plan_h100
 
 1. Predicted vs measured peak: Llama-3.1-8B shape with random bf16 weights; for each (budget, context,
    batch) compile with offload="auto" (the runtime asks the planner), generate 8 tokens after a prompt of
@@ -322,7 +322,7 @@ def out_of_memory_in_capture_with_offloaded_layers() -> dict:
     an undisturbed run (a tiny float32 Llama, layers 2 and 3 offloaded by the plan)."""
     import specontext
     from specontext_compiler.runtime import cuda_graph_decode
-    from tiny_models import padded_batch, tiny_model
+    from specontext.testing import padded_batch, tiny_model
 
     options = dict(token_budget=20, sink_tokens=2, local_window=4, progress=False)
     model = tiny_model("llama", num_hidden_layers=4).cuda()
@@ -396,7 +396,7 @@ def main() -> None:
         raise SystemExit("benchmarks/memory_plan_gpu.py needs a CUDA GPU")
     from benchmarks.offload import llama_8b_random
 
-    payload = {"command": "PYTHONPATH=.:tests python benchmarks/memory_plan_gpu.py", "date": datetime.date.today().isoformat(),
+    payload = {"command": "python -m benchmarks.memory_plan_gpu", "date": datetime.date.today().isoformat(),
                "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     if "oom_decode" not in args.skip:
         payload["out_of_memory_in_capture"] = out_of_memory_in_capture_with_offloaded_layers()

@@ -1,6 +1,6 @@
 """GPU numbers of the tiered KV runtime, in one run (needs CUDA):
 
-    PYTHONPATH=. python benchmarks/offload.py --out offload_h100
+    python -m benchmarks.offload --out offload_h100
 
 1. Row gather from pinned host memory into GPU slots (the runtime's Triton zero-copy kernel, K and V
    in one launch), for 4 KiB rows and for the runtime's own per-KV-head rows (head_dim x 2 bytes),
@@ -223,7 +223,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/offload.py needs a CUDA GPU")
-    payload = {"command": "PYTHONPATH=. python benchmarks/offload.py", "date": datetime.date.today().isoformat(),
+    payload = {"command": "python -m benchmarks.offload", "date": datetime.date.today().isoformat(),
                "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     if "check" not in args.skip:
         payload["cuda_check"] = cuda_check()

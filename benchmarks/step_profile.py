@@ -1,7 +1,7 @@
 """Where a decode step's time goes on the GPU: kernels by kind, against the bytes it must read.
 
-    PYTHONPATH=.:tests python benchmarks/step_profile.py --out step_profile_h200
-    PYTHONPATH=.:tests python benchmarks/step_profile.py --batch 8 --variants graph_inductor --out step_profile_b8_h200
+    python -m benchmarks.step_profile --out step_profile_h200
+    python -m benchmarks.step_profile --batch 8 --variants graph_inductor --out step_profile_b8_h200
 
 Three measurements on the Llama-3.1-8B shape (random bf16 weights, as in benchmarks/e2e.py):
 
@@ -193,7 +193,7 @@ def main() -> None:
             print(f"  {kind:32s} {k['kernels']:7.0f} kernels  {k['ms']:6.3f} ms")
         for row in v["top_kernels"][:12]:
             print(f"    {row['us_per_step']:8.1f} us  x{row['per_step']:<5.0f} {row['kernel'][:90]}")
-    write_results({"command": "PYTHONPATH=.:tests python benchmarks/step_profile.py " + " ".join(
+    write_results({"command": "python -m benchmarks.step_profile " + " ".join(
                        f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()),
                    "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
                    "torch": torch.__version__, "hbm_copy_gb_s": hbm / 1e9, "context": args.context, "batch": args.batch,

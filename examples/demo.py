@@ -16,7 +16,7 @@ import torch
 import specontext
 from specontext_compiler.config import format_bytes
 from specontext_compiler.models import load_model
-from specontext_compiler.workloads import code_word_document
+from specontext.testing import code_word_document
 
 MAX_NEW_TOKENS = 16
 TOKEN_BUDGET = 256

@@ -8,7 +8,7 @@ from specontext_compiler.config import GuardSettings
 from specontext_compiler.runtime.accuracy_guard import AccuracyGuard
 from specontext_compiler.retrieval import StreamingLLM
 from test_cuda_graph_decode import poisoned  # noqa: F401 (a fixture: unwritten positions hold NaN)
-from tiny_models import padded_batch, peaked_llama, tiny_model
+from specontext.testing import padded_batch, peaked_llama, tiny_model
 
 GENERATE = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import specontext
-from tiny_models import tiny_model
+from specontext.testing import tiny_model
 
 DOCS = Path(__file__).parents[1] / "docs" / "bad_input.md"
 

@@ -9,7 +9,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from specontext_compiler.capture import ATTN_IMPLEMENTATION, export_step, shadow_model
 from specontext_compiler.ops import is_attention_node
 from specontext_compiler.passes import annotate_attention, attention_infos, run_passes
-from tiny_models import tiny_model
+from specontext.testing import tiny_model
 
 
 def test_attention_and_mask_functions_registered():

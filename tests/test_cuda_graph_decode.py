@@ -6,7 +6,7 @@ import torch
 import specontext
 from specontext_compiler.runtime import cuda_graph_decode, step_timer
 from specontext_compiler.retrieval.selection import select_tokens
-from tiny_models import TINY_FAMILIES, padded_batch, tiny_model
+from specontext.testing import TINY_FAMILIES, padded_batch, tiny_model
 
 GENERATE = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
 

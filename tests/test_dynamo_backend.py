@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import specontext  # noqa: F401  (registers the backend in this process)
 from specontext_compiler.dynamo_backend import dynamo_attention, rewrite_attention
 from specontext_compiler.retrieval.selection import select_tokens
-from tiny_models import TINY_FAMILIES, tiny_model
+from specontext.testing import TINY_FAMILIES, tiny_model
 
 
 def test_the_backend_name_works_in_a_fresh_process_without_importing_specontext():

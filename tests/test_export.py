@@ -13,7 +13,7 @@ import torch
 
 import specontext
 from specontext_compiler.artifact import ArtifactError, check_program_archive, read_manifest
-from tiny_models import padded_batch, tiny_model
+from specontext.testing import padded_batch, tiny_model
 
 GENERATE = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
 

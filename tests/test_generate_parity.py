@@ -5,7 +5,7 @@ import torch
 from transformers import TextIteratorStreamer  # noqa: F401  (streamer API is checked with a recorder below)
 
 import specontext
-from tiny_models import TINY_FAMILIES, padded_batch, tiny_model
+from specontext.testing import TINY_FAMILIES, padded_batch, tiny_model
 
 FAMILIES = sorted(TINY_FAMILIES)
 

@@ -11,7 +11,7 @@ import torch
 
 import specontext
 from test_offload import CHUNK, SPARSE, budget_with_migrations
-from tiny_models import tiny_model
+from specontext.testing import tiny_model
 
 PROMPT, NEW = 40, 10_000
 SAMPLES = (1_000, 4_000, 7_000, NEW)  # tokens generated when process memory and live tensors are read

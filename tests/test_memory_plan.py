@@ -10,7 +10,7 @@ from transformers import LlamaConfig
 
 import specontext
 from specontext_compiler.planning.memory_model import ModelShape, memory_terms
-from tiny_models import tiny_model
+from specontext.testing import tiny_model
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)

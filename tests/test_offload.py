@@ -17,7 +17,7 @@ from specontext_compiler.passes.schedule_prefetch import check_schedule
 from specontext_compiler.runtime import step_transaction
 from specontext_compiler.runtime.kv_store import KVStore
 from specontext_compiler.runtime.slots import SlotMap
-from tiny_models import padded_batch, tiny_model
+from specontext.testing import padded_batch, tiny_model
 
 SPARSE = dict(token_budget=20, sink_tokens=2, local_window=4, progress=False)
 POISON = 1e4  # finite, so a masked slot stays harmless, but large enough that an attended unloaded slot shows
@@ -495,7 +495,7 @@ def test_bad_offload_options(bad):
 def test_smollm2_offload_modes_and_elastic_loading_give_identical_tokens(smollm2):
     """~1.5K tokens, token_budget=128, 32 decode steps: offload none / all / auto (a budget that forces
     some layers out), elastic on and off, all the same tokens; elastic moves <= 50% of a full reload."""
-    from specontext_compiler.workloads import code_word_document
+    from specontext.testing import code_word_document
 
     model, tokenizer = smollm2
     ids, _ = code_word_document(tokenizer, target_tokens=1500, code_word="FALCON", depth=0.4, seed=4)

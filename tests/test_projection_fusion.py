@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import specontext
-from tiny_models import TINY_FAMILIES, padded_batch, tiny_model
+from specontext.testing import TINY_FAMILIES, padded_batch, tiny_model
 
 
 def linear_weights(compiled) -> list[torch.Size]:

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import specontext
-from tiny_models import TINY_FAMILIES, padded_batch, tiny_model
+from specontext.testing import TINY_FAMILIES, padded_batch, tiny_model
 
 EXAMPLES = settings(max_examples=5, deadline=None, derandomize=True)
 NEW = 6

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 import specontext
 from specontext_compiler.retrieval import DraftModelHead, Eagle3Head, TargetLayerHead
 from specontext_compiler.retrieval.eagle3 import is_eagle3_checkpoint, rms_norm, rotate_half
-from tiny_models import padded_batch, tiny_model
+from specontext.testing import padded_batch, tiny_model
 
 SPARSE = dict(token_budget=20, sink_tokens=2, local_window=4, progress=False)
 

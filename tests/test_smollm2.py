@@ -3,7 +3,7 @@
 import torch
 
 import specontext
-from specontext_compiler.workloads import code_word_document
+from specontext.testing import code_word_document
 
 
 def test_greedy_identical_to_hf_on_2k_prompt(smollm2, smollm2_compiled):

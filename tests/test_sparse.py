@@ -11,7 +11,7 @@ from specontext_compiler.passes import insert_retrieval_head, run_passes, sparsi
 from specontext_compiler.passes.annotate_attention import annotate_attention
 from specontext_compiler.retrieval.selection import resolve_token_budget, select_tokens, sink_positions
 from specontext_compiler.runtime.attention_runtime import sparse_decode_attention
-from tiny_models import TINY_FAMILIES, padded_batch, tiny_model
+from specontext.testing import TINY_FAMILIES, padded_batch, tiny_model
 
 
 def reference_sparse(q, keys, values, indices, valid, scale):

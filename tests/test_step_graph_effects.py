@@ -14,7 +14,7 @@ from torch._dynamo.backends.common import aot_autograd
 
 import specontext
 from specontext_compiler.retrieval.base import RetrievalHead
-from tiny_models import padded_batch, tiny_model
+from specontext.testing import padded_batch, tiny_model
 
 GENERATE = dict(max_new_tokens=10, do_sample=False)
 

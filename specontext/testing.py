@@ -1,0 +1,14 @@
+"""Tiny random models, padded prompt batches and long documents for tests and benchmarks (see
+:mod:`specontext_compiler.testing`)."""
+
+from specontext_compiler.testing import (
+    CODE_WORDS,
+    TINY_FAMILIES,
+    TOPICS,
+    code_word_document,
+    padded_batch,
+    peaked_llama,
+    tiny_model,
+)
+
+__all__ = ["CODE_WORDS", "TINY_FAMILIES", "TOPICS", "code_word_document", "padded_batch", "peaked_llama", "tiny_model"]

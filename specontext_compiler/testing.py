@@ -1,0 +1,106 @@
+"""What tests, benchmarks and examples build on: tiny random models of every supported family (one
+registry, so tests can be parametrized over it), padded prompt batches, and long documents with one fact
+to retrieve. ``specontext.testing`` re-exports it.
+
+Tiny models have random weights: they check that SpeContext computes what transformers computes, not
+that it answers well (the real-weights checks use SmolLM2, ``specontext_compiler.models``).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import transformers
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    eos_token_id=2,
+    pad_token_id=0,
+    bos_token_id=1,
+)
+
+# family -> (config class, model class, extra config fields)
+TINY_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4096}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"head_dim": 16, "sliding_window": 8, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+         "query_pre_attn_scalar": 16},
+    ),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16}),
+}
+
+
+def tiny_model(family: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    config_name, model_name, extra = TINY_FAMILIES[family]
+    config = getattr(transformers, config_name)(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config).eval()
+
+
+def padded_batch(vocab: int, lengths: list[int], seed: int = 0, pad_id: int = 0, low: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded random prompts of the given lengths: (input_ids, attention_mask)."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(low, vocab, (n,), generator=g)
+        mask[row, width - n:] = 1
+    return ids, mask
+
+
+def peaked_llama() -> transformers.PreTrainedModel:
+    """A tiny random Llama whose attention falls on a few tokens, as a trained model's does (queries scaled
+    up). A tiny random model's own attention is nearly uniform: no selection of a few tokens misses much
+    more of it than the best selection of that size does, so nothing there is a miss for the accuracy guard."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(256)
+    return model
+
+
+# -- long documents with one fact to retrieve (demo, tests on SmolLM2, accuracy benchmarks) ---------------
+
+TOPICS = [
+    "The river valley was known for its orchards, and every autumn the farmers carried baskets of apples to the market square.",
+    "Engineers inspected the old stone bridge each spring, measuring the cracks and writing long reports for the town council.",
+    "In the library, a quiet room held maps of distant coastlines, drawn by sailors who had crossed the northern sea.",
+    "The weather station on the hill recorded wind, rain and temperature every hour, and the data filled many notebooks.",
+    "Children in the village learned to play the violin, and the school held a concert in the hall at the end of the year.",
+    "A small bakery near the harbor opened before dawn, and the smell of fresh bread drifted along the wooden piers.",
+    "The museum displayed clocks from many centuries, some with gears of brass and others carved entirely from wood.",
+    "Hikers followed the trail through the pine forest, stopping at the lake to rest and watch the herons fish.",
+]
+
+CODE_WORDS = ["PELICAN", "MARBLE", "TORNADO", "SAPPHIRE", "LANTERN", "BISCUIT", "VOLCANO", "HARMONICA",
+              "CACTUS", "GLACIER", "PUMPKIN", "TRUMPET", "MEADOW", "COMPASS", "FALCON", "NUTMEG"]
+
+
+def code_word_document(tokenizer, target_tokens: int = 2000, code_word: str = "PELICAN", depth: float = 0.5, seed: int = 0):
+    """A chat prompt of about ``target_tokens`` tokens: filler paragraphs, one sentence with the code word
+    at relative ``depth``, and the question. Returns (input_ids [1, T], code_word)."""
+    rng = random.Random(seed)
+    sentences: list[str] = []
+    while len(tokenizer.encode(" ".join(sentences))) < target_tokens - 80:
+        sentences.append(rng.choice(TOPICS))
+    sentences.insert(int(len(sentences) * depth), f"Remember this: the secret code word is {code_word}.")
+    question = "What is the secret code word? Answer with the code word only."
+    messages = [{"role": "user", "content": " ".join(sentences) + "\n\n" + question}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    if not hasattr(ids, "shape"):
+        ids = ids["input_ids"]
+    return ids, code_word
