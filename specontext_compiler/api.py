@@ -210,11 +210,17 @@ class SpeContextModel:
     # -- the HF-like surface --------------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """Like ``model.generate`` for decoder LMs; returns the LongTensor [B, T + N] (or a
-        ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate=True``)."""
+        ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate=True``).
+
+        ``kwargs``: GenerationConfig fields, and ``generation_config``, ``streamer``, ``logits_processor`` (a
+        ``LogitsProcessorList``), ``stopping_criteria`` (a ``StoppingCriteriaList``) and ``tokenizer`` (needed
+        by ``stop_strings``), with transformers' meaning and order."""
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
         extras = {name: kwargs.pop(name) for name in EXTRA_GENERATE_KWARGS if name in kwargs}
         settings = resolve_generation_config(
-            self.generation_config, extras.get("generation_config"), input_ids.shape[1], kwargs, self.max_positions
+            self.generation_config, extras.get("generation_config"), input_ids.shape[1], kwargs, self.max_positions,
+            logits_processor=extras.get("logits_processor"), stopping_criteria=extras.get("stopping_criteria"),
+            tokenizer=extras.get("tokenizer"),
         )
         total = input_ids.shape[1] + settings.max_new_tokens
         if self.max_positions is not None and total > self.max_positions:

@@ -349,8 +349,14 @@ class GenerationEngine:
         if self.runtime.guard is not None:
             self.runtime.guard.reset_stats()
         processors = build_logits_processors(settings, prompt_length, self.device)
-        eos = torch.tensor(settings.eos_token_ids, device=self.device) if settings.eos_token_ids else None
-        if eos is not None and settings.pad_token_id is None:
+        eos = (torch.tensor(settings.eos_token_ids, device=self.device)
+               if settings.eos_token_ids and settings.check_eos else None)
+        # Criteria beyond EOS and length (a caller's, stop strings): evaluated on the device after each new
+        # token and folded into ``unfinished``, which the (lagged) stop check reads as it reads EOS.
+        criteria = settings.stopping_criteria
+        tracking = eos is not None or len(criteria) > 0  # rows can finish before max_new_tokens
+        pad = settings.pad_finished  # finished rows get pad tokens (transformers: when a criterion has an eos_token_id)
+        if pad and settings.pad_token_id is None:
             raise ValueError("eos_token_id is set but pad_token_id is not: pass pad_token_id to generate")
         keep_scores = bool(config.return_dict_in_generate and config.output_scores)
         keep_logits = bool(config.return_dict_in_generate and config.output_logits)
@@ -392,8 +398,8 @@ class GenerationEngine:
                     next_tokens = select_next_tokens(scores, settings.do_sample)
                     redo = None
                     # Every row ended last step (these are padding), or after this token: the loop ends.
-                    ending = eos is not None and stop.all_finished_before()
-                    if eos is not None:
+                    ending = tracking and stop.all_finished_before()
+                    if pad:
                         next_tokens = torch.where(unfinished, next_tokens, settings.pad_token_id)
                     if not ending:
                         sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
@@ -401,6 +407,10 @@ class GenerationEngine:
                             streamer.put(next_tokens.cpu())
                         if eos is not None:
                             unfinished &= ~torch.isin(next_tokens, eos)
+                        if criteria:
+                            # transformers passes the kept scores (None unless output_scores) to the criteria.
+                            unfinished &= ~criteria(sequences, tuple(scores_out) if keep_scores else None)
+                        if tracking:
                             stop.record(unfinished)
                         ending = index + 1 == settings.max_new_tokens or stop.finished_now()
                     if ending:
@@ -425,8 +435,10 @@ class GenerationEngine:
                         # The guard found the step of ``redo`` missed, read one step late: the steps after it
                         # were taken back; the loop returns to before it, and the step runs again densely.
                         sequences, attention_mask, position = redo.sequences, redo.attention_mask, redo.position
+                        # ``unfinished`` as it was before the taken-back step: a row that EOS or a criterion
+                        # ended on a token chosen from that step's logits goes on.
                         unfinished = redo.unfinished.clone()
-                        if eos is not None:
+                        if tracking:
                             stop.record(unfinished)
                         del scores_out[redo.scores:], logits_out[redo.logits:]
                         redo.restore_rng(self.device)

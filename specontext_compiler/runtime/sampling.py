@@ -1,15 +1,20 @@
-"""Generation settings -> logits processors and token selection, the way transformers' ``generate`` does.
+"""Generation settings -> logits processors, stopping criteria and token selection, the way transformers'
+``generate`` does.
 
-We build transformers' own processor classes in transformers' order so that greedy and seeded sampling
-give the same tokens as ``model.generate``; settings this engine does not implement (beam search,
-assisted decoding, constraints, ...) are refused with a clear error instead of being ignored.
+We build transformers' own processor and criteria classes in transformers' order, and merge the caller's
+``logits_processor`` / ``stopping_criteria`` into them as ``GenerationMixin._merge_criteria_processor_list``
+does, so that greedy and seeded sampling give the same tokens as ``model.generate``; settings this engine
+does not implement (beam search, assisted decoding, constraints, ...) are refused with a clear error
+instead of being ignored.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import GenerationConfig
@@ -23,6 +28,14 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.generation.stopping_criteria import (
+    EosTokenCriteria,
+    MaxLengthCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
+
+logger = logging.getLogger(__name__)
 
 # GenerationConfig fields that change the decoding algorithm in ways this engine does not implement.
 _UNSUPPORTED_FIELDS = (
@@ -45,12 +58,11 @@ _UNSUPPORTED_FIELDS = (
     "num_return_sequences",
     "prompt_lookup_num_tokens",
     "assistant_early_exit",
-    "stop_strings",
     "top_h",
 )
 
 # generate() keyword arguments that are not GenerationConfig fields.
-EXTRA_GENERATE_KWARGS = ("streamer", "generation_config")
+EXTRA_GENERATE_KWARGS = ("streamer", "generation_config", "logits_processor", "stopping_criteria", "tokenizer")
 
 
 @dataclass
@@ -62,6 +74,15 @@ class DecodingSettings:
     eos_token_ids: list[int]
     pad_token_id: int | None
     do_sample: bool
+    # The caller's processors, merged into the config's at build_logits_processors.
+    logits_processor: LogitsProcessorList = field(default_factory=LogitsProcessorList)
+    # Criteria the decode loop evaluates on the sequences after each new token (empty: only its own EOS and
+    # length checks, with no extra work per step).
+    stopping_criteria: StoppingCriteriaList = field(default_factory=StoppingCriteriaList)
+    # The loop checks ``eos_token_ids`` itself (transformers' EosTokenCriteria, unless the caller's replaced it).
+    check_eos: bool = True
+    # Finished rows get ``pad_token_id``: transformers does so when any criterion has an ``eos_token_id``.
+    pad_finished: bool = True
 
 
 # transformers generates this many new tokens when neither max_new_tokens nor max_length is set.
@@ -74,21 +95,27 @@ def resolve_generation_config(
     prompt_length: int,
     kwargs: dict,
     max_positions: int | None = None,
+    *,
+    logits_processor: LogitsProcessorList | list | None = None,
+    stopping_criteria: StoppingCriteriaList | list | None = None,
+    tokenizer: Any = None,
 ) -> DecodingSettings:
-    """Merge ``generation_config`` (or the model's) with keyword overrides, as ``generate`` does."""
+    """Merge ``generation_config`` (or the model's) with keyword overrides, as ``generate`` does, and take
+    the caller's ``logits_processor`` and ``stopping_criteria`` (``tokenizer``: for ``stop_strings``)."""
     if generation_config is not None and not isinstance(generation_config, GenerationConfig):
         raise TypeError(f"generation_config must be a transformers.GenerationConfig; got {type(generation_config).__name__}")
     config = copy.deepcopy(generation_config if generation_config is not None else (base or GenerationConfig()))
     unused = config.update(**kwargs)
     if unused:
-        raise TypeError(f"generate() got unknown keyword argument(s) {sorted(unused)}")
+        raise TypeError(f"generate() got unknown keyword argument(s) {sorted(unused)}; accepted: GenerationConfig's "
+                        f"fields and {', '.join(EXTRA_GENERATE_KWARGS)}")
     defaults = GenerationConfig()
     for name in _UNSUPPORTED_FIELDS:
         if getattr(config, name, None) != getattr(defaults, name, None):
             raise ValueError(
                 f"generation setting {name}={getattr(config, name)!r} is not supported by SpeContext generate "
                 "(greedy and multinomial sampling with temperature/top_k/top_p/min_p, repetition_penalty, "
-                "min_length/min_new_tokens are)"
+                "min_length/min_new_tokens, stop_strings, and custom logits_processor/stopping_criteria are)"
             )
     if config.max_new_tokens is not None:
         max_new_tokens = config.max_new_tokens
@@ -106,11 +133,95 @@ def resolve_generation_config(
     pad = config.pad_token_id
     if pad is None and eos_token_ids:
         pad = eos_token_ids[0]
-    return DecodingSettings(config, max_new_tokens, eos_token_ids, pad, bool(config.do_sample))
+    settings = DecodingSettings(config, max_new_tokens, eos_token_ids, pad, bool(config.do_sample),
+                                logits_processor=LogitsProcessorList(_checked_list("logits_processor", logits_processor)))
+    _resolve_stopping_criteria(settings, _checked_list("stopping_criteria", stopping_criteria), tokenizer,
+                               prompt_length, max_positions)
+    return settings
+
+
+def _checked_list(name: str, value) -> list:
+    """``value`` (None, or a list of callables, as transformers' LogitsProcessorList / StoppingCriteriaList)
+    as a list; anything else is refused here rather than failing mid-decode."""
+    kind = "LogitsProcessorList" if name == "logits_processor" else "StoppingCriteriaList"
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a transformers {kind} (or a list of callables); got {type(value).__name__}")
+    for item in value:
+        if not callable(item):
+            raise TypeError(f"{name} must hold callables (transformers {kind[:-4]} objects); got an item of type "
+                            f"{type(item).__name__}")
+    return list(value)
+
+
+def merge_custom(default: list, custom: list, kind: str) -> list:
+    """transformers' ``GenerationMixin._merge_criteria_processor_list`` (5.x): a custom item of the same
+    type as a default one replaces it in place (with a warning), the other custom items follow the defaults.
+    (transformers 4.x raised on such a duplicate; 5.x lets the custom one win.)"""
+    if len(custom) == 0:
+        return default
+    merged = type(default)()
+    for item in default:
+        replacement = next((c for c in custom if type(c) is type(item)), None)
+        if replacement is not None:
+            logger.warning("a custom %s of type %s was passed to generate() but generate() also creates one from "
+                           "its settings; the custom one takes precedence", kind, type(item).__name__)
+        merged.append(item if replacement is None else replacement)
+    for item in custom:
+        if item not in merged:
+            merged.append(item)
+    return merged
+
+
+def _resolve_stopping_criteria(settings: DecodingSettings, custom: list, tokenizer, prompt_length: int,
+                               max_positions: int | None) -> None:
+    """transformers' ``_get_stopping_criteria``: max length, stop strings, EOS, merged with ``custom``.
+
+    The default length and EOS criteria are what the decode loop checks natively (its step count and an
+    ``isin`` on the new token), so they are left out of ``settings.stopping_criteria``: with neither custom
+    criteria nor stop strings that list is empty and the loop does no extra work per step."""
+    config = settings.config
+    stop_strings = config.stop_strings
+    defaults = StoppingCriteriaList()
+    length = MaxLengthCriteria(max_length=prompt_length + settings.max_new_tokens, max_position_embeddings=max_positions)
+    defaults.append(length)
+    if stop_strings is not None:
+        strings = [stop_strings] if isinstance(stop_strings, str) else stop_strings
+        accepted = "a non-empty str or a non-empty list of non-empty str"
+        if not (isinstance(strings, (list, tuple)) and all(isinstance(s, str) for s in strings)):
+            raise TypeError(f"stop_strings must be {accepted}; got {stop_strings!r}")
+        if not strings or not all(strings):
+            raise ValueError(f"stop_strings must be {accepted}; got {stop_strings!r}")
+        if tokenizer is None:
+            # transformers' own message (GenerationMixin._get_stopping_criteria)
+            raise ValueError(
+                "There are one or more stop strings, either in the arguments to `generate` or in the model's generation "
+                "config, but we could not locate a tokenizer. When generating with stop strings, you must pass the "
+                "model's tokenizer to the `tokenizer` argument of `generate`."
+            )
+        defaults.append(StopStringCriteria(stop_strings=stop_strings, tokenizer=tokenizer))
+    eos = EosTokenCriteria(eos_token_id=settings.eos_token_ids) if settings.eos_token_ids else None
+    if eos is not None:
+        defaults.append(eos)
+    merged = merge_custom(defaults, custom, "stopping criteria")
+    for item in merged:
+        if isinstance(item, MaxLengthCriteria) and item is not length and item.max_length > length.max_length:
+            logger.warning("a custom MaxLengthCriteria(max_length=%d) allows more than the %d tokens generate reserved "
+                           "(prompt + max_new_tokens): generation stops at %d", item.max_length, length.max_length,
+                           length.max_length)
+    settings.stopping_criteria = StoppingCriteriaList(item for item in merged if item is not length and item is not eos)
+    settings.check_eos = eos is not None and any(item is eos for item in merged)
+    settings.pad_finished = any(hasattr(item, "eos_token_id") for item in merged)
+    if settings.pad_finished and settings.pad_token_id is None:
+        raise ValueError("a stopping criterion has an eos_token_id (finished rows are then padded) but pad_token_id is "
+                         "not set: pass pad_token_id (or eos_token_id) to generate")
 
 
 def build_logits_processors(settings: DecodingSettings, prompt_length: int, device: torch.device) -> LogitsProcessorList:
-    """transformers' processors and warpers for ``settings``, in ``generate``'s order."""
+    """transformers' processors and warpers for ``settings``, in ``generate``'s order (``_get_logits_processor``):
+    the processors, then the caller's merged into them, then the sampling warpers. A caller's warper of the
+    same type as a config-made one is therefore not merged but applied as well, as transformers does."""
     config = settings.config
     eos = torch.tensor(settings.eos_token_ids, device=device) if settings.eos_token_ids else None
     processors = LogitsProcessorList()
@@ -120,6 +231,7 @@ def build_logits_processors(settings: DecodingSettings, prompt_length: int, devi
         processors.append(MinLengthLogitsProcessor(config.min_length, eos, device=device))
     if config.min_new_tokens is not None and eos is not None and config.min_new_tokens > 0:
         processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, config.min_new_tokens, eos, device=device))
+    processors = merge_custom(processors, settings.logits_processor, "logits processor")
     if settings.do_sample:
         if config.temperature is not None and config.temperature != 1.0:
             processors.append(TemperatureLogitsWarper(config.temperature))
