@@ -28,7 +28,7 @@ from specontext_compiler.config import GuardSettings
 from specontext_compiler.runtime import engine
 from test_accuracy_guard import compile_missing, set_decode_mode
 from test_generate_parity import RecordingStreamer
-from tiny_models import padded_batch, peaked_llama, tiny_model
+from specontext.testing import padded_batch, peaked_llama, tiny_model
 
 
 class BanToken(LogitsProcessor):
