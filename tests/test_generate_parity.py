@@ -61,6 +61,21 @@ def test_sampling_with_seed_matches_hf_per_step(pair):
         torch.testing.assert_close(step_out, step_ref, atol=1e-4, rtol=0)
 
 
+def test_sampling_with_transformers_defaults_matches_hf(pair):
+    """Only do_sample=True: transformers 5.x fills the unset fields with its model-agnostic defaults (top_k 50)."""
+    _, model, fast = pair
+    ids, mask = padded_batch(model.config.vocab_size, [9, 5], seed=3)
+    kwargs = dict(max_new_tokens=10, do_sample=True, return_dict_in_generate=True, output_scores=True)
+    torch.manual_seed(99)
+    ref = model.generate(ids, attention_mask=mask, **kwargs)
+    torch.manual_seed(99)
+    out = fast.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ref.sequences, out.sequences)
+    for step_ref, step_out in zip(ref.scores, out.scores):  # top 50 of the 96 tokens kept, the rest -inf
+        torch.testing.assert_close(step_out, step_ref, atol=1e-4, rtol=0)
+    assert int(torch.isfinite(out.scores[0][0]).sum()) == 50
+
+
 def test_family_registry_covers_every_supported_family():
     assert set(TINY_FAMILIES) == set(specontext.SUPPORTED_FAMILIES)
 

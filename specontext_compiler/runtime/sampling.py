@@ -105,11 +105,15 @@ def resolve_generation_config(
     if generation_config is not None and not isinstance(generation_config, GenerationConfig):
         raise TypeError(f"generation_config must be a transformers.GenerationConfig; got {type(generation_config).__name__}")
     config = copy.deepcopy(generation_config if generation_config is not None else (base or GenerationConfig()))
+    if generation_config is not None and base is not None:
+        # transformers: fields the caller's config leaves unset come from the model's generation config.
+        config.update(**base.to_dict(), defaults_only=True, allow_custom_entries=True)
+    defaults = _with_global_defaults(GenerationConfig())
+    _with_global_defaults(config)
     unused = config.update(**kwargs)
     if unused:
         raise TypeError(f"generate() got unknown keyword argument(s) {sorted(unused)}; accepted: GenerationConfig's "
                         f"fields and {', '.join(EXTRA_GENERATE_KWARGS)}")
-    defaults = GenerationConfig()
     for name in _UNSUPPORTED_FIELDS:
         if getattr(config, name, None) != getattr(defaults, name, None):
             raise ValueError(
@@ -138,6 +142,16 @@ def resolve_generation_config(
     _resolve_stopping_criteria(settings, _checked_list("stopping_criteria", stopping_criteria), tokenizer,
                                prompt_length, max_positions)
     return settings
+
+
+def _with_global_defaults(config: GenerationConfig) -> GenerationConfig:
+    """Fill the fields still unset with transformers' model-agnostic defaults, as ``generate`` does (5.x:
+    sampling then keeps the top 50 tokens unless ``top_k`` says otherwise). ``max_length`` stays unset: with
+    neither it nor ``max_new_tokens`` given, 20 new tokens (``DEFAULT_NEW_TOKENS``), as transformers does."""
+    global_defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
+    if global_defaults is not None:  # transformers 5.x; 4.x configs carry their defaults themselves
+        config.update(**{k: v for k, v in global_defaults().items() if k != "max_length"}, defaults_only=True)
+    return config
 
 
 def _checked_list(name: str, value) -> list:
