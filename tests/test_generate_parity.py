@@ -185,3 +185,21 @@ def test_stats_counters():
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4
     # the last token's KV is never written: it is not fed back
     assert stats["kv_bytes"] == per_token * 2 * (12 + 4)
+
+
+def test_renormalized_scores_without_invalid_values_and_max_time_match_hf(pair):
+    _, model, fast = pair
+    ids, mask = padded_batch(model.config.vocab_size, [9, 5], seed=3)
+    kwargs = dict(max_new_tokens=6, do_sample=True, top_k=10, renormalize_logits=True, remove_invalid_values=True,
+                  return_dict_in_generate=True, output_scores=True)
+    torch.manual_seed(7)
+    ref = model.generate(ids, attention_mask=mask, **kwargs)
+    torch.manual_seed(7)
+    out = fast.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ref.sequences, out.sequences)
+    for step_ref, step_out in zip(ref.scores, out.scores):  # log-probabilities: logsumexp 0 per row
+        torch.testing.assert_close(step_out, step_ref, atol=1e-4, rtol=0)
+    # max_time=0: every row is done after the first new token, as in transformers (MaxTimeCriteria).
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, max_time=0.0, do_sample=False)
+    out = fast.generate(ids, attention_mask=mask, max_new_tokens=6, max_time=0.0, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 1 and torch.equal(out, ref)

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 from transformers.generation.logits_process import (
+    InfNanRemoveLogitsProcessor,
+    LogitNormalization,
     LogitsProcessorList,
     MinLengthLogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
@@ -31,6 +33,7 @@ from transformers.generation.logits_process import (
 from transformers.generation.stopping_criteria import (
     EosTokenCriteria,
     MaxLengthCriteria,
+    MaxTimeCriteria,
     StoppingCriteriaList,
     StopStringCriteria,
 )
@@ -59,6 +62,8 @@ _UNSUPPORTED_FIELDS = (
     "prompt_lookup_num_tokens",
     "assistant_early_exit",
     "top_h",
+    "watermarking_config",
+    "token_healing",
 )
 
 # generate() keyword arguments that are not GenerationConfig fields.
@@ -119,7 +124,8 @@ def resolve_generation_config(
             raise ValueError(
                 f"generation setting {name}={getattr(config, name)!r} is not supported by SpeContext generate "
                 "(greedy and multinomial sampling with temperature/top_k/top_p/min_p, repetition_penalty, "
-                "min_length/min_new_tokens, stop_strings, and custom logits_processor/stopping_criteria are)"
+                "min_length/min_new_tokens, stop_strings, max_time, remove_invalid_values, renormalize_logits, and "
+                "custom logits_processor/stopping_criteria are)"
             )
     if config.max_new_tokens is not None:
         max_new_tokens = config.max_new_tokens
@@ -200,6 +206,8 @@ def _resolve_stopping_criteria(settings: DecodingSettings, custom: list, tokeniz
     defaults = StoppingCriteriaList()
     length = MaxLengthCriteria(max_length=prompt_length + settings.max_new_tokens, max_position_embeddings=max_positions)
     defaults.append(length)
+    if config.max_time is not None:
+        defaults.append(MaxTimeCriteria(max_time=config.max_time))
     if stop_strings is not None:
         strings = [stop_strings] if isinstance(stop_strings, str) else stop_strings
         accepted = "a non-empty str or a non-empty list of non-empty str"
@@ -245,6 +253,8 @@ def build_logits_processors(settings: DecodingSettings, prompt_length: int, devi
         processors.append(MinLengthLogitsProcessor(config.min_length, eos, device=device))
     if config.min_new_tokens is not None and eos is not None and config.min_new_tokens > 0:
         processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, config.min_new_tokens, eos, device=device))
+    if config.remove_invalid_values is True:
+        processors.append(InfNanRemoveLogitsProcessor())
     processors = merge_custom(processors, settings.logits_processor, "logits processor")
     if settings.do_sample:
         if config.temperature is not None and config.temperature != 1.0:
@@ -255,6 +265,8 @@ def build_logits_processors(settings: DecodingSettings, prompt_length: int, devi
             processors.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
         if config.min_p is not None:
             processors.append(MinPLogitsWarper(min_p=config.min_p, min_tokens_to_keep=1))
+    if config.renormalize_logits is True:  # last, as in transformers
+        processors.append(LogitNormalization())
     return processors
 
 
