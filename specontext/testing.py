@@ -9,6 +9,7 @@ from specontext_compiler.testing import (
     padded_batch,
     peaked_llama,
     tiny_model,
+    write_eagle3_checkpoint,
 )
 
-__all__ = ["CODE_WORDS", "TINY_FAMILIES", "TOPICS", "code_word_document", "padded_batch", "peaked_llama", "tiny_model"]
+__all__ = ["CODE_WORDS", "TINY_FAMILIES", "TOPICS", "code_word_document", "padded_batch", "peaked_llama", "tiny_model", "write_eagle3_checkpoint"]

@@ -8,7 +8,8 @@
   ``torch.export.load`` would unpickle them.
 * ``config.json``, ``generation_config.json`` — the model's transformers configs (JSON).
 * ``head.json`` (+ ``head.safetensors`` for a head with tensors) — the retrieval head.
-* ``options.json`` — the compile options; ``memory_plan.json`` — the plan for the budget at export.
+* ``options.json`` — the compile options; ``memory_plan.json`` — the plan for the budget at export (a JSON
+  object; format 2 wrote it as a JSON string holding the object; :func:`read_memory_plan` reads both).
 * ``tokenizer/`` — the tokenizer's files, when one is given.
 * ``manifest.json`` — the format version, the library, torch (and its export schema), transformers and
   Python versions, and every file's size and sha256.
@@ -16,8 +17,10 @@
 ``specontext.load(path, device=None, budget=None)`` checks the manifest first: the format and export
 schema versions, then every file's size and checksum, then that ``step.pt2`` holds no pickled payload;
 any problem raises :class:`ArtifactError` (a ``ValueError``) naming the file and what is wrong, before
-anything is deserialized. It reads only JSON, safetensors and ``torch.export.load``; the memory plan is
-made again for the device and budget given (each ``generate`` plans its own sequence anyway).
+anything is deserialized. It reads only JSON, safetensors and ``torch.export.load``; a retrieval head with
+weights is built after the program is loaded (an EAGLE-3 head uses the program's embedding); the memory plan is
+made again for the device and budget given (each ``generate`` plans its own sequence anyway), so it
+never reads ``memory_plan.json``. It reads format versions 2 and 3 (:data:`READ_VERSIONS`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from typing import BinaryIO
 
 import torch
 
-from .artifact_head import HeadDescriptionError, head_description, head_from_description, is_int
+from .artifact_head import (HeadDescriptionError, TargetParts, check_head_fields, head_description,
+                            head_from_description, is_int)
 from .artifact_safety import UnsafeProgram, scan_program_archive
 from .capture import CapturedStep
 from .config import CompileConfig, check_cuda_graph, format_bytes, parse_budget
@@ -44,10 +48,15 @@ from .config import CompileConfig, check_cuda_graph, format_bytes, parse_budget
 logger = logging.getLogger(__name__)
 
 FORMAT = "specontext-artifact"
-FORMAT_VERSION = 2  # 2: prefetch and wait return the tokens the next op takes (ops.py)
+#: 2: prefetch and wait return the tokens the next op takes (ops.py). 3: ``memory_plan.json`` holds an object
+#: (2: a JSON string of one); draft-model and EAGLE-3 heads export (``head.json`` kinds a format-2 reader lacks).
+FORMAT_VERSION = 3
+#: Versions ``load`` reads: a format-2 artifact differs only in ``memory_plan.json``, which load does not read.
+READ_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
 PROGRAM = "step.pt2"
 HEAD_TENSORS = "head.safetensors"
+MEMORY_PLAN = "memory_plan.json"
 #: Reference context of the stored memory plan (capped by the model's max positions).
 PLAN_CONTEXT = 32768
 
@@ -116,7 +125,8 @@ def export(compiled, path: str | Path, tokenizer=None) -> Path:
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ValueError(f"export path {str(path)!r} exists and is not an empty directory")
-    head, head_tensors = head_description(compiled.head)  # refuse an unsupported head before writing anything
+    # refuse an unsupported head before writing anything
+    head, head_tensors = head_description(compiled.head, compiled.step.program)
     path.mkdir(parents=True, exist_ok=True)
 
     program = compiled.step.program  # its data-dependent sizes were bounded when it was captured
@@ -133,7 +143,7 @@ def export(compiled, path: str | Path, tokenizer=None) -> Path:
     if head_tensors:
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous().cpu() for k, v in head_tensors.items()}, str(path / HEAD_TENSORS))
+        save_file(_unshared(head_tensors), str(path / HEAD_TENSORS))
     (path / "head.json").write_text(json.dumps(head, indent=2))
     options = {
         "budget_bytes": config.budget_bytes, "token_budget": config.token_budget, "sink_tokens": config.sink_tokens,
@@ -146,7 +156,7 @@ def export(compiled, path: str | Path, tokenizer=None) -> Path:
         "vocab_size": compiled.vocab_size, "weight_bytes": compiled.weight_bytes,
     }
     (path / "options.json").write_text(json.dumps(options, indent=2))
-    (path / "memory_plan.json").write_text(json.dumps(_plan(compiled).to_json(), indent=2))
+    (path / MEMORY_PLAN).write_text(json.dumps(_plan(compiled).to_dict(), indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(path / "tokenizer")
 
@@ -160,6 +170,19 @@ def export(compiled, path: str | Path, tokenizer=None) -> Path:
     logger.info("exported %s to %s: %d files, %s", compiled, path, len(files),
                 format_bytes(sum(f["bytes"] for f in files.values())))
     return path
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies safetensors accepts: it refuses tensors sharing memory (a draft's rotary ``inv_freq`` and
+    ``original_inv_freq`` may be one tensor), so a tensor whose memory was already taken is cloned."""
+    seen: set[int] = set()
+    plain = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().contiguous().cpu()
+        key = tensor.untyped_storage().data_ptr()
+        plain[name] = tensor.clone() if key in seen and tensor.numel() else tensor
+        seen.add(key)
+    return plain
 
 
 def _plan(compiled):
@@ -180,6 +203,28 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def read_memory_plan(path: str | Path) -> dict:
+    """The memory plan stored at export (``memory_plan.json``, informative: ``load`` plans again), after the
+    manifest checks of :func:`read_manifest`. Format 3 stores it as a JSON object; format 2 stored a JSON
+    string holding that object, which is read too. Raises :class:`ArtifactError` for anything else."""
+    path = Path(path)
+    manifest, files = _open_checked(path)
+    try:
+        if MEMORY_PLAN not in files:
+            raise ArtifactError(path / MEMORY_PLAN, "not listed in the manifest")
+        file = path / MEMORY_PLAN
+        value = _parse_json_value(files[MEMORY_PLAN].read(), file)
+        if manifest["format_version"] == 2 and isinstance(value, str):  # format 2 wrapped the object in a string
+            value = _parse_json_value(value.encode(), file)
+        if not isinstance(value, dict):
+            raise ArtifactError(file, f"holds a JSON {type(value).__name__}; accepted: an object (format "
+                                      f"{manifest['format_version']})")
+        return value
+    finally:
+        for handle in files.values():
+            handle.close()
+
+
 def _open_checked(path: Path) -> tuple[dict, dict[str, BinaryIO]]:
     """The manifest, and every file it lists opened once for reading and checked: a regular file (no
     symbolic links on the way), the listed size and sha256. Later reads use these handles, so a file
@@ -192,9 +237,11 @@ def _open_checked(path: Path) -> tuple[dict, dict[str, BinaryIO]]:
     manifest = _parse_json(manifest_file.read_bytes(), manifest_file)
     if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise ArtifactError(manifest_file, f"not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(manifest_file, f"format version {manifest.get('format_version')!r} written by specontext "
-                                           f"{manifest.get('specontext')}; this specontext reads version {FORMAT_VERSION}")
+    version = manifest.get("format_version")
+    if not is_int(version) or version not in READ_VERSIONS:
+        raise ArtifactError(manifest_file, f"format version {version!r} written by specontext "
+                                           f"{manifest.get('specontext')}; this specontext reads versions "
+                                           f"{', '.join(map(str, READ_VERSIONS))}")
     here = versions()
     schema = manifest.get("export_schema")
     if not isinstance(schema, list) or len(schema) != 2 or schema[0] != here["export_schema"][0]:
@@ -344,11 +391,11 @@ def _load_checked(path: Path, manifest: dict, files: dict[str, BinaryIO], device
             tensors = load_safetensors(files[HEAD_TENSORS].read())
         except Exception as error:  # safetensors raises its own error types for a bad header
             raise ArtifactError(path / HEAD_TENSORS, f"not a readable safetensors file ({error})") from error
-    layers = getattr(hf_config, "num_hidden_layers", None)
+    head_json = _read_json(files, path, "head.json")
     try:
-        head = head_from_description(_read_json(files, path, "head.json"), tensors, layers)
+        check_head_fields(head_json)  # the fields now; the head is built once the program is loaded
     except HeadDescriptionError as error:
-        raise ArtifactError(path / "head.json", str(error)) from error
+        raise ArtifactError(path / error.file, str(error)) from error
     try:
         exported_on = torch.device(options["device"])
         config = CompileConfig.from_arguments(
@@ -385,12 +432,30 @@ def _load_checked(path: Path, manifest: dict, files: dict[str, BinaryIO], device
 
         program = move_to_device_pass(program, device)
     _annotate(program)
+    # After the program: an EAGLE-3 head reads the target's embedding from the program's parameters.
+    target = TargetParts(getattr(hf_config, "num_hidden_layers", None), _num_kv_heads(hf_config),
+                         getattr(hf_config, "hidden_size", None), getattr(hf_config, "vocab_size", None),
+                         tuple(options["aux_layers"]), {**program.state_dict, **program.constants}, device,
+                         getattr(torch, options["dtype"]))
+    try:
+        head = head_from_description(head_json, tensors, target.num_layers, target=target)
+    except HeadDescriptionError as error:
+        raise ArtifactError(path / error.file, str(error)) from error
     step = CapturedStep(program, options["last_only"], tuple(options["aux_layers"]))
     compiled = SpeContextModel.from_parts(config, hf_config, generation_config, step, head, device,
                                           getattr(torch, options["dtype"]), options["vocab_size"], options["weight_bytes"])
     compiled.tokenizer = _load_tokenizer(path, files)
     logger.info("loaded %s from %s on %s", compiled, path, device)
     return compiled
+
+
+def _num_kv_heads(hf_config) -> int | None:
+    from .planning import num_kv_heads
+
+    try:
+        return num_kv_heads(hf_config)
+    except (AttributeError, TypeError, ValueError):  # a config the head kinds that need it will refuse
+        return None
 
 
 def _annotate(program: torch.export.ExportedProgram) -> None:
@@ -400,11 +465,15 @@ def _annotate(program: torch.export.ExportedProgram) -> None:
     annotate_attention(program.graph_module)
 
 
-def _parse_json(data: bytes, file: Path) -> dict:
+def _parse_json_value(data: bytes, file: Path):
     try:
-        value = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        return json.loads(data)
+    except (ValueError, RecursionError) as error:  # ValueError: also an integer of over 4,300 digits
         raise ArtifactError(file, f"not valid JSON ({error})") from None
+
+
+def _parse_json(data: bytes, file: Path) -> dict:
+    value = _parse_json_value(data, file)
     if not isinstance(value, dict):
         raise ArtifactError(file, f"holds a JSON {type(value).__name__}, not an object")
     return value

@@ -15,7 +15,9 @@ run code, each refused here:
 * ``eval``: symbolic sizes (``expr_str``) are parsed with ``sympy.sympify``, which evaluates Python, so
   each must be a sympy constructor expression (``Mul(Integer(8), Symbol('s70', positive=True))``) of the
   functions torch writes; ``guards_code`` is ``exec``-ed by ``ExportedProgram.module()``, so each guard
-  must be a comparison of input sizes (``L['input_ids'].size()[1] == L['position_ids'].size()[1]``).
+  must be a comparison of input sizes (``L['input_ids'].size()[1] == L['position_ids'].size()[1]``), in
+  integer arithmetic without powers and with integers of at most ``MAX_INTEGER`` (``10**10**10`` would
+  keep Python busy for ever wherever the guard runs).
 * Node targets: any callable reachable by attributes from ``torch``, ``operator`` or ``math`` is accepted
   as a node target and called when the program runs, so a target must be one of the ``aten`` operators
   models are made of (``ALLOWED_ATEN``), a ``specontext`` operator, or a symbolic-size operator.
@@ -31,7 +33,8 @@ run code, each refused here:
   such as ``collections.defaultdict``), so ``in_spec``/``out_spec`` may hold only tuples, lists, dicts
   with identifier keys, and leaves.
 * Subgraphs, operator and script-object arguments are refused; size expressions are integer arithmetic
-  (no powers: ``Pow(10, 10**8)`` would keep sympy busy).
+  (no powers: ``Pow(10, 10**8)`` would keep sympy busy). Every integer of the program JSON fits in 64 bits
+  (``MAX_INTEGER``): sizes, strides and scalars are int64 to torch.
 
 Every string of the program JSON is checked by the field it sits in (``_check_string``); fields torch
 keeps only as node metadata text (stack traces, module stacks) are checked for control characters only.
@@ -65,6 +68,7 @@ SYMPY_FUNCTIONS = frozenset({
     "Not", "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilDiv", "Identity",
 })
 SYMPY_CONSTANTS = frozenset({"true", "false", "oo", "int_oo"})
+#: The largest magnitude of an integer in a size expression, a guard or anywhere in the program JSON (int64).
 MAX_INTEGER = 2**63
 SYMBOL_NAME = re.compile(r"[a-z]{1,4}\d+")
 SYMBOL_ASSUMPTIONS = frozenset({
@@ -170,7 +174,7 @@ def _check_listings_agree(handle: BinaryIO, reader, records: list[str]) -> None:
 def _json_record(reader, name: str):
     try:
         return json.loads(reader.get_record(name))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:  # ValueError: also an integer of over 4,300 digits
         raise UnsafeProgram(f"{name} is not valid JSON ({error})") from None
 
 
@@ -241,6 +245,9 @@ def _walk(value, key: str | None) -> None:
             stack.extend((child, key) for child in item)
         elif isinstance(item, str):
             _check_string(item, key)
+        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_INTEGER:
+            raise UnsafeProgram(f"{key}: the integer {_short(item)} is beyond the 64-bit sizes and scalars torch "
+                                f"takes; accepted: at most 2**63 in magnitude")
         elif key in ("layout", "as_layout") and item != STRIDED_LAYOUT:
             raise UnsafeProgram(f"a tensor of layout {item!r}: only dense strided tensors are accepted")
 
@@ -379,12 +386,24 @@ def _check_sympy_node(node: ast.AST, vouched: set[int]) -> None:
     raise ValueError(f"{type(node).__name__} is not part of a size expression")
 
 
+def _short(value: int) -> str:
+    """An integer for a message: its digits, or its size when they would fill the message."""
+    return str(value) if abs(value) < 10**30 else f"of {value.bit_length()} bits"
+
+
+#: What a guard may be made of (ast node types). No ``Pow`` (nor shifts): ``10**10**10`` computes for ever.
+GUARD_NODES = (ast.Expression, ast.Compare, ast.BoolOp, ast.UnaryOp, ast.BinOp, ast.Load, ast.And, ast.Or, ast.Not,
+               ast.USub, ast.UAdd, ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.Eq, ast.NotEq, ast.Lt,
+               ast.LtE, ast.Gt, ast.GtE, ast.Subscript, ast.Attribute)
+
+
 def _check_guard_node(node: ast.AST, vouched: set[int]) -> None:
-    """A guard: comparisons and integer arithmetic over ``L['name'].size()[i]`` and numbers."""
-    allowed = (ast.Expression, ast.Compare, ast.BoolOp, ast.UnaryOp, ast.BinOp, ast.Load, ast.And, ast.Or,
-               ast.Not, ast.USub, ast.UAdd, ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.Pow, ast.Eq,
-               ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Subscript, ast.Attribute)
-    if isinstance(node, allowed):
+    """A guard: comparisons and integer arithmetic (``+ - * // %``, no powers) over ``L['name'].size()[i]``
+    and numbers of at most ``MAX_INTEGER`` in magnitude (torch writes equalities of input sizes)."""
+    if isinstance(node, ast.Pow):
+        raise ValueError("powers are not accepted in a guard (accepted: comparisons, + - * // %, size accessors, "
+                         "integers of at most 2**63)")
+    if isinstance(node, GUARD_NODES):
         if isinstance(node, ast.Attribute) and node.attr not in GUARD_METHODS:
             raise ValueError(f"attribute {node.attr!r}")
         if isinstance(node, ast.Subscript):
@@ -395,6 +414,8 @@ def _check_guard_node(node: ast.AST, vouched: set[int]) -> None:
                 raise ValueError("subscripts are integers or input names")
             vouched.add(id(key))
         return
+    if isinstance(node, ast.Constant) and isinstance(node.value, int) and abs(node.value) > MAX_INTEGER:
+        raise ValueError(f"the integer {_short(node.value)} is beyond the accepted magnitude of 2**63")
     if isinstance(node, ast.Constant) and (isinstance(node.value, (int, float)) or id(node) in vouched):
         return  # a string only as an input name (torch pastes a guard into a string literal of its message)
     if isinstance(node, ast.Name) and (node.id == "L" or node.id in GUARD_FUNCTIONS):

@@ -8,7 +8,9 @@ that it answers well (the real-weights checks use SmolLM2, ``specontext_compiler
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import torch
 import transformers
@@ -71,6 +73,45 @@ def peaked_llama() -> transformers.PreTrainedModel:
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(256)
     return model
+
+
+def write_eagle3_checkpoint(folder: Path, target_hidden: int = 64) -> Path:
+    """A random checkpoint in the EAGLE-3 draft-head format (fc, one midlayer, norms, lm_head, d2t/t2d) for a
+    target of hidden size ``target_hidden``, written to ``folder``."""
+    from safetensors.torch import save_file
+
+    hidden, heads, kv_heads, head_dim = 64, 4, 2, 16
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    tensors = {
+        "fc.weight": rand(hidden, 3 * target_hidden),
+        "midlayer.input_layernorm.weight": 1 + rand(hidden),
+        "midlayer.hidden_norm.weight": 1 + rand(hidden),
+        "midlayer.self_attn.q_proj.weight": rand(heads * head_dim, 2 * hidden),
+        "midlayer.self_attn.k_proj.weight": rand(kv_heads * head_dim, 2 * hidden),
+        "midlayer.self_attn.v_proj.weight": rand(kv_heads * head_dim, 2 * hidden),
+        "midlayer.self_attn.o_proj.weight": rand(hidden, heads * head_dim),
+        "midlayer.post_attention_layernorm.weight": torch.ones(hidden),
+        "midlayer.mlp.gate_proj.weight": rand(96, hidden),
+        "midlayer.mlp.up_proj.weight": rand(96, hidden),
+        "midlayer.mlp.down_proj.weight": rand(hidden, 96),
+        "norm.weight": torch.ones(hidden),
+        "lm_head.weight": rand(32, hidden),
+        "d2t": torch.zeros(32, dtype=torch.long),
+        "t2d": torch.ones(96, dtype=torch.bool),
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLMEagle3"], "hidden_size": hidden, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "intermediate_size": 96, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "vocab_size": 96, "draft_vocab_size": 32, "max_position_embeddings": 512,
+    }))
+    return folder
 
 
 # -- long documents with one fact to retrieve (demo, tests on SmolLM2, accuracy benchmarks) ---------------

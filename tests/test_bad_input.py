@@ -7,13 +7,19 @@ and the table in docs/bad_input.md: ``test_the_docs_table_is_the_registry`` fail
 
 from __future__ import annotations
 
+import atexit
+import inspect
+import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 import specontext
+from specontext_compiler.artifact import ArtifactError
 from specontext.testing import tiny_model
 
 DOCS = Path(__file__).parents[1] / "docs" / "bad_input.md"
@@ -71,6 +77,49 @@ def load_on_cuda(tmp_path: Path):
     compiled = specontext.compile(tiny_model("llama"), "1GB", progress=False)
     specontext.export(compiled, tmp_path / "artifact")
     return specontext.load(tmp_path / "artifact", device="cuda")
+
+
+def draft_artifact() -> Path:
+    """A tiny Llama compiled with a draft model's head, exported (once per process)."""
+    if "artifact" not in _FAST:
+        compiled = specontext.compile(tiny_model("llama"), "1GB", token_budget=16,
+                                      draft=tiny_model("qwen3", seed=1, num_hidden_layers=3), progress=False)
+        folder = tempfile.mkdtemp(prefix="bad-input-")
+        atexit.register(shutil.rmtree, folder, True)
+        _FAST["artifact"] = specontext.export(compiled, Path(folder) / "draft")
+    return _FAST["artifact"]
+
+
+def edited_artifact(tmp_path: Path, file: str, edit) -> Path:
+    """A copy of the draft artifact with ``edit`` applied to ``file`` (a JSON object, the safetensors' tensors or
+    the step program's JSON) and the manifest made to match, as someone editing the files would."""
+    from safetensors.torch import load_file, save_file
+
+    from test_export import edit_program, rewrite_manifest
+
+    path = Path(shutil.copytree(draft_artifact(), tmp_path / "artifact"))
+    if file == "step.pt2":
+        edit_program(path, edit)
+        return path
+    if file.endswith(".safetensors"):
+        tensors = load_file(str(path / file))
+        edit(tensors)
+        save_file(tensors, str(path / file))
+    else:
+        value = json.loads((path / file).read_text())
+        (path / file).write_text(json.dumps(edit(value) or value))
+    rewrite_manifest(path)
+    return path
+
+
+def load_edited(file: str, edit):
+    return lambda tmp_path: specontext.load(edited_artifact(tmp_path, file, edit))
+
+
+def memory_plan_as_a_string(tmp_path: Path):
+    from specontext_compiler.artifact import read_memory_plan
+
+    return read_memory_plan(edited_artifact(tmp_path, "memory_plan.json", lambda plan: json.dumps(plan)))
 
 
 # (what, the input as the docs show it, call, error class, message regex)
@@ -139,6 +188,23 @@ CASES = [
      r"stopping_criteria must hold callables \(transformers StoppingCriteria objects\); got an item of type int"),
     ("device", '`specontext.load(path, device="cuda")` on a machine without CUDA', load_on_cuda, ValueError,
      r"device='cuda' but this machine has no CUDA device; accepted: 'cpu'"),
+    ("artifact", "`step.pt2` holding the guard `L['input_ids'].size()[1] == 10**10**10`",
+     load_edited("step.pt2", lambda p: p["guards_code"].append("L['input_ids'].size()[1] == 10**10**10")), ArtifactError,
+     r"step.pt2: guard .*10\*\*10\*\*10.* is refused: powers are not accepted in a guard \(accepted: comparisons"),
+    ("artifact", "`step.pt2` holding a guard with the integer 2**64 + 1",
+     load_edited("step.pt2", lambda p: p["guards_code"].append(f"L['input_ids'].size()[1] != {2**64 + 1}")), ArtifactError,
+     r"step.pt2: guard .* is refused: the integer 18446744073709551617 is beyond the accepted magnitude of 2\*\*63"),
+    ("artifact", "`head.json` of a draft model whose config names code (`auto_map`)",
+     load_edited("head.json", lambda h: h["config"].update(auto_map={"AutoModelForCausalLM": "evil.Model"})), ArtifactError,
+     r"head.json: config holds \['auto_map'\], not fields of a qwen3 config .*accepted: the fields of transformers' qwen3 config"),
+    ("artifact", "`head.json` of a draft model of `model_type` gpt2",
+     load_edited("head.json", lambda h: h["config"].update(model_type="gpt2")), ArtifactError,
+     r"head.json: config.model_type is 'gpt2'; accepted: llama, qwen2"),
+    ("artifact", "`head.safetensors` of a draft model lacking a tensor",
+     load_edited("head.safetensors", lambda t: t.pop("body.embed_tokens.weight")), ArtifactError,
+     r"head.safetensors: the draft head's tensors do not match its description: missing \['body.embed_tokens.weight'\]"),
+    ("artifact", "`memory_plan.json` holding a JSON string in a format-3 artifact, at `read_memory_plan`",
+     memory_plan_as_a_string, ArtifactError, r"memory_plan.json: holds a JSON str; accepted: an object \(format 3\)"),
 ]
 
 # (what, the command's arguments after `specontext generate --model M --prompt-file F`, message regex)
@@ -175,7 +241,7 @@ def table() -> str:
 @pytest.mark.parametrize("what, shown, call, error, message", CASES, ids=[f"{c[0]}: {c[1]}" for c in CASES])
 def test_bad_input_is_refused_with_a_clear_error(what, shown, call, error, message, tmp_path):
     with pytest.raises(error, match=message):
-        call(tmp_path) if call is load_on_cuda else call()
+        call(tmp_path) if inspect.signature(call).parameters else call()
 
 
 @pytest.mark.parametrize("what, shown, arguments, message", CLI_CASES, ids=[f"{c[0]}: {c[1]}" for c in CLI_CASES])

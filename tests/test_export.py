@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import specontext
-from specontext_compiler.artifact import ArtifactError, check_program_archive, read_manifest
-from specontext.testing import padded_batch, tiny_model
+from specontext_compiler.artifact import ArtifactError, check_program_archive, read_manifest, read_memory_plan
+from specontext.testing import padded_batch, tiny_model, write_eagle3_checkpoint
 
 GENERATE = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
 
@@ -73,6 +73,37 @@ def test_round_trip_in_a_fresh_process_without_the_model(exported, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["tokens"] == tokens.tolist() and report["budget"] == 600 * 10**6
+
+
+def test_memory_plan_is_a_json_object_and_format_2_artifacts_still_load(exported, tmp_path):
+    """memory_plan.json holds the plan as an object (format 3); format 2 wrote a JSON string holding it: such
+    an artifact still loads (load never reads the plan: it plans again) and read_memory_plan reads both."""
+    path, ids, mask, tokens = exported
+    plan = json.loads((path / "memory_plan.json").read_text())
+    assert isinstance(plan, dict) and read_manifest(path)["format_version"] == 3
+    assert {"budget_bytes", "batch", "context", "token_budget", "peak_bytes", "gpu_layers", "cpu_layers", "terms",
+            "expressions", "thresholds"} <= set(plan)
+    assert plan["budget_bytes"] == 10**9 and plan["token_budget"] == 16 and plan["context"] == 512
+    assert read_memory_plan(path) == plan
+
+    old = copy_of(path, tmp_path)
+    (old / "memory_plan.json").write_text(json.dumps(json.dumps(plan, indent=2), indent=2))  # as format 2 wrote it
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format_version"] = 2
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(old)
+    assert read_memory_plan(old) == plan
+    assert torch.equal(specontext.load(old).generate(ids, attention_mask=mask, **GENERATE), tokens)
+
+    manifest["format_version"] = 3  # format 3 with format 2's string: refused by the reader of the plan
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(old)
+    with pytest.raises(ArtifactError, match=r"memory_plan.json: holds a JSON str; accepted: an object \(format 3\)"):
+        read_memory_plan(old)
+    manifest["format_version"] = 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="format version 1 .* this specontext reads versions 2, 3"):
+        specontext.load(old)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma2"])
@@ -339,6 +370,12 @@ def add_subgraph_argument(program):
     (lambda p: first_with(p["graph_module"], "expr_str").update(expr_str="Integer(lambda: 0)"), "size expression"),
     (lambda p: first_with(p["graph_module"], "expr_str").update(expr_str="Mul(Integer(10), Integer(10**30))"),
      "size expression"),  # integers beyond int64 (and powers) are refused: a denial of service otherwise
+    (lambda p: p["guards_code"].append(HANGING_GUARD), r"guard .*10\*\*10\*\*10.* powers are not accepted"),
+    (lambda p: p["guards_code"].append("L['input_ids'].size()[1] == 2 ** 3"), "powers are not accepted"),
+    (lambda p: p["guards_code"].append(f"L['input_ids'].size()[1] != {2**64 + 1}"),
+     "the integer 18446744073709551617 is beyond"),
+    (lambda p: p["guards_code"].append(f"L['input_ids'].size()[{2**70}] == 1"), "beyond the accepted magnitude"),
+    (lambda p: p["range_constraints"]["s43"].update(max_val=10**1000), "max_val: the integer of 3322 bits is beyond"),
     (lambda p: signature(p)["forward_arg_names"].__setitem__(2, 'position_ids=open("x", "w").close()'),
      "not an identifier"),
     (lambda p: rename_input(p, "position_ids", 'position_ids=open("x", "w").close()'), "not an identifier"),
@@ -371,6 +408,197 @@ def test_program_strings_torch_would_evaluate_or_call_are_refused(exported, tmp_
     edit_program(path, plant)
     with pytest.raises(ArtifactError, match=problem):
         specontext.load(path)
+
+
+#: A guard Python would evaluate for ever (10**10**10 has ten billion digits): torch execs guards_code when
+#: a program has sample inputs; the grammar refuses powers and integers beyond 2**63 wherever it would run.
+HANGING_GUARD = "L['input_ids'].size()[1] == 10**10**10"
+
+
+def test_a_guard_that_computes_for_ever_is_refused_within_seconds(exported, tmp_path):
+    """The load runs in a child process under a 10 s alarm whose default action ends the process even
+    inside C code (a Python signal handler would wait for 10**10**10 to finish): a hang fails the test
+    with the alarm's exit code instead of stalling the suite."""
+    path = copy_of(exported[0], tmp_path)
+    edit_program(path, lambda p: p["guards_code"].append(HANGING_GUARD))
+    code = (
+        "import signal, sys, time, specontext\n"
+        "from specontext_compiler.artifact import ArtifactError\n"
+        "signal.alarm(10)\n"
+        "started = time.perf_counter()\n"
+        f"try:\n    specontext.load({str(path)!r})\nexcept ArtifactError as error:\n"
+        "    print(f'{time.perf_counter() - started:.2f}', error)\n    sys.exit(0)\n"
+        "sys.exit(3)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode != -14, "the load ran past the 10 s alarm: the guard was evaluated"
+    assert result.returncode == 0, result.stderr[-2000:]
+    seconds, message = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert float(seconds) < 10 and "step.pt2" in message and HANGING_GUARD in message
+    assert "powers are not accepted" in message
+
+
+def test_integers_too_long_for_python_are_refused_as_damage(exported, tmp_path):
+    """A program JSON holding an integer of over 4,300 digits (Python's json refuses to convert it with a
+    plain ValueError) is an ArtifactError naming step.pt2, like any other JSON it cannot read."""
+    path = copy_of(exported[0], tmp_path)
+
+    def widen(name, content):
+        if name != "models/model.json":
+            return content
+        return content.replace(b'"max_val": 4096', b'"max_val": ' + b"9" * 5000, 1)
+
+    edit_archive(path / "step.pt2", widen)
+    rewrite_manifest(path)
+    with pytest.raises(ArtifactError, match="models/model.json is not valid JSON .*4300") as info:
+        specontext.load(path)
+    assert info.value.file.endswith("step.pt2")
+
+
+# -- retrieval heads with weights: draft model and EAGLE-3 -----------------------------------------------------
+HEAD_KINDS = ["default", "draft_model", "draft_model pruned", "eagle3", "eagle3 pruned"]
+SPARSE = dict(token_budget=20, sink_tokens=2, local_window=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def head_parts(tmp_path_factory):
+    """A tiny 4-layer Llama target, a 6-layer Qwen3 draft (q/k norms), an EAGLE-3 checkpoint, a batch."""
+    target = tiny_model("llama", num_hidden_layers=4)
+    return (target, tiny_model("qwen3", seed=1, num_hidden_layers=6),
+            write_eagle3_checkpoint(tmp_path_factory.mktemp("eagle3")), padded_batch(96, [40, 27], seed=11))
+
+
+def compiled_with_head(kind: str, head_parts):
+    from specontext_compiler.retrieval import DraftModelHead, Eagle3Head
+
+    target, draft, eagle_dir, _ = head_parts
+    heads = {
+        "default": None,
+        "draft_model": draft,
+        # a calibrated draft's shape: scoring layer 0 (no body layers), two kept heads, a head map
+        "draft_model pruned": DraftModelHead(draft, 2, layer=0, heads=[1, 3], head_map=[[1], [1, 3]]),
+        "eagle3": str(eagle_dir),
+        "eagle3 pruned": Eagle3Head(eagle_dir, target.get_input_embeddings(), 4, 2).pruned([0, 2, 3], [[0], [2, 3]]),
+    }
+    return specontext.compile(target, "1GB", draft=heads[kind], **SPARSE)
+
+
+def head_tensors(head) -> dict:
+    return head.export_tensors() if hasattr(head, "export_tensors") else dict(getattr(head, "tensors", {}))
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_every_head_kind_exports_and_loads_with_identical_tokens(kind, head_parts, tmp_path):
+    """Each head kind round-trips: weights through head.safetensors, the description through head.json
+    (no pickle); the loaded head holds the same tensors and generates the same tokens. The pruned kinds
+    are exported a second time from the loaded model (its head rebuilt from the artifact alone)."""
+    from specontext_compiler.retrieval import DraftModelHead, Eagle3Head, TargetLayerHead
+
+    ids, mask = head_parts[3]
+    compiled = compiled_with_head(kind, head_parts)
+    expected_type = {"default": TargetLayerHead, "draft_model": DraftModelHead, "eagle3": Eagle3Head}[kind.split()[0]]
+    assert isinstance(compiled.head, expected_type)
+    tokens = compiled.generate(ids, attention_mask=mask, **GENERATE)
+    path = specontext.export(compiled, tmp_path / "artifact")
+    description = json.loads((path / "head.json").read_text())
+    assert description["kind"] == {"default": "target_layer"}.get(kind, kind.split()[0])
+    assert ("head.safetensors" in read_manifest(path)["files"]) == (kind != "default")
+    loaded = specontext.load(path)
+    assert type(loaded.head) is expected_type and loaded.model is None
+    original, rebuilt = head_tensors(compiled.head), head_tensors(loaded.head)
+    assert original.keys() == rebuilt.keys() and all(torch.equal(original[k], rebuilt[k]) for k in original)
+    assert torch.equal(loaded.generate(ids, attention_mask=mask, **GENERATE), tokens)
+    assert loaded.runtime.attended_tokens[1:] == [20] * (GENERATE["max_new_tokens"] - 1)  # the head selected
+    if kind.endswith("pruned"):
+        again = specontext.export(loaded, tmp_path / "again")
+        assert json.loads((again / "head.json").read_text()) == description
+        assert torch.equal(specontext.load(again).generate(ids, attention_mask=mask, **GENERATE), tokens)
+
+
+def test_an_eagle3_head_shares_the_programs_embedding(head_parts, tmp_path):
+    """The EAGLE-3 head reads the target's input embedding: the artifact names the program's parameter
+    instead of storing a second copy, and the loaded head uses that very tensor (Gemma 3: and its scale)."""
+    ids, mask = head_parts[3]
+    target = tiny_model("gemma3_text", num_hidden_layers=4)
+    compiled = specontext.compile(target, "1GB", draft=str(head_parts[2]), **SPARSE)
+    tokens = compiled.generate(ids, attention_mask=mask, **GENERATE)
+    path = specontext.export(compiled, tmp_path / "gemma3")
+    embedding = json.loads((path / "head.json").read_text())["embedding"]
+    assert embedding == {"weight": "model.model.embed_tokens.weight", "scale": "model.model.embed_tokens.embed_scale"}
+    from safetensors.torch import load_file
+
+    assert not any("embed" in name for name in load_file(str(path / "head.safetensors")))
+    loaded = specontext.load(path)
+    assert loaded.head.embedding.weight is loaded.step.program.state_dict[embedding["weight"]]
+    assert torch.equal(loaded.generate(ids, attention_mask=mask, **GENERATE), tokens)
+
+
+def test_the_default_head_exports(tmp_path):
+    """Whatever head specontext.compile picks by default (no draft, no selection) exports and loads."""
+    compiled = specontext.compile(tiny_model("llama"), "1GB", progress=False)
+    path = specontext.export(compiled, tmp_path / "default")
+    assert json.loads((path / "head.json").read_text())["kind"] == "target_layer"
+    assert type(specontext.load(path).head) is type(compiled.head)
+
+
+@pytest.fixture(scope="module")
+def head_artifacts(head_parts, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("heads")
+    return {kind: specontext.export(compiled_with_head(kind, head_parts), folder / kind) for kind in ("draft_model", "eagle3")}
+
+
+def edit_head_tensors(path: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "head.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(path / "head.safetensors"))
+
+
+@pytest.mark.parametrize("kind, edit, file, problem", [
+    ("draft_model", lambda h: h["config"].update(model_type="gpt2"), "head.json", "config.model_type is 'gpt2'; accepted: llama"),
+    ("draft_model", lambda h: h["config"].update(auto_map={"AutoModelForCausalLM": "evil.Model"}), "head.json",
+     r"config holds \['auto_map'\]"),
+    ("draft_model", lambda h: h["config"].update(quantization_config={"quant_method": "bitsandbytes"}), "head.json",
+     r"config holds \['quantization_config'\]"),
+    ("draft_model", lambda h: h.update(attn_implementation="kernels-community/flash-attn"), "head.json",
+     "attn_implementation is 'kernels-community/flash-attn'; accepted: 'sdpa' or 'eager'"),
+    ("draft_model", lambda h: h.update(layer=10**6), "head.json", "layer is 1000000; accepted: an integer in"),
+    ("draft_model", lambda h: h.update(layer=2), "head.json", "num_hidden_layers is 5; accepted: layer \+ 1 = 3"),
+    ("draft_model", lambda h: h.update(heads=[3, 1]), "head.json", "heads is \[3, 1\]"),
+    ("draft_model", lambda h: h.update(head_map=[[0]]), "head.json", "head_map"),
+    ("draft_model", lambda h: h["config"].update(vocab_size=50), "head.json", "vocab_size is 50; accepted: the model's 96"),
+    ("draft_model", lambda h: h["config"].update(hidden_act="os.system"), "head.json", "does not build a qwen3 draft"),
+    ("draft_model", lambda h: h["config"].update(head_dim=10**9), "head.json",  # pruning indexes heads x head_dim rows
+     "config.head_dim is 1000000000; accepted: an integer in \\[1, 4096\\]"),
+    ("draft_model", lambda t: t.pop("body.embed_tokens.weight"), "head.safetensors", "missing \['body.embed_tokens.weight'\]"),
+    ("draft_model", lambda t: t.update({"body.norm.weight": torch.ones(3)}), "head.safetensors", "unexpected"),
+    ("draft_model", lambda t: t.update({"scorer.q_proj.weight": torch.ones(3, 3)}), "head.safetensors",
+     "scorer.q_proj.weight has shape \(3, 3\)"),
+    ("eagle3", lambda h: h["embedding"].update(weight="no.such.tensor"), "head.json", "embedding.weight is 'no.such.tensor'"),
+    ("eagle3", lambda h: h["embedding"].update(scale="model.model.embed_tokens.weight"), "head.json", "embedding.scale"),
+    ("eagle3", lambda h: h.update(aux_layers=[0, 1, 2]), "head.json", "aux_layers is \[0, 1, 2\]; accepted: options.json's"),
+    ("eagle3", lambda h: h["config"].update(auto_map={}), "head.json", "config holds \['auto_map'\]"),
+    ("eagle3", lambda h: h["config"].update(head_dim=15), "head.json", "config.head_dim is 15"),
+    ("eagle3", lambda h: h["config"].update(rope_parameters={"rope_type": "no-such-rope", "rope_theta": 1.0}), "head.json",
+     "rotary embedding"),
+    ("eagle3", lambda t: t.update({"fc.weight": torch.ones(64, 5)}), "head.safetensors", "fc.weight has shape \(64, 5\)"),
+    ("eagle3", lambda t: t.update({"midlayer.mlp.down_proj.weight": torch.ones(2)}), "head.safetensors", "unexpected"),
+    ("eagle3", lambda t: t.pop("fc.weight"), "head.safetensors", "lack \['fc.weight'\]"),
+])
+def test_malformed_heads_with_weights_are_refused(head_artifacts, tmp_path, kind, edit, file, problem):
+    path = copy_of(head_artifacts[kind], tmp_path)
+    if file == "head.json":
+        description = json.loads((path / file).read_text())
+        edit(description)
+        (path / file).write_text(json.dumps(description))
+    else:
+        edit_head_tensors(path, edit)
+    rewrite_manifest(path)
+    with pytest.raises(ArtifactError, match=problem) as info:
+        specontext.load(path)
+    assert info.value.file.endswith(file)
 
 
 @pytest.mark.parametrize("mode", ["eager", "fixed"])
@@ -549,12 +777,13 @@ def test_every_option_of_the_draft_free_head_survives_its_description(tmp_path):
         assert getattr(loaded, name) == getattr(head, name), name
 
 
-def test_draft_heads_are_refused_before_writing(tmp_path):
+def test_unsupported_heads_are_refused_before_writing(tmp_path):
     from specontext_compiler.retrieval import TargetLayerHead
 
     draft = tiny_model("llama", seed=1)
     compiled = specontext.compile(tiny_model("llama"), "1GB", token_budget=16, draft=draft, progress=False)
-    with pytest.raises(ValueError, match="DraftModelHead"):
+    compiled.head.body.config._attn_implementation = "flash_attention_2"  # as a draft loaded with it would run
+    with pytest.raises(ValueError, match="attn_implementation 'sdpa' or 'eager'; this draft runs 'flash_attention_2'"):
         specontext.export(compiled, tmp_path / "draft")
     assert not (tmp_path / "draft").exists()
     model = tiny_model("llama")

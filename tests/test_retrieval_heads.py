@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import specontext
 from specontext_compiler.retrieval import DraftModelHead, Eagle3Head, TargetLayerHead
 from specontext_compiler.retrieval.eagle3 import is_eagle3_checkpoint, rms_norm, rotate_half
-from specontext.testing import padded_batch, tiny_model
+from specontext.testing import padded_batch, tiny_model, write_eagle3_checkpoint
 
 SPARSE = dict(token_budget=20, sink_tokens=2, local_window=4, progress=False)
 
@@ -33,37 +32,7 @@ def prompts(target):
 @pytest.fixture(scope="module")
 def eagle_dir(tmp_path_factory):
     """A random checkpoint in the EAGLE-3 draft-head format (fc, one midlayer, norms, lm_head, d2t/t2d)."""
-    folder = tmp_path_factory.mktemp("eagle3")
-    hidden, heads, kv_heads, head_dim, target_hidden = 64, 4, 2, 16, 64
-    g = torch.Generator().manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g) * 0.1
-
-    tensors = {
-        "fc.weight": rand(hidden, 3 * target_hidden),
-        "midlayer.input_layernorm.weight": 1 + rand(hidden),
-        "midlayer.hidden_norm.weight": 1 + rand(hidden),
-        "midlayer.self_attn.q_proj.weight": rand(heads * head_dim, 2 * hidden),
-        "midlayer.self_attn.k_proj.weight": rand(kv_heads * head_dim, 2 * hidden),
-        "midlayer.self_attn.v_proj.weight": rand(kv_heads * head_dim, 2 * hidden),
-        "midlayer.self_attn.o_proj.weight": rand(hidden, heads * head_dim),
-        "midlayer.post_attention_layernorm.weight": torch.ones(hidden),
-        "midlayer.mlp.gate_proj.weight": rand(96, hidden),
-        "midlayer.mlp.up_proj.weight": rand(96, hidden),
-        "midlayer.mlp.down_proj.weight": rand(hidden, 96),
-        "norm.weight": torch.ones(hidden),
-        "lm_head.weight": rand(32, hidden),
-        "d2t": torch.zeros(32, dtype=torch.long),
-        "t2d": torch.ones(96, dtype=torch.bool),
-    }
-    save_file(tensors, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLMEagle3"], "hidden_size": hidden, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "intermediate_size": 96, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-        "vocab_size": 96, "draft_vocab_size": 32, "max_position_embeddings": 512,
-    }))
-    return folder
+    return write_eagle3_checkpoint(tmp_path_factory.mktemp("eagle3"))
 
 
 def dense_reference(model, ids, mask, new=10):

@@ -242,14 +242,20 @@ class MemoryPlan:
         fig.savefig(path, dpi=110)
         plt.close(fig)
 
-    def to_json(self) -> str:
-        return json.dumps({
+    def to_dict(self) -> dict:
+        """The plan as JSON-ready values: what ``to_json`` writes (and an artifact's ``memory_plan.json``)."""
+        return {
             "budget_bytes": self.budget_bytes, "batch": self.batch, "context": self.context,
             "token_budget": self.token_budget, "peak_bytes": self.peak_bytes, "gpu_layers": self.gpu_layers,
-            "cpu_layers": self.cpu_layers, "thresholds": self.thresholds, "terms": self.breakdown(),
-            "expressions": {t.name: str(t.expr) for t in self.terms},
-            "prompt": self.prompt, "resident_until": self.resident_until, "migrations": self.migrations,
-        }, indent=2)
+            "cpu_layers": self.cpu_layers, "thresholds": [list(t) for t in self.thresholds],
+            "terms": self.breakdown(), "expressions": {t.name: str(t.expr) for t in self.terms},
+            "prompt": self.prompt, "resident_until": self.resident_until,
+            "migrations": [list(m) for m in self.migrations],
+        }
+
+    def to_json(self) -> str:
+        """The plan as a JSON text (an object: :meth:`to_dict`)."""
+        return json.dumps(self.to_dict(), indent=2)
 
 
 def model_shape(config_or_model, dtype=None) -> ModelShape:

@@ -51,6 +51,7 @@ class DraftModelHead(RetrievalHead):
 
     def _init_from(self, draft, layer, heads, head_map, num_target_kv_heads) -> None:
         config = draft.config
+        self.draft_config = config.to_dict()  # what export writes to rebuild the body (artifact_head.py)
         self.layer = layer
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -140,6 +141,59 @@ class DraftModelHead(RetrievalHead):
         head.scorer.to(dtype)
         head.original_parameters = manifest["parameters_before"]
         return head
+
+    # -- exported artifacts (artifact_head.py): every tensor, rebuilt without initializing anything ---------
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer of the body and the scorer, non-persistent buffers included (the
+        rotary frequencies, Gemma 3's embedding scale): :meth:`load_tensors` sets each from its copy."""
+        tensors = {}
+        for prefix, module in (("body.", self.body), ("scorer.", self.scorer)):
+            tensors.update({prefix + name: t for name, t in module.named_parameters(remove_duplicate=False)})
+            tensors.update({prefix + name: t for name, t in module.named_buffers(remove_duplicate=False)})
+        return tensors
+
+    @classmethod
+    def skeleton(cls, draft_config: dict, layer: int, heads: list[int], head_map: list[list[int]] | None,
+                 num_target_kv_heads: int, attn_implementation: str = "sdpa") -> "DraftModelHead":
+        """The head for a draft of ``draft_config`` (its ``model_type`` and fields) with every tensor on the
+        meta device: nothing allocated or initialized until :meth:`load_tensors`."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = dict(draft_config)
+        skeleton_config = AutoConfig.for_model(config.pop("model_type"), **config)
+        with torch.device("meta"):
+            draft = AutoModelForCausalLM.from_config(skeleton_config, attn_implementation=attn_implementation)
+        head = cls.__new__(cls)
+        head._init_from(draft, layer, heads, head_map, num_target_kv_heads)
+        head.original_parameters = 0
+        return head
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], device: torch.device | str) -> None:
+        """Set every parameter and buffer from ``tensors`` (named as :meth:`export_tensors` names them):
+        each must be given, with its shape; a missing, extra or misshapen one raises ``ValueError``."""
+        expected = {}
+        for prefix, module in (("body.", self.body), ("scorer.", self.scorer)):
+            for kind, named in (("_parameters", module.named_parameters(remove_duplicate=False)),
+                                ("_buffers", module.named_buffers(remove_duplicate=False))):
+                for name, tensor in named:
+                    owner, _, leaf = name.rpartition(".")
+                    expected[prefix + name] = (module.get_submodule(owner), kind, leaf, tensor)
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise ValueError(f"the draft head's tensors do not match its description: missing {missing[:8]}, "
+                             f"unexpected {extra[:8]}")
+        for name, (owner, kind, leaf, meta) in expected.items():
+            tensor = tensors[name]
+            if tensor.shape != meta.shape or tensor.is_floating_point() != meta.is_floating_point():
+                raise ValueError(f"the draft head's tensor {name} has shape {tuple(tensor.shape)} and dtype "
+                                 f"{tensor.dtype}; its description needs shape {tuple(meta.shape)} "
+                                 f"({'floating point' if meta.is_floating_point() else 'integer'})")
+        for name, (owner, kind, leaf, _) in expected.items():
+            tensor = tensors[name].to(device)
+            if kind == "_parameters":
+                tensor = torch.nn.Parameter(tensor, requires_grad=False)
+            getattr(owner, kind)[leaf] = tensor
+        self.body.eval()
 
     def cache_bytes_per_token(self) -> int:
         size = next(self.scorer.parameters()).element_size()

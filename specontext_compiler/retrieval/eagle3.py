@@ -231,30 +231,65 @@ class Eagle3Head(RetrievalHead):
 
     @classmethod
     def from_saved(cls, manifest: dict, tensors: dict[str, torch.Tensor], model) -> "Eagle3Head":
-        head = cls.__new__(cls)
+        from ..planning import num_kv_heads
+
         config = manifest["draft_config"]
+        n = model.config.num_hidden_layers
+        aux = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+        aux_layers = tuple(aux) if aux else (2, n // 2, n - 3)
+        return cls.from_parts(config, tensors, model.get_input_embeddings(), aux_layers, num_kv_heads(model.config),
+                              manifest["heads"], manifest["head_map"], manifest["parameters_before"])
+
+    @classmethod
+    def from_parts(cls, config: dict, tensors: dict[str, torch.Tensor], embedding: torch.nn.Module,
+                   aux_layers: tuple[int, ...], num_target_kv_heads: int, heads: list[int],
+                   head_map: list[list[int]] | None, checkpoint_parameters: int) -> "Eagle3Head":
+        """The head from its kept tensors and the fields of its checkpoint's ``config`` it reads (a calibrated
+        head's directory, an exported artifact): no checkpoint directory."""
+        head = cls.__new__(cls)
         head.path = None
         head.config = config
-        head.embedding = model.get_input_embeddings()
-        head.device, head.dtype = head.embedding.weight.device, head.embedding.weight.dtype
+        head.embedding = embedding
+        head.device, head.dtype = embedding.weight.device, embedding.weight.dtype
         head.hidden = int(config["hidden_size"])
         head.num_heads = int(config["num_attention_heads"])
         head.num_kv_heads = int(config.get("num_key_value_heads") or head.num_heads)
         head.head_dim = int(config.get("head_dim") or head.hidden // head.num_heads)
         head.eps = float(config.get("rms_norm_eps", 1e-6))
-        n = model.config.num_hidden_layers
-        aux = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-        head.aux_layers = tuple(aux) if aux else (2, n // 2, n - 3)
-        from ..planning import num_kv_heads
-
-        head.num_target_kv_heads = num_kv_heads(model.config)
-        head.head_map = manifest["head_map"]
-        head.heads = manifest["heads"]
+        head.aux_layers = tuple(aux_layers)
+        head.num_target_kv_heads = num_target_kv_heads
+        head.head_map = head_map
+        head.heads = list(heads)
         head.tensors = tensors
-        head.checkpoint_parameters = manifest["parameters_before"]
+        head.checkpoint_parameters = checkpoint_parameters
         head._rope = head._build_rope(config)
         head.cache, head.last_hidden = KeyCache(), None
         return head
+
+    #: The checkpoint config fields ``_build_rope`` reads (besides the sizes).
+    ROPE_FIELDS = ("rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings")
+
+    def export_config(self) -> dict:
+        """The checkpoint config fields the head reads, resolved as it uses them (defaults filled in): what
+        an exported artifact stores, and all :meth:`from_parts` needs."""
+        config = {"hidden_size": self.hidden, "num_attention_heads": self.num_heads,
+                  "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim, "rms_norm_eps": self.eps}
+        config.update({k: self.config[k] for k in self.ROPE_FIELDS if self.config.get(k) is not None})
+        return config
+
+
+class TargetEmbedding(torch.nn.Module):
+    """The target's input embedding made of a loaded program's tensors (an artifact has no HF model):
+    ``weight[ids]``, times ``scale`` for the families whose embedding scales (Gemma 3's ``embed_scale``)."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = weight  # the program's own tensor, shared: no second copy of the embedding
+        self.scale = scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.embedding(input_ids, self.weight)
+        return out if self.scale is None else out * self.scale.to(self.weight.dtype)
 
 
 def _numel(shape) -> int:
