@@ -7,6 +7,7 @@ This package only re-exports the public API of :mod:`specontext_compiler`.
 
 from specontext_compiler import (
     ArtifactError,
+    BudgetError,
     SUPPORTED_FAMILIES,
     CalibratedHead,
     CalibrationReport,
@@ -24,6 +25,7 @@ from specontext_compiler import (
 
 __all__ = [
     "ArtifactError",
+    "BudgetError",
     "export",
     "load",
     "SUPPORTED_FAMILIES",

@@ -8,7 +8,7 @@ from .artifact import ArtifactError, export, load
 from .calibration import calibrate
 from .retrieval.calibrated_head import CalibratedHead, CalibrationReport
 from .capture import SUPPORTED_FAMILIES
-from .config import GuardSettings, parse_budget
+from .config import BudgetError, GuardSettings, parse_budget
 from .dynamo_backend import register as _register_dynamo_backend
 from .planning.planner import MemoryPlan, plan_memory
 
@@ -19,6 +19,7 @@ _register_dynamo_backend()  # torch.compile(..., backend="specontext"); the entr
 __all__ = [
     "GuardSettings",
     "ArtifactError",
+    "BudgetError",
     "export",
     "load",
     "MemoryPlan",

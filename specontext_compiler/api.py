@@ -10,8 +10,9 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .capture import CapturedStep, bound_data_dependent_sizes, check_supported, export_step, shadow_model
-from .config import (DEFAULT_TOKEN_BUDGET, CompileConfig, GuardSettings, check_cuda_graph, check_offload_layers,
-                     format_bytes)
+from .config import (DEFAULT_TOKEN_BUDGET, BudgetError, CompileConfig, GuardSettings, check_cuda_graph,
+                     check_offload_layers, format_bytes)
+from .kernels import TRITON_AVAILABLE
 from .passes import attention_infos, default_passes, run_passes
 from .planning import kv_bytes_per_token, weight_bytes
 from .planning.memory_model import ModelShape
@@ -46,8 +47,9 @@ def compile(
             that runs out of GPU memory is re-planned and retried; "none"; "all"; or a list of layer indices); ``elastic`` (default True: offloaded
             layers load only what each step's selection adds); ``prefill_chunk`` (new tokens per prefill
             step, default 2048); ``progress`` (prefill bar); ``compile_decode_step`` (default None: on CUDA
-            devices the fixed-shape decode step goes through Inductor before its CUDA graph, faster steps
-            for a minute of compilation per process and batch kind, 1 or more; False: captured as exported);
+            devices with Triton installed the fixed-shape decode step goes through Inductor before its CUDA
+            graph, faster steps for a minute of compilation per process and batch kind, 1 or more; False:
+            captured as exported);
             ``cuda_graph`` (default None: fixed-shape decode steps replayed from a CUDA graph on CUDA
             devices; False: every decode step eager).
 
@@ -60,7 +62,7 @@ def compile(
     check_cuda_graph(config, model.get_input_embeddings().weight.device)
     weights = weight_bytes(model)
     if weights > config.budget_bytes:
-        raise ValueError(
+        raise BudgetError(
             f"budget is too small: the model needs at least {format_bytes(weights)} for its weights alone, "
             f"plus its KV cache; budget is {format_bytes(config.budget_bytes)}"
         )
@@ -134,7 +136,9 @@ class SpeContextModel:
         )
         if config.cuda_graph is False:
             self.engine.decode_mode = "eager"
-        if config.compile_decode_step or (config.compile_decode_step is None and self.device.type == "cuda"):
+        # Inductor's CUDA code is Triton: without it the default leaves the step as exported.
+        if config.compile_decode_step or (config.compile_decode_step is None and self.device.type == "cuda"
+                                          and TRITON_AVAILABLE):
             self.engine.compile_fixed_shape_step()
 
     def set_guard(self, settings: GuardSettings | None) -> None:

@@ -43,7 +43,7 @@ from .artifact_head import (HeadDescriptionError, TargetParts, check_head_fields
                             head_from_description, is_int)
 from .artifact_safety import UnsafeProgram, scan_program_archive
 from .capture import CapturedStep
-from .config import CompileConfig, check_cuda_graph, format_bytes, parse_budget
+from .config import BudgetError, CompileConfig, check_cuda_graph, format_bytes, parse_budget
 
 logger = logging.getLogger(__name__)
 
@@ -419,7 +419,7 @@ def _load_checked(path: Path, manifest: dict, files: dict[str, BinaryIO], device
         device = torch.device("cuda", torch.cuda.current_device())
     check_cuda_graph(config, device)
     if options["weight_bytes"] > config.budget_bytes:
-        raise ValueError(f"budget is too small: the model needs at least {format_bytes(options['weight_bytes'])} for "
+        raise BudgetError(f"budget is too small: the model needs at least {format_bytes(options['weight_bytes'])} for "
                          f"its weights alone, plus its KV cache; budget is {format_bytes(config.budget_bytes)}")
     try:
         program = torch.export.load(program_file)

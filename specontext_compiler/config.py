@@ -24,6 +24,13 @@ _ACCEPTED_BUDGET = 'a positive number of bytes (int) or a string such as "24GB",
 MAX_BUDGET_BYTES = 2**50
 
 
+class BudgetError(ValueError):
+    """The memory budget cannot hold the model: its weights, or the KV of the batch and length asked for.
+
+    A ``ValueError`` like every refusal of a bad budget; its own class lets the ``specontext`` command tell
+    it (a usage error) from any other ``ValueError`` (a bug, which keeps its traceback)."""
+
+
 def parse_budget(budget: int | str) -> int:
     """GPU memory budget -> bytes. Decimal units (GB = 1e9) and binary units (GiB = 2**30)."""
     if isinstance(budget, bool) or not isinstance(budget, (int, str)):
@@ -188,8 +195,8 @@ class CompileConfig:
         compile_decode_step: run the fixed-shape decode step through Inductor (``torch.compile`` with
             coordinate-descent tuning) before it is captured in a CUDA graph: Inductor fuses the step's
             elementwise operators and tunes its one-token matrix products (docs/benchmarks.md: 8B, 32K, batch
-            1 on an H200, 6.9 -> 4.9 ms per step). None (default): on CUDA devices, not on the CPU (where
-            decode steps run eagerly). Costs one compilation (about a minute for an 8B model; ``stats``
+            1 on an H200, 6.9 -> 4.9 ms per step). None (default): on CUDA devices with Triton installed, not on
+            the CPU (where decode steps run eagerly). Costs one compilation (about a minute for an 8B model; ``stats``
             ``compile_seconds``) for batch 1 and one for every larger batch, with the batch size and the
             sequence capacity dynamic (no recompilation for a new prompt length or batch size), from
             Inductor's on-disk caches in later processes. False: the step is captured as exported.

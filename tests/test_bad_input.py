@@ -71,6 +71,18 @@ def bert():
     return specontext.compile(model, "1GB")
 
 
+def kernels_without_triton():
+    """``use_kernels(True)`` as on a machine without Triton (tests/test_triton_optional.py hides it for real)."""
+    from specontext_compiler import kernels
+
+    saved = kernels.TRITON_AVAILABLE, kernels._triton_missing
+    kernels.TRITON_AVAILABLE, kernels._triton_missing = False, "No module named 'triton'"
+    try:
+        kernels.use_kernels(True)
+    finally:
+        kernels.TRITON_AVAILABLE, kernels._triton_missing = saved
+
+
 def load_on_cuda(tmp_path: Path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
@@ -133,10 +145,10 @@ CASES = [
     ("budget", '`compile(model, "5000TB")`', compile_with("5000TB"), ValueError, r"budget '5000TB' = 5000 TB is larger than any GPU"),
     ("budget", "`compile(model, None)`", compile_with(None), TypeError, r"budget must be a positive number of bytes .*; got None"),
     ("budget", "`compile(model, 2.5e10)`", compile_with(2.5e10), TypeError, r"budget must be .*; got 25000000000.0 of type float"),
-    ("budget", '`compile(model, "1KB")` (smaller than the weights)', compile_with("1KB"), ValueError,
+    ("budget", '`compile(model, "1KB")` (smaller than the weights)', compile_with("1KB"), specontext.BudgetError,
      r"budget is too small: the model needs at least .* for its weights alone, plus its KV cache; budget is 1.0 KB"),
     ("budget", "a budget with room for the weights but not for 4 x 200 tokens of KV, at `generate`", too_small_for_kv,
-     ValueError, r"needs at least .* for batch 4 x 200 tokens with every layer offloaded.*budget is"),
+     specontext.BudgetError, r"needs at least .* for batch 4 x 200 tokens with every layer offloaded.*budget is"),
     ("token_budget", "`token_budget=0`", compile_with("1GB", token_budget=0), ValueError, r"token_budget must be None \(dense attention\), a positive int"),
     ("token_budget", "`token_budget=-1`", compile_with("1GB", token_budget=-1), ValueError, r"token_budget must be .*; got -1"),
     ("token_budget", "`token_budget=1.5`", compile_with("1GB", token_budget=1.5), ValueError, r"token_budget must be .*; got the float 1.5"),
@@ -205,6 +217,8 @@ CASES = [
      r"head.safetensors: the draft head's tensors do not match its description: missing \['body.embed_tokens.weight'\]"),
     ("artifact", "`memory_plan.json` holding a JSON string in a format-3 artifact, at `read_memory_plan`",
      memory_plan_as_a_string, ArtifactError, r"memory_plan.json: holds a JSON str; accepted: an object \(format 3\)"),
+    ("kernels", "`kernels.use_kernels(True)` where Triton is not installed", kernels_without_triton, ImportError,
+     r"use_kernels\(True\) needs Triton, which is not available .*; install it: pip install triton"),
 ]
 
 # (what, the command's arguments after `specontext generate --model M --prompt-file F`, message regex)
@@ -219,6 +233,12 @@ CLI_CASES = [
     ("prompt file", "a prompt file that does not exist", ["--prompt-file", "missing.txt"], r"error: prompt file '.*missing.txt' does not exist"),
     ("prompt file", "an empty prompt file", ["--prompt-file", "EMPTY"], r"error: prompt file '.*empty.txt' is empty"),
     ("model", "a model path that does not exist", ["--model", "no/such/model"], r"error: model path 'no/such/model' does not exist"),
+    ("prompt", "`--prompt TEXT` beside `--prompt-file F`", ["--prompt", "hello"], r"error: argument --prompt: not allowed with argument --prompt-file"),
+    ("sampling", "`--temperature 0.7` without `--do-sample`", ["--temperature", "0.7"], r"error: --temperature applies only to sampling; add --do-sample"),
+    ("sampling", "`--do-sample --temperature 0`", ["--do-sample", None, "--temperature", "0"], r"error: --temperature must be a positive number; got 0.0"),
+    ("sampling", "`--do-sample --top-p 1.5`", ["--do-sample", None, "--top-p", "1.5"], r"error: --top-p must be in \(0, 1\]; got 1.5"),
+    ("sampling", "`--do-sample --seed -1`", ["--do-sample", None, "--seed", "-1"], r"error: --seed must be an int in 0..2\*\*64-1; got -1"),
+    ("cuda graph", "`--cuda-graph --device cpu`", ["--cuda-graph", None, "--device", "cpu"], r"error: --cuda-graph needs a CUDA device; --device is cpu"),
 ]
 
 
@@ -260,16 +280,17 @@ def test_bad_command_line_is_one_line_before_the_model_loads(what, shown, argume
                  for a in arguments]
     command = ["generate", "--model", str(tmp_path), "--prompt-file", str(prompt)]
     for flag, value in zip(arguments[::2], arguments[1::2]):  # the case's flags replace the defaults'
-        if flag in command:
+        if value is None:  # a flag without a value
+            command.append(flag)
+        elif flag in command:
             command[command.index(flag) + 1] = value
         else:
             command += [flag, value]
     try:
         code = main(command)
-    except SystemExit as exit_:  # the prompt-file checks exit with their message
-        code, message_out = 2, str(exit_.code)
-    else:
-        message_out = capsys.readouterr().err
+    except SystemExit as exit_:  # argparse's own errors (a conflict of options) exit, one line on stderr too
+        code = exit_.code
+    message_out = capsys.readouterr().err
     assert code == 2 and not loaded
     assert re.search(message, message_out), message_out
     assert len(message_out.strip().splitlines()) == 1  # one line, no traceback

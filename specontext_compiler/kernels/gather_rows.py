@@ -16,15 +16,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .reference import gather_rows_reference
 
-def gather_rows_reference(src, src_index, valid, dst, dst_index) -> None:
-    """src [B, H, N, D]; src_index/dst_index int64 [B, H, M]; valid bool [B, H, M]; dst [B, H, S, D].
-
-    Rows with ``valid`` False are skipped (their indices may point anywhere).
-    """
-    batch, head, row = valid.nonzero(as_tuple=True)
-    rows = src[batch.to(src.device), head.to(src.device), src_index[batch, head, row].to(src.device)]
-    dst[batch, head, dst_index[batch, head, row]] = rows.to(dst.device)
+__all__ = ["gather_from_host_or_ring", "gather_rows_reference"]  # the reference lives in reference.py (no Triton)
 
 
 @triton.jit

@@ -16,18 +16,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .reference import retrieval_scores_reference
 
-def retrieval_scores_reference(q, keys, scale, key_valid=None):
-    """Pure torch: q [B, Hq, D], keys [B, Hkv, P, D], key_valid bool [B, P] or None -> float32 (float64 for
-    float64 inputs) [B, Hkv, P], each group's attention probabilities summed over its query heads."""
-    batch, q_heads, dim = q.shape
-    kv_heads = keys.shape[1]
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    grouped = q.view(batch, kv_heads, q_heads // kv_heads, dim).to(compute)
-    logits = torch.matmul(grouped, keys.to(compute).transpose(-1, -2)) * scale
-    if key_valid is not None:
-        logits = logits.masked_fill(~key_valid[:, None, None, :], float("-inf"))
-    return torch.softmax(logits, dim=-1).sum(dim=2)
+__all__ = ["retrieval_scores", "retrieval_scores_reference", "retrieval_top_k"]  # the reference lives in reference.py (no Triton)
 
 
 @triton.jit

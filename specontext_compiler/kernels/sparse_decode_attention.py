@@ -28,26 +28,9 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from .reference import sparse_decode_attention_reference
 
-def sparse_decode_attention_reference(q, k, v, indices=None, *, scale=None, valid=None, softcap=0.0):
-    """Pure torch: q [B, Hq, D], k/v [B, Hkv, T, D], indices [B, Hkv, K] (None: every row), valid bool
-    [B, Hkv, K] or None -> [B, Hq, Dv] in q's dtype (computed in float32, or float64 for float64 inputs)."""
-    batch, q_heads, dim = q.shape
-    kv_heads = k.shape[1]
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = dim ** -0.5 if scale is None else scale
-    if indices is not None:
-        index = indices.long()
-        k = k.gather(2, index[..., None].expand(-1, -1, -1, k.shape[-1]))
-        v = v.gather(2, index[..., None].expand(-1, -1, -1, v.shape[-1]))
-    grouped = q.view(batch, kv_heads, q_heads // kv_heads, dim).to(compute)
-    logits = torch.matmul(grouped, k.to(compute).transpose(-1, -2)) * scale  # [B, Hkv, G, K]
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    if valid is not None:
-        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.matmul(probs, v.to(compute)).reshape(batch, q_heads, v.shape[-1]).to(q.dtype)
+__all__ = ["sparse_decode_attention", "sparse_decode_attention_reference"]  # the reference lives in reference.py (no Triton)
 
 
 @triton.jit

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from ..config import format_bytes, parse_budget
+from ..config import BudgetError, format_bytes, parse_budget
 from .memory_model import B, DEFAULT_WORKSPACE, MIGRATION_CHUNK, L, MemoryTerm, ModelShape, memory_terms, n
 
 #: Terms sized once for the whole sequence (the head's key copy, the staging buffer): in a schedule
@@ -268,7 +268,7 @@ def model_shape(config_or_model, dtype=None) -> ModelShape:
 
 
 def impossible_budget(model: PeakModel, budget: int, batch: int, length: int, resident: int = 0,
-                      prompt: int | None = None) -> ValueError:
+                      prompt: int | None = None) -> BudgetError:
     """The error for a budget that cannot hold ``batch`` x ``length`` tokens with ``resident`` layers on the GPU."""
     parts = model.parts(batch, length, resident, prompt=prompt)
     needed = model.peak(batch, length, resident, prompt=prompt)
@@ -276,7 +276,7 @@ def impossible_budget(model: PeakModel, budget: int, batch: int, length: int, re
     layers = model.shape.num_layers
     where = "with every layer offloaded" if resident == 0 else f"with {resident} of {layers} layers' KV on the GPU"
     hint = "" if resident == 0 else "; offload='auto' or 'all' keeps less KV on the GPU"
-    return ValueError(f"needs at least {format_bytes(needed)} for batch {batch} x {length} tokens {where}: "
+    return BudgetError(f"needs at least {format_bytes(needed)} for batch {batch} x {length} tokens {where}: "
                       f"{listed}; budget is {format_bytes(budget)}{hint}")
 
 

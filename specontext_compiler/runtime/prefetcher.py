@@ -9,14 +9,14 @@ calls run synchronously, so tests exercise every path.
 
 Each step loads only what the selection adds (elastic loading, :mod:`.slots`); rows come from the
 layer's recent ring on the device when it holds them, otherwise from host memory (zero-copy Triton
-gather on CUDA, :mod:`specontext_compiler.kernels.gather_rows`).
+gather on CUDA, :mod:`specontext_compiler.kernels.gather_rows`; the torch gather where Triton is missing).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..kernels.gather_rows import gather_from_host_or_ring, gather_rows_reference
+from ..kernels import TRITON_AVAILABLE, gather_from_host_or_ring, gather_rows_reference
 from .kv_store import KVStore
 from .slots import LoadPlan
 
@@ -42,7 +42,7 @@ def row_sources(token: torch.Tensor, valid: torch.Tensor, in_ring: torch.Tensor,
 def load_rows(store: KVStore, layer: int, slot, token, ring_rows, source, from_host, from_ring) -> None:
     """Load the listed rows of offloaded layer ``layer`` into its slots, from host memory or its ring."""
     entry, fast = store.layers[layer], store.fast[layer]
-    if fast.slot_key.device.type == "cuda":
+    if fast.slot_key.device.type == "cuda" and TRITON_AVAILABLE:
         # Triton, one launch for K and V from both sources: no host sync; zero-copy from pinned memory.
         gather_from_host_or_ring(entry.key, entry.value, fast.ring_key, fast.ring_value, fast.slot_key,
                                  fast.slot_value, token, ring_rows, source, slot)
