@@ -43,6 +43,7 @@ from ..kernels import sparse_decode_attention as triton_sparse_decode_attention
 from ..retrieval.selection import resolve_token_budget, select_tokens, sink_positions
 from .attention_runtime import AttentionRuntime, attend_positions, attend_slots
 from . import step_transaction
+from .load_streams import LoadStreams
 from .prefetcher import load_rows, row_sources, slot_validity
 
 logger = logging.getLogger(__name__)
@@ -54,10 +55,11 @@ class StaticDecodeRuntime:
     Offloaded layers: the step's selection updates the shared slot map in place
     (``SlotMap.update_in_place``: only the tokens it adds are loaded), each offloaded layer's loads run
     on the side stream (``prefetch``; one event per layer, ``wait`` joins it back, so the capture forks
-    from and joins the capturing stream), rows come from pinned host memory or the layer's device ring,
-    the new token enters the ring at ``position % window``, and attention reads the slots. Moving the
-    ring's rows to host memory happens between steps, in :meth:`GraphDecoder.decode` (Python knows the
-    length there). Transfer counters accumulate in device tensors.
+    from and joins the capturing stream: :class:`~.load_streams.LoadStreams`), rows come from pinned host
+    memory or the layer's device ring, the new token enters the ring at ``position % window``, and
+    attention reads the slots. Moving the ring's rows to host memory happens between steps, in
+    :meth:`GraphDecoder.decode` (Python knows the length there). Transfer counters accumulate in device
+    tensors.
     """
 
     def __init__(self, runtime: AttentionRuntime, capacity: int, budget: int, position: torch.Tensor):
@@ -77,12 +79,11 @@ class StaticDecodeRuntime:
         self.kept = torch.zeros((), dtype=torch.long, device=device)
         self.selections = 0  # index entries per step, for the selection-overlap counter
         self._prefetched: set[int] = set()
-        self._events: dict[int, torch.cuda.Event] = {}
-        self._side: torch.cuda.Stream | None = None
+        # The eager prefetcher's side streams, with events of its own: the capture forks and joins them.
+        self.loads = LoadStreams(runtime.prefetcher.loads.side_streams, captured=True)
         # Timing of the compute stream's waits on the loads (``GenerationEngine.time_graph_waits``): events
         # around each wait, recorded as graph nodes (external), so each replay times its own waits.
         self.time_waits = False
-        self._wait_events: dict[int, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
         # The accuracy guard's coverage, written in place by the steps it measures (``measuring``: the ones
         # the host reads it after; they replay a graph of their own).
         self.guard = runtime.guard if runtime.guard is not None and runtime.guard.layer is not None else None
@@ -110,11 +111,10 @@ class StaticDecodeRuntime:
         for layer in store.offloaded:
             store.ensure_slots(layer, self.budget)
         if self.position.device.type == "cuda":
-            self._side = self.runtime.prefetcher.side_stream(self.position.device)
-            self._ready = torch.cuda.Event()
+            self.loads.side_stream(self.position.device)  # made now: ``LoadStreams.load`` looks it up
         # Where the ring starts once the prompt is stored (the new tokens then move it along).
         self._ring_floor = max(store.ring_start(layer) for layer in store.offloaded)
-        self._row_bytes = sum(self.runtime.prefetcher.row_bytes(layer) for layer in store.offloaded)
+        self._row_bytes = store.row_bytes(store.offloaded)
 
     def retrieve(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
         self.key_valid = self._stored(attention_mask)
@@ -169,8 +169,7 @@ class StaticDecodeRuntime:
         self.kept.add_(plan.kept.sum())
         self.selections = indices.numel()
         self._prefetched.clear()
-        if self._side is not None:  # loads start once the indices exist (fork from the capturing stream)
-            self._ready.record(torch.cuda.current_stream(self.position.device))
+        self.loads.fork(self.position.device)  # loads start once the indices exist (from the capturing stream)
 
     def _follows_retrieval(self, indices: torch.Tensor) -> None:
         if indices is not self.indices:
@@ -182,41 +181,22 @@ class StaticDecodeRuntime:
         if not self.store.is_offloaded(layer) or layer in self._prefetched:
             return
         self._prefetched.add(layer)
-        if self._side is None:
-            load_rows(self.store, layer, *self.plan)
-            return
-        self._side.wait_event(self._ready)
-        with torch.cuda.stream(self._side):
-            load_rows(self.store, layer, *self.plan)
-            self._events.setdefault(layer, torch.cuda.Event()).record(self._side)
+        self.loads.load(layer, self.position.device, lambda: load_rows(self.store, layer, *self.plan))
 
     def wait(self, layer: int) -> None:
-        if self.store.is_offloaded(layer) and self._side is not None:
-            stream = torch.cuda.current_stream(self.position.device)
-            if not self.time_waits:
-                stream.wait_event(self._events[layer])  # join back
-                return
-            timing = self._wait_events.setdefault(layer, tuple(
-                torch.cuda.Event(enable_timing=True, external=True) for _ in range(2)))
-            timing[0].record(stream)
-            stream.wait_event(self._events[layer])
-            timing[1].record(stream)
+        if self.store.is_offloaded(layer):
+            self.loads.join(layer, timed=self.time_waits)  # join back
 
     def wait_ms(self) -> float | None:
         """The compute stream's stall on loads in the last step run (ms, all offloaded layers), when timed."""
-        if not self._wait_events:
-            return None
-        torch.cuda.synchronize(self.position.device)
-        return sum(start.elapsed_time(end) for start, end in self._wait_events.values())
+        return self.loads.wait_ms(self.position.device)
 
     def join_side_stream(self) -> None:
         """The current stream waits for every load queued on the side stream so far. After a step that
         failed part-way: a capture cannot end with forked work not joined back, and the step's tensors
         that the loads read are freed to the current stream."""
-        if self._side is not None and self._prefetched:
-            loaded = torch.cuda.Event()
-            loaded.record(self._side)
-            torch.cuda.current_stream(self.position.device).wait_event(loaded)
+        if self._prefetched:
+            self.loads.join_all(self.position.device)
 
     def attention(self, layer, q, k, v, mask, scale, softcap, sliding_window=0, indices=None):
         self._follows_retrieval(indices)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -287,6 +288,11 @@ class KVStore:
         if layer in self._layer_reserve and layer not in self.offloaded:
             self.migration.pin_ahead(layer, entry)  # it will move to host memory mid-sequence
         return entry
+
+    def row_bytes(self, layers: Iterable[int]) -> int:
+        """Bytes of one token's K and V rows (one head), summed over ``layers``: the transfer counters' unit."""
+        entries = (self.layers[layer] for layer in layers)
+        return sum(e.key.shape[-1] * e.key.element_size() + e.value.shape[-1] * e.value.element_size() for e in entries)
 
     def nbytes(self) -> int:
         """Bytes of valid KV over all layers."""

@@ -3,9 +3,9 @@
 The step's indices are known before layer 0 runs (one retrieval for every layer), so the graph issues
 ``specontext::prefetch(indices, layer)`` for every layer right after retrieval and
 ``specontext::wait(layer)`` right before each layer's sparse attention (the ``schedule_prefetch``
-pass). On a GPU the loads run on a side stream, one event per layer: layer i's attention waits for
-layer i's rows only, while the side stream keeps loading later layers. On a CPU-only machine the same
-calls run synchronously, so tests exercise every path.
+pass). On a GPU the loads run on a side stream, one event per layer (:mod:`.load_streams`): layer i's
+attention waits for layer i's rows only, while the side stream keeps loading later layers. On a CPU-only
+machine the same calls run synchronously, so tests exercise every path.
 
 Each step loads only what the selection adds (elastic loading, :mod:`.slots`); rows come from the
 layer's recent ring on the device when it holds them, otherwise from host memory (zero-copy Triton
@@ -18,6 +18,7 @@ import torch
 
 from ..kernels import TRITON_AVAILABLE, gather_from_host_or_ring, gather_rows_reference
 from .kv_store import KVStore
+from .load_streams import LoadStreams
 from .slots import LoadPlan
 
 
@@ -59,11 +60,7 @@ class Prefetcher:
         self.store = store
         self.plan: LoadPlan | None = None
         self.slot_valid: torch.Tensor | None = None  # bool [B, Hkv, S + 2] for the step's attention
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
-        self._ready: dict[torch.device, torch.cuda.Event] = {}
-        self._events: dict[int, torch.cuda.Event] = {}
-        self._waits: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._compute_stream: torch.cuda.Stream | None = None
+        self.loads = LoadStreams()
         self._prefetched: set[int] = set()
         self._waited: set[int] = set()
         self.reset_stats()
@@ -73,7 +70,7 @@ class Prefetcher:
         self.full_reload_rows = 0
         self.kept = 0
         self.selected = 0
-        self._waits = []
+        self.loads.reset_timing()
 
     def counters(self) -> tuple:
         """The transfer counters, for :meth:`restore_counters` (each update makes a new value: no copy)."""
@@ -103,60 +100,30 @@ class Prefetcher:
         # Where each row comes from, the same for every offloaded layer (all hold `past` tokens and the
         # same ring span): computed once here, not per layer.
         self._from_host, self._from_ring, self._ring_rows, self._source = self._row_sources(self.plan.token, self.plan.valid)
-        row_bytes = sum(self.row_bytes(layer) for layer in store.offloaded)
+        row_bytes = store.row_bytes(store.offloaded)
         self.h2d_rows = self.h2d_rows + self._from_host.sum() * row_bytes
         # A full reload brings the whole selection (even the window the ring holds) every step.
         self.full_reload_rows = self.full_reload_rows + (mapping >= 0).sum() * row_bytes
-        device = indices.device
-        if device.type == "cuda":
-            # Loads may start once the step's indices exist and the previous step stopped reading slots.
-            ready = self._ready.setdefault(device, torch.cuda.Event())
-            # The compute stream, looked up once per step (per-layer lookups cost measurable CPU time).
-            self._compute_stream = torch.cuda.current_stream(device)
-            ready.record(self._compute_stream)
-            stream = self.side_stream(device)
-            # Made on the compute stream, read on the side stream: keep their memory from early reuse.
-            for tensor in (self.plan.slot, self.plan.token, self._source, self._ring_rows):
-                tensor.record_stream(stream)
+        # Loads may start once the step's indices exist and the previous step stopped reading slots.
+        self.loads.fork(indices.device, reads=(self.plan.slot, self.plan.token, self._source, self._ring_rows))
 
     def prefetch(self, layer: int) -> None:
         """Start loading layer ``layer``'s missing rows into its slots."""
         if self.plan is None or not self.store.is_offloaded(layer) or layer in self._prefetched:
             return
         self._prefetched.add(layer)
-        device = self.store.devices[layer]
-        if device.type != "cuda":
-            self._load(layer)
-            return
-        stream = self._streams[device]
-        stream.wait_event(self._ready[device])
-        # set_stream rather than the stream context manager: no current-stream lookups per layer.
-        torch.cuda.set_stream(stream)
-        try:
-            self._load(layer)
-            event = self._events.setdefault(layer, torch.cuda.Event())
-            event.record(stream)
-        finally:
-            torch.cuda.set_stream(self._compute_stream)
+        self.loads.load(layer, self.store.devices[layer], lambda: self._load(layer))
 
     def wait(self, layer: int) -> None:
         """Make the compute stream wait for layer ``layer``'s loads (and only those)."""
         if self.plan is None or not self.store.is_offloaded(layer) or layer in self._waited:
             return
         self._waited.add(layer)
-        event = self._events.get(layer)
-        if event is None:  # CPU: the load already ran
-            return
-        stream = self._compute_stream
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        stream.wait_event(event)
-        end.record(stream)
-        self._waits.append((start, end))
+        self.loads.join(layer, timed=True)
 
-    def side_stream(self, device: torch.device) -> "torch.cuda.Stream":
+    def side_stream(self, device: torch.device) -> torch.cuda.Stream:
         """The device's side stream (loads, and the memory manager's moves to host memory)."""
-        return self._streams.setdefault(device, torch.cuda.Stream(device))
+        return self.loads.side_stream(device)
 
     def ensure(self, layer: int) -> None:
         """Before attention reads the slots: prefetch (if the graph did not) and wait."""
@@ -165,11 +132,6 @@ class Prefetcher:
 
     def end_sequence(self) -> None:
         self.plan = None
-
-    def row_bytes(self, layer: int) -> int:
-        """Bytes of one token's K and V row of a layer."""
-        entry = self.store.layers[layer]
-        return entry.key.shape[-1] * entry.key.element_size() + entry.value.shape[-1] * entry.value.element_size()
 
     def _row_sources(self, token: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(from host, from ring, ring row, source) of rows to load: where each valid row comes from, the
@@ -195,19 +157,16 @@ class Prefetcher:
             store.unloaded_slots.discard(layer)
             rows = self._full_plan()
             from_host = rows[4]
-            self.h2d_rows = self.h2d_rows + from_host.sum() * self.row_bytes(layer)
+            self.h2d_rows = self.h2d_rows + from_host.sum() * store.row_bytes((layer,))
         load_rows(store, layer, *rows)
 
     def stats(self) -> dict[str, float | int]:
         """Counters since the last reset: bytes moved host -> device, what full reloads would have moved,
         the share of each selection already in the slots, and the compute stream's stall on prefetches."""
-        wait_ms = 0.0
-        if self._waits:
-            torch.cuda.synchronize()
-            wait_ms = sum(start.elapsed_time(end) for start, end in self._waits)
+        wait_ms = self.loads.wait_ms()
         return {
             "h2d_bytes": int(self.h2d_rows),
             "h2d_bytes_full_reload": int(self.full_reload_rows),
             "selection_overlap": float(self.kept) / self.selected if self.selected else 0.0,
-            "prefetch_wait_ms": wait_ms,
+            "prefetch_wait_ms": 0.0 if wait_ms is None else wait_ms,
         }
