@@ -369,7 +369,7 @@ class GraphDecoder:
         of the two runs at a time)."""
         started = time.perf_counter()
         measuring = self.static.measuring
-        side = torch.cuda.Stream(self.position.device)
+        side = _capture_stream(self.position.device)
         side.wait_stream(torch.cuda.current_stream(self.position.device))
         graph = torch.cuda.CUDAGraph()
         # Sharing the pool is safe here although the two replay in any order: no step reads another step's
@@ -438,6 +438,19 @@ class GraphDecoder:
             prefetcher.kept = prefetcher.kept + static.kept
             prefetcher.selected += static.selections * (self.steps - int(static.started_empty))
         self.graphs.clear()
+
+
+_capture_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream decode steps are captured on, one per device for the process: ``torch.cuda.Stream`` hands
+    out PyTorch's 32 pooled streams in turn, so a new one per capture would, after 32, be the loads' side
+    stream itself, and the captured loads would no longer overlap compute."""
+    stream = _capture_streams.get(device)
+    if stream is None:
+        stream = _capture_streams[device] = torch.cuda.Stream(device)
+    return stream
 
 
 @dataclass

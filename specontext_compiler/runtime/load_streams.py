@@ -36,8 +36,12 @@ class LoadStreams:
         self._layer_timing: dict[int, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
 
     def side_stream(self, device: torch.device) -> torch.cuda.Stream:
-        """The device's side stream (made on first use)."""
-        return self.side_streams.setdefault(device, torch.cuda.Stream(device))
+        """The device's side stream (made on first use: ``torch.cuda.Stream`` takes the next stream of
+        PyTorch's pool, and a stream taken for nothing could later be the capture stream's twin)."""
+        stream = self.side_streams.get(device)
+        if stream is None:
+            stream = self.side_streams[device] = torch.cuda.Stream(device)
+        return stream
 
     def fork(self, device: torch.device, reads: tuple[torch.Tensor, ...] = ()) -> None:
         """Start a step's loads on ``device``: they may begin once the compute stream gets here (the step's
