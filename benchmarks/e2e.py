@@ -299,7 +299,7 @@ def main() -> None:
                         help="compile_decode_step True / False (default: the library's default, Inductor on CUDA)")
     parser.add_argument("--inductor-options", type=json.loads, default=None,
                         help="Inductor options for the fixed-shape step, as JSON; they replace the library's "
-                             "(engine.CUDA_INDUCTOR_OPTIONS): '{}' compiles with Inductor's own defaults")
+                             "(step_compile.CUDA_INDUCTOR_OPTIONS): '{}' compiles with Inductor's own defaults")
     parser.add_argument("--time-waits", action="store_true",
                         help="time the compute stream's waits on loads inside graph steps (the last step's)")
     parser.add_argument("--no-guard", action="store_true", help="the accuracy guard off")

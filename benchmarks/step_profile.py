@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from benchmarks.e2e import TOKEN_BUDGET, _prompt, difference_lengths, hbm_bandwidth, llama_8b_random, step_ms
 from benchmarks.results_file import write_results
-from specontext_compiler.runtime.engine import CUDA_INDUCTOR_OPTIONS
+from specontext_compiler.runtime.step_compile import CUDA_INDUCTOR_OPTIONS
 
 KINDS = (  # first match wins
     ("attention (Triton)", ("sparse_decode", "_attention_kernel", "attn")),

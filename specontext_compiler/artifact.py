@@ -33,7 +33,6 @@ import logging
 import os
 import platform
 import stat
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
@@ -41,7 +40,9 @@ import torch
 
 from .artifact_head import (HeadDescriptionError, TargetParts, check_head_fields, head_description,
                             head_from_description, is_int)
+from .artifact_json import ArtifactError, parse_json, parse_json_value
 from .artifact_safety import UnsafeProgram, scan_program_archive
+from .artifact_tokenizer import load_tokenizer
 from .capture import CapturedStep
 from .config import BudgetError, CompileConfig, check_cuda_graph, format_bytes, parse_budget
 
@@ -59,15 +60,6 @@ HEAD_TENSORS = "head.safetensors"
 MEMORY_PLAN = "memory_plan.json"
 #: Reference context of the stored memory plan (capped by the model's max positions).
 PLAN_CONTEXT = 32768
-
-
-class ArtifactError(ValueError):
-    """An exported artifact is missing, damaged, truncated, unsafe or made by an incompatible version."""
-
-    def __init__(self, file: Path | str, problem: str):
-        self.file = str(file)
-        self.problem = problem
-        super().__init__(f"{file}: {problem}")
 
 
 def _sha256(path: Path) -> str:
@@ -213,9 +205,9 @@ def read_memory_plan(path: str | Path) -> dict:
         if MEMORY_PLAN not in files:
             raise ArtifactError(path / MEMORY_PLAN, "not listed in the manifest")
         file = path / MEMORY_PLAN
-        value = _parse_json_value(files[MEMORY_PLAN].read(), file)
+        value = parse_json_value(files[MEMORY_PLAN].read(), file)
         if manifest["format_version"] == 2 and isinstance(value, str):  # format 2 wrapped the object in a string
-            value = _parse_json_value(value.encode(), file)
+            value = parse_json_value(value.encode(), file)
         if not isinstance(value, dict):
             raise ArtifactError(file, f"holds a JSON {type(value).__name__}; accepted: an object (format "
                                       f"{manifest['format_version']})")
@@ -234,7 +226,7 @@ def _open_checked(path: Path) -> tuple[dict, dict[str, BinaryIO]]:
     manifest_file = path / MANIFEST
     if not manifest_file.is_file() or manifest_file.is_symlink():
         raise ArtifactError(manifest_file, "missing: not a specontext artifact (export writes manifest.json last)")
-    manifest = _parse_json(manifest_file.read_bytes(), manifest_file)
+    manifest = parse_json(manifest_file.read_bytes(), manifest_file)
     if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise ArtifactError(manifest_file, f"not a {FORMAT} manifest")
     version = manifest.get("format_version")
@@ -333,12 +325,6 @@ OPTIONS = {  # options.json: key -> (check, what is accepted)
     "vocab_size": (lambda v: is_int(v) and v > 0, "a positive integer"),
     "weight_bytes": (lambda v: is_int(v) and v >= 0, "a non-negative integer"),
 }
-#: The tokenizer files load reads (a config.json there could name model code; .py files are code).
-TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                             "chat_template.jinja", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
-                             "spiece.model", "sentencepiece.bpe.model"})
-
-
 def load(path: str | Path, device: str | torch.device | None = None, budget: int | str | None = None,
          compile_decode_step: bool | None = None, cuda_graph: bool | None = None):
     """A runnable compiled model (``generate``, ``replay``) from an artifact written by :func:`export`.
@@ -444,7 +430,7 @@ def _load_checked(path: Path, manifest: dict, files: dict[str, BinaryIO], device
     step = CapturedStep(program, options["last_only"], tuple(options["aux_layers"]))
     compiled = SpeContextModel.from_parts(config, hf_config, generation_config, step, head, device,
                                           getattr(torch, options["dtype"]), options["vocab_size"], options["weight_bytes"])
-    compiled.tokenizer = _load_tokenizer(path, files)
+    compiled.tokenizer = load_tokenizer(path, files)
     logger.info("loaded %s from %s on %s", compiled, path, device)
     return compiled
 
@@ -465,58 +451,5 @@ def _annotate(program: torch.export.ExportedProgram) -> None:
     annotate_attention(program.graph_module)
 
 
-def _parse_json_value(data: bytes, file: Path):
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as error:  # ValueError: also an integer of over 4,300 digits
-        raise ArtifactError(file, f"not valid JSON ({error})") from None
-
-
-def _parse_json(data: bytes, file: Path) -> dict:
-    value = _parse_json_value(data, file)
-    if not isinstance(value, dict):
-        raise ArtifactError(file, f"holds a JSON {type(value).__name__}, not an object")
-    return value
-
-
 def _read_json(files: dict[str, BinaryIO], path: Path, name: str) -> dict:
-    return _parse_json(files[name].read(), path / name)
-
-
-def _check_tokenizer_class(name, file: Path) -> None:
-    """transformers resolves ``tokenizer_class`` as any of its attributes (a model class would then be
-    loaded from the folder, with a remote-code prompt): it must name a tokenizer class."""
-    if name is None:
-        return
-    import transformers
-
-    candidate = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
-    if not (isinstance(candidate, type) and issubclass(candidate, transformers.PreTrainedTokenizerBase)):
-        raise ArtifactError(file, f"tokenizer_class {name!r} is not a transformers tokenizer class")
-
-
-def _load_tokenizer(path: Path, files: dict[str, BinaryIO]):
-    """The exported tokenizer, read from a private copy of the listed files only, never running code."""
-    names = [name for name in files if name.startswith("tokenizer/")]
-    if not names:
-        return None
-    for name in names:
-        if name.count("/") != 1 or name.split("/")[1] not in TOKENIZER_FILES:
-            raise ArtifactError(path / name, f"not a tokenizer file specontext reads ({', '.join(sorted(TOKENIZER_FILES))}): "
-                                             "loading never runs code from an artifact")
-    if "tokenizer/tokenizer_config.json" in files:
-        settings_file = path / "tokenizer/tokenizer_config.json"
-        settings = _parse_json(files["tokenizer/tokenizer_config.json"].read(), settings_file)
-        files["tokenizer/tokenizer_config.json"].seek(0)
-        if "auto_map" in settings:
-            raise ArtifactError(settings_file, "asks for tokenizer code (auto_map); loading never runs code from an artifact")
-        _check_tokenizer_class(settings.get("tokenizer_class"), settings_file)
-    from transformers import AutoTokenizer
-
-    with tempfile.TemporaryDirectory(prefix="specontext-tokenizer-") as folder:
-        for name in names:
-            Path(folder, Path(name).name).write_bytes(files[name].read())
-        try:
-            return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-        except Exception as error:  # transformers raises many types for a bad tokenizer: name the folder
-            raise ArtifactError(path / "tokenizer", f"not a loadable tokenizer ({type(error).__name__}: {error})") from error
+    return parse_json(files[name].read(), path / name)

@@ -22,6 +22,7 @@ from .attention_runtime import AttentionRuntime
 from .context import activate
 from .host_ahead import REDO_PREVIOUS, LaggedStopCheck, LoopState, cyclic_gc_paused, rng_state
 from .cuda_graph_decode import DecoderTotals, GraphDecoder, eligible
+from .step_compile import compile_fixed_shape_step
 from .step_timer import StepTimer
 from .sampling import DecodingSettings, build_logits_processors, select_next_tokens
 
@@ -47,10 +48,6 @@ class Prefilled:
 
 
 CAPACITY_ALIGNMENT = 16
-#: Inductor's options for the fixed-shape decode step on CUDA: a batch-1 step launches ~530 kernels, so
-#: launch latency counts. Programmatic dependent launch lets a kernel start while the one before it
-#: drains; combo kernels merge independent small kernels into one launch (docs/benchmarks.md).
-CUDA_INDUCTOR_OPTIONS = {"triton.enable_pdl": True, "combo_kernels": True}
 
 
 def reserved_tokens(total: int) -> int:
@@ -210,38 +207,12 @@ class GenerationEngine:
         return logits
 
     def compile_fixed_shape_step(self, inductor_options: dict | None = None) -> None:
-        """Fixed-shape decode steps through Inductor: it fuses the elementwise operators between the matrix
-        products (8B at 32K on an H200: ~1,400 kernels per step down to ~600; docs/benchmarks.md). The
-        matrix products stay cuBLAS's: with coordinate-descent tuning Inductor rewrites one-row products as
-        tuned Triton reductions, whose speed varied from machine to machine (5.68 against 5.48 ms per step at
-        batch 1 on 2026-12-04). Prefill and eager steps keep ``step``.
+        """Fixed-shape decode steps through Inductor (:func:`.step_compile.compile_fixed_shape_step`; the
+        seconds spent compiling add to ``compile_seconds``). Prefill and eager steps keep ``step``."""
+        self.fixed_shape_step = compile_fixed_shape_step(self.step, self.device, inductor_options, self._compiled)
 
-        The batch size and the capacity (the mask's width) are compiled as dynamic sizes from the first call,
-        so a new prompt length or batch size reuses the compiled code: one compilation for batch 1 (which
-        Dynamo specializes) and one for every larger batch. Inductor's caches on disk (FX graph, AOTAutograd,
-        autotuning) let a later process skip most of the work. ``inductor_options``: Inductor's options
-        (``{"coordinate_descent_tuning": True}`` measures the tuned reductions; default on CUDA:
-        :data:`CUDA_INDUCTOR_OPTIONS`)."""
-        options = inductor_options
-        if options is None:
-            options = dict(CUDA_INDUCTOR_OPTIONS) if self.device.type == "cuda" else {}
-        compiled = torch.compile(self.step, options=options)
-
-        def fixed_shape_step(**inputs):
-            for tensor in inputs.values():  # [B, 1] token and position, [B, capacity] mask
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)
-            torch._dynamo.maybe_mark_dynamic(inputs["attention_mask"], 1)
-            compiles = torch._dynamo.utils.counters["frames"]["ok"]
-            started = time.perf_counter()
-            # The selection's width is data-dependent to the tracer (an unbacked size, as at export): without
-            # this Dynamo breaks the step in two at the retrieval and Inductor never sees it whole.
-            with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-                logits = compiled(**inputs)
-            if torch._dynamo.utils.counters["frames"]["ok"] != compiles:  # this call compiled (a new shape)
-                self.compile_seconds += time.perf_counter() - started
-            return logits
-
-        self.fixed_shape_step = fixed_shape_step
+    def _compiled(self, seconds: float) -> None:
+        self.compile_seconds += seconds
 
     def _fixed_shape_decoder(self, attention_mask: torch.Tensor, capacity: int) -> GraphDecoder | None:
         """A decoder for the rest of the sequence if its steps can run at fixed shape from here on."""
