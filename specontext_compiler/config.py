@@ -83,9 +83,16 @@ def validate_token_budget(token_budget: int | float | None) -> int | float | Non
 
 
 def check_cuda_graph(config: CompileConfig, device) -> None:
-    """``cuda_graph=True`` where the model does not run on CUDA: refused before any work (compile, load)."""
+    """``cuda_graph=True`` where the model does not run on CUDA, and ``compile_decode_step=True`` on CUDA
+    without Triton (Inductor's CUDA code is Triton): refused before any work (compile, load)."""
     if config.cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a CUDA device; the model runs on {device}")
+    if config.compile_decode_step and device.type == "cuda":
+        from .kernels import INSTALL_TRITON, TRITON_AVAILABLE
+
+        if not TRITON_AVAILABLE:
+            raise ValueError(f"compile_decode_step=True on CUDA needs Triton, which is not installed; install it: "
+                             f"{INSTALL_TRITON}")
 
 
 def check_offload_layers(offload: str | tuple[int, ...], layers: int) -> None:

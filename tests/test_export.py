@@ -391,6 +391,8 @@ def add_subgraph_argument(program):
      "not an operator an exported model step uses"),  # trusts its indices: writes out of bounds
     (lambda p: set_target(p, "torch.ops.aten.empty.memory_format"), "not an operator an exported model step uses"),
     (lambda p: set_target(p, "torch.ops.prims.device_put.default"), "not an operator of"),
+    (lambda p: set_target(p, "_operator.pow"), "not an operator of"),  # pow(s0, 2**63 - 1) would hang each run
+    (lambda p: set_target(p, "_operator.lshift"), "not an operator of"),
     (lambda p: first_with(p["graph_module"]["graph"], "layout").update(layout=1), "layout 1"),  # sparse COO
 
     (lambda p: set_parameter_name(p, "model.lm_head.__class__.__init__"), "not a dotted name"),

@@ -71,7 +71,7 @@ def test_sampling_with_transformers_defaults_matches_hf(pair):
     torch.manual_seed(99)
     out = fast.generate(ids, attention_mask=mask, **kwargs)
     assert torch.equal(ref.sequences, out.sequences)
-    for step_ref, step_out in zip(ref.scores, out.scores):  # top 50 of the 96 tokens kept, the rest -inf
+    for step_ref, step_out in zip(ref.scores, out.scores, strict=True):  # top 50 of the 96 tokens kept, the rest -inf
         torch.testing.assert_close(step_out, step_ref, atol=1e-4, rtol=0)
     assert int(torch.isfinite(out.scores[0][0]).sum()) == 50
 
@@ -197,7 +197,7 @@ def test_renormalized_scores_without_invalid_values_and_max_time_match_hf(pair):
     torch.manual_seed(7)
     out = fast.generate(ids, attention_mask=mask, **kwargs)
     assert torch.equal(ref.sequences, out.sequences)
-    for step_ref, step_out in zip(ref.scores, out.scores):  # log-probabilities: logsumexp 0 per row
+    for step_ref, step_out in zip(ref.scores, out.scores, strict=True):  # log-probabilities: logsumexp 0 per row
         torch.testing.assert_close(step_out, step_ref, atol=1e-4, rtol=0)
     # max_time=0: every row is done after the first new token, as in transformers (MaxTimeCriteria).
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, max_time=0.0, do_sample=False)

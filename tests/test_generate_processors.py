@@ -174,7 +174,7 @@ def test_a_custom_processor_of_a_config_made_type_follows_hf(llama, caplog):
     assert "custom logits processor of type RepetitionPenaltyLogitsProcessor" in caplog.text
     config_only = fast.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, repetition_penalty=1.1)
     assert not torch.equal(out, config_only)  # the custom penalty, not the config's
-    # top_k given: transformers' generate fills an unset top_k with 50 when sampling, SpeContext leaves it unset.
+    # top_k given explicitly (0: no top-k warper), so that only the two temperature warpers differ.
     kwargs = dict(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=0, return_dict_in_generate=True,
                   output_scores=True, logits_processor=LogitsProcessorList([TemperatureLogitsWarper(0.5)]))
     ref, out = both(model, fast, ids, mask, seed=7, **kwargs)

@@ -112,3 +112,16 @@ def test_the_kernels_are_registered_with_triton():
     assert kernels.TRITON_AVAILABLE
     for name in ("sparse_decode_attention", "sparse_decode_attention_appending", "retrieval_scores", "gather_rows"):
         assert hasattr(torch.ops.specontext, name), name
+
+
+def test_compile_decode_step_on_cuda_without_triton_is_refused_before_any_work(monkeypatch):
+    """Inductor's CUDA code is Triton: asking for the compiled step on CUDA without it fails at compile/load,
+    not mid-generate (checked on a CUDA device object; nothing runs on it)."""
+    from specontext_compiler import kernels
+    from specontext_compiler.config import CompileConfig, check_cuda_graph
+
+    monkeypatch.setattr(kernels, "TRITON_AVAILABLE", False)
+    config = CompileConfig.from_arguments("1GB", compile_decode_step=True)
+    with pytest.raises(ValueError, match="compile_decode_step=True on CUDA needs Triton, which is not installed"):
+        check_cuda_graph(config, torch.device("cuda"))
+    check_cuda_graph(config, torch.device("cpu"))  # on the CPU Inductor writes C++: accepted

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import in_cuda_graph_decode, on_triton_path
+from ..kernels import TRITON_AVAILABLE, in_cuda_graph_decode, on_triton_path
 from ..kernels import sparse_decode_attention as triton_sparse_decode_attention
 from ..retrieval.selection import resolve_token_budget, select_tokens, sink_positions
 from .attention_runtime import AttentionRuntime, attend_positions, attend_slots
@@ -254,6 +254,9 @@ def eligible(runtime: AttentionRuntime, total: int, capacity: int, sliding_windo
         return "layers moving to host memory during the sequence"
     if store.offloaded and not store.slot_map.elastic:
         return "full reloads every step (elastic=False)"
+    if store.offloaded and not TRITON_AVAILABLE and any(store.devices[layer].type == "cuda" for layer in store.offloaded):
+        # The torch gather reads which rows to load on the host: a CUDA graph cannot capture that.
+        return "offloaded layers on CUDA load through the Triton gather, and Triton is not installed"
     if any(total <= window < capacity for window in sliding_windows.values()):
         return "a sliding window will be exceeded during the sequence"
     if any(window < capacity and layer in store.offloaded for layer, window in sliding_windows.items()):

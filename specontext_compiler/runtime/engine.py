@@ -327,8 +327,6 @@ class GenerationEngine:
         criteria = settings.stopping_criteria
         tracking = eos is not None or len(criteria) > 0  # rows can finish before max_new_tokens
         pad = settings.pad_finished  # finished rows get pad tokens (transformers: when a criterion has an eos_token_id)
-        if pad and settings.pad_token_id is None:
-            raise ValueError("eos_token_id is set but pad_token_id is not: pass pad_token_id to generate")
         keep_scores = bool(config.return_dict_in_generate and config.output_scores)
         keep_logits = bool(config.return_dict_in_generate and config.output_logits)
         scores_out: list[torch.Tensor] = []

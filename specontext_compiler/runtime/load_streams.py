@@ -15,19 +15,25 @@ from typing import Callable
 import torch
 
 
+#: One side stream per device for the process, made once: ``torch.cuda.Stream`` hands out PyTorch's 32 pooled
+#: streams in turn, so streams made again and again (per model, per call) would come round to the one decode
+#: steps are captured on, and loads on it would no longer overlap compute.
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
 class LoadStreams:
     """One runtime's side streams, ``ready`` events and per-layer load events (see the module docstring).
 
     Args:
-        side_streams: device -> side stream, to share with another ``LoadStreams`` (one side stream per
-            device; the memory manager's moves to host memory use it too); None: a new map.
+        side_streams: device -> side stream, to share with another ``LoadStreams`` (the memory manager's
+            moves to host memory use it too); None: the process's (one per device).
         captured: the joins run inside a captured CUDA graph, so their timing events are graph nodes
             (external), one pair per layer that each replay records again: :meth:`wait_ms` is the last
             step's. Otherwise each timed join makes a new pair, summed until :meth:`reset_timing`.
     """
 
     def __init__(self, side_streams: dict[torch.device, torch.cuda.Stream] | None = None, captured: bool = False):
-        self.side_streams = {} if side_streams is None else side_streams
+        self.side_streams = _SIDE_STREAMS if side_streams is None else side_streams
         self.captured = captured
         self._ready: dict[torch.device, torch.cuda.Event] = {}
         self._events: dict[int, torch.cuda.Event] = {}  # by layer, recorded again each step
@@ -36,8 +42,7 @@ class LoadStreams:
         self._layer_timing: dict[int, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
 
     def side_stream(self, device: torch.device) -> torch.cuda.Stream:
-        """The device's side stream (made on first use: ``torch.cuda.Stream`` takes the next stream of
-        PyTorch's pool, and a stream taken for nothing could later be the capture stream's twin)."""
+        """The device's side stream (made on first use)."""
         stream = self.side_streams.get(device)
         if stream is None:
             stream = self.side_streams[device] = torch.cuda.Stream(device)
