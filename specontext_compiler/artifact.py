@@ -39,7 +39,7 @@ from typing import BinaryIO
 import torch
 
 from .artifact_head import (HeadDescriptionError, TargetParts, check_head_fields, head_description,
-                            head_from_description, is_int)
+                            head_from_description, is_int, program_tensors)
 from .artifact_json import ArtifactError, parse_json, parse_json_value
 from .artifact_safety import UnsafeProgram, scan_program_archive
 from .artifact_tokenizer import load_tokenizer
@@ -114,9 +114,7 @@ def export(compiled, path: str | Path, tokenizer=None) -> Path:
 
     if not isinstance(compiled, SpeContextModel):
         raise TypeError(f"specontext.export takes a model from specontext.compile; got {type(compiled).__name__}")
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ValueError(f"export path {str(path)!r} exists and is not an empty directory")
+    path = check_export_path(path)
     # refuse an unsupported head before writing anything
     head, head_tensors = head_description(compiled.head, compiled.step.program)
     path.mkdir(parents=True, exist_ok=True)
@@ -161,6 +159,14 @@ def export(compiled, path: str | Path, tokenizer=None) -> Path:
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
     logger.info("exported %s to %s: %d files, %s", compiled, path, len(files),
                 format_bytes(sum(f["bytes"] for f in files.values())))
+    return path
+
+
+def check_export_path(path: str | Path) -> Path:
+    """``path`` as a Path where :func:`export` may write (absent, or an empty directory); else ValueError."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"export path {str(path)!r} exists and is not an empty directory")
     return path
 
 
@@ -421,7 +427,7 @@ def _load_checked(path: Path, manifest: dict, files: dict[str, BinaryIO], device
     # After the program: an EAGLE-3 head reads the target's embedding from the program's parameters.
     target = TargetParts(getattr(hf_config, "num_hidden_layers", None), _num_kv_heads(hf_config),
                          getattr(hf_config, "hidden_size", None), getattr(hf_config, "vocab_size", None),
-                         tuple(options["aux_layers"]), {**program.state_dict, **program.constants}, device,
+                         tuple(options["aux_layers"]), program_tensors(program), device,
                          getattr(torch, options["dtype"]))
     try:
         head = head_from_description(head_json, tensors, target.num_layers, target=target)

@@ -92,8 +92,9 @@ DRAFT_CONFIG_REFUSED = frozenset({"auto_map", "quantization_config", "attn_imple
                                   "architectures", "transformers_version", "trust_remote_code"})
 #: The deepest scoring layer accepted (a description must not make the loader build an arbitrarily deep skeleton).
 MAX_DRAFT_LAYER = 1023
-#: Bounds on the draft config's attention sizes: pruning builds row indices of heads x head_dim on the CPU.
-DRAFT_SIZES = {"hidden_size": 65536, "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 4096}
+#: Bounds on a head config's attention sizes (draft model, EAGLE-3): pruning builds row indices of heads x head_dim
+#: on the CPU.
+SIZE_BOUNDS = {"hidden_size": 65536, "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 4096}
 
 
 def draft_config_fields(model_type: str) -> frozenset[str]:
@@ -156,7 +157,7 @@ def _draft_model_head(description: dict, tensors: dict[str, torch.Tensor], targe
     if target.vocab_size is not None and config.get("vocab_size") != target.vocab_size:
         raise HeadDescriptionError(f"config.vocab_size is {config.get('vocab_size')!r}; accepted: the model's "
                                    f"{target.vocab_size} (a draft shares the target's tokenizer)")
-    for key, bound in DRAFT_SIZES.items():
+    for key, bound in SIZE_BOUNDS.items():
         value = config.get(key)
         if (key in ("hidden_size", "num_attention_heads") or value is not None) and not (is_int(value) and 0 < value <= bound):
             raise HeadDescriptionError(f"config.{key} is {value!r}; accepted: an integer in [1, {bound}]")
@@ -211,10 +212,10 @@ def _is_rope(value) -> bool:
 
 
 EAGLE3_CONFIG = {  # head.json config of an eagle3 head: key -> (check, what is accepted)
-    "hidden_size": (lambda v: is_int(v) and 0 < v <= 65536, "an integer in [1, 65536]"),
-    "num_attention_heads": (lambda v: is_int(v) and 0 < v <= 1024, "an integer in [1, 1024]"),
-    "num_key_value_heads": (lambda v: is_int(v) and 0 < v <= 1024, "an integer in [1, 1024]"),
-    "head_dim": (lambda v: is_int(v) and 0 < v <= 4096 and v % 2 == 0, "an even integer in [2, 4096]"),
+    **{key: (lambda v, bound=bound: is_int(v) and 0 < v <= bound, f"an integer in [1, {bound}]")
+       for key, bound in SIZE_BOUNDS.items() if key != "head_dim"},
+    "head_dim": (lambda v: is_int(v) and 0 < v <= SIZE_BOUNDS["head_dim"] and v % 2 == 0,
+                 f"an even integer in [2, {SIZE_BOUNDS['head_dim']}]"),
     "rms_norm_eps": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
     "rope_theta": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "max_position_embeddings": (lambda v: is_int(v) and v > 0, "a positive integer"),
@@ -224,9 +225,14 @@ EAGLE3_CONFIG = {  # head.json config of an eagle3 head: key -> (check, what is 
 EAGLE3_REQUIRED = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps")
 
 
+def program_tensors(program: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
+    """The exported program's parameters, buffers and constants by name: what a head may share with it."""
+    return {**program.state_dict, **program.constants}
+
+
 def _program_tensor(program, tensor: torch.Tensor) -> str | None:
-    """The name of ``tensor`` among the exported program's parameters, buffers and constants (the same object)."""
-    for name, value in {**program.state_dict, **program.constants}.items():
+    """The name of ``tensor`` among :func:`program_tensors` (the same object)."""
+    for name, value in program_tensors(program).items():
         if value is tensor:
             return name
     return None

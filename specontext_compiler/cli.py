@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from .config import DEFAULT_TOKEN_BUDGET, BudgetError
+from .config import DEFAULT_TOKEN_BUDGET, BudgetError, check_compile_step
 
 logger = logging.getLogger(__name__)
 
@@ -246,11 +246,10 @@ def _device_and_dtype(args: argparse.Namespace) -> None:
                          f"device(s); accepted: cuda:0..cuda:{torch.cuda.device_count() - 1}")
     if args.cuda_graph and args.device == "cpu":
         raise UsageError("--cuda-graph needs a CUDA device; --device is cpu")
-    if args.compile_step and args.device.startswith("cuda"):
-        from .kernels import INSTALL_TRITON, TRITON_AVAILABLE
-
-        if not TRITON_AVAILABLE:  # Inductor's CUDA code is Triton
-            raise UsageError(f"--compile-step on CUDA needs Triton, which is not installed; install it: {INSTALL_TRITON}")
+    try:
+        check_compile_step(args.compile_step, torch.device(args.device))  # before the model loads
+    except ValueError as error:
+        raise UsageError(f"--compile-step: {error}") from None
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
 
@@ -309,9 +308,12 @@ def _compile(args: argparse.Namespace):
 def _export(args: argparse.Namespace) -> int:
     import specontext
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before the compile, not after it
-        raise UsageError(f"export path {str(out)!r} exists and is not an empty directory")
+    from .artifact import check_export_path
+
+    try:
+        check_export_path(args.out)  # before the compile, not after it
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     compiled, tokenizer = _compile(args)
     path = specontext.export(compiled, args.out, tokenizer=tokenizer)
     print(f"exported {compiled} to {path}")

@@ -5,6 +5,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 _UNITS = {
     "B": 1,
@@ -87,7 +91,12 @@ def check_cuda_graph(config: CompileConfig, device) -> None:
     without Triton (Inductor's CUDA code is Triton): refused before any work (compile, load)."""
     if config.cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a CUDA device; the model runs on {device}")
-    if config.compile_decode_step and device.type == "cuda":
+    check_compile_step(config.compile_decode_step, device)
+
+
+def check_compile_step(compile_decode_step: bool | None, device: torch.device) -> None:
+    """``compile_decode_step=True`` on CUDA needs Triton: Inductor's CUDA code is Triton."""
+    if compile_decode_step and device.type == "cuda":
         from .kernels import INSTALL_TRITON, TRITON_AVAILABLE
 
         if not TRITON_AVAILABLE:

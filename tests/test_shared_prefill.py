@@ -6,7 +6,7 @@ import specontext
 from specontext_compiler.config import GuardSettings
 from specontext_compiler.evaluation.shared_prefill import DENSE, HeadChoice, Method, generate_each, replay_each
 from specontext_compiler.retrieval import OracleTopK, StreamingLLM, TargetLayerHead
-from specontext.testing import padded_batch, peaked_llama, tiny_model
+from specontext.testing import padded_batch, peaked_llama
 
 GUARD = GuardSettings(threshold=0.6, check_every=1, dense_start=0)
 

@@ -43,7 +43,7 @@ from ..kernels import sparse_decode_attention as triton_sparse_decode_attention
 from ..retrieval.selection import resolve_token_budget, select_tokens, sink_positions
 from .attention_runtime import AttentionRuntime, attend_positions, attend_slots
 from . import step_transaction
-from .load_streams import LoadStreams
+from .load_streams import LoadStreams, dedicated_stream
 from .prefetcher import load_rows, row_sources, slot_validity
 
 logger = logging.getLogger(__name__)
@@ -79,8 +79,8 @@ class StaticDecodeRuntime:
         self.kept = torch.zeros((), dtype=torch.long, device=device)
         self.selections = 0  # index entries per step, for the selection-overlap counter
         self._prefetched: set[int] = set()
-        # The eager prefetcher's side streams, with events of its own: the capture forks and joins them.
-        self.loads = LoadStreams(runtime.prefetcher.loads.side_streams, captured=True)
+        # The process's side stream, with events of its own: the capture forks and joins them.
+        self.loads = LoadStreams(captured=True)
         # Timing of the compute stream's waits on the loads (``GenerationEngine.time_graph_waits``): events
         # around each wait, recorded as graph nodes (external), so each replay times its own waits.
         self.time_waits = False
@@ -111,7 +111,7 @@ class StaticDecodeRuntime:
         for layer in store.offloaded:
             store.ensure_slots(layer, self.budget)
         if self.position.device.type == "cuda":
-            self.loads.side_stream(self.position.device)  # made now: ``LoadStreams.load`` looks it up
+            self.loads.side_stream(self.position.device)  # made now, before any capture
         # Where the ring starts once the prompt is stored (the new tokens then move it along).
         self._ring_floor = max(store.ring_start(layer) for layer in store.offloaded)
         self._row_bytes = store.row_bytes(store.offloaded)
@@ -372,7 +372,7 @@ class GraphDecoder:
         of the two runs at a time)."""
         started = time.perf_counter()
         measuring = self.static.measuring
-        side = _capture_stream(self.position.device)
+        side = dedicated_stream("capture", self.position.device)
         side.wait_stream(torch.cuda.current_stream(self.position.device))
         graph = torch.cuda.CUDAGraph()
         # Sharing the pool is safe here although the two replay in any order: no step reads another step's
@@ -441,19 +441,6 @@ class GraphDecoder:
             prefetcher.kept = prefetcher.kept + static.kept
             prefetcher.selected += static.selections * (self.steps - int(static.started_empty))
         self.graphs.clear()
-
-
-_capture_streams: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _capture_stream(device: torch.device) -> torch.cuda.Stream:
-    """The stream decode steps are captured on, one per device for the process: ``torch.cuda.Stream`` hands
-    out PyTorch's 32 pooled streams in turn, so a new one per capture would, after 32, be the loads' side
-    stream itself, and the captured loads would no longer overlap compute."""
-    stream = _capture_streams.get(device)
-    if stream is None:
-        stream = _capture_streams[device] = torch.cuda.Stream(device)
-    return stream
 
 
 @dataclass

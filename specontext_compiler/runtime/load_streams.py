@@ -15,25 +15,31 @@ from typing import Callable
 import torch
 
 
-#: One side stream per device for the process, made once: ``torch.cuda.Stream`` hands out PyTorch's 32 pooled
-#: streams in turn, so streams made again and again (per model, per call) would come round to the one decode
-#: steps are captured on, and loads on it would no longer overlap compute.
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_STREAMS: dict[tuple[str, torch.device], torch.cuda.Stream] = {}
+
+
+def dedicated_stream(role: str, device: torch.device) -> torch.cuda.Stream:
+    """The process's one stream for ``role`` on ``device`` ("loads": the side stream; "capture": the one decode
+    steps are captured on), made on first use. ``torch.cuda.Stream`` hands out PyTorch's 32 pooled streams in
+    turn, so streams made again and again (per model, per capture) would come round to one another, and
+    loads queued on the capture stream itself would no longer overlap compute."""
+    stream = _STREAMS.get((role, device))
+    if stream is None:
+        stream = _STREAMS[role, device] = torch.cuda.Stream(device)
+    return stream
 
 
 class LoadStreams:
-    """One runtime's side streams, ``ready`` events and per-layer load events (see the module docstring).
+    """One runtime's ``ready`` events and per-layer load events on the process's side streams (see the module
+    docstring; the memory manager's moves to host memory use the side stream too).
 
     Args:
-        side_streams: device -> side stream, to share with another ``LoadStreams`` (the memory manager's
-            moves to host memory use it too); None: the process's (one per device).
         captured: the joins run inside a captured CUDA graph, so their timing events are graph nodes
             (external), one pair per layer that each replay records again: :meth:`wait_ms` is the last
             step's. Otherwise each timed join makes a new pair, summed until :meth:`reset_timing`.
     """
 
-    def __init__(self, side_streams: dict[torch.device, torch.cuda.Stream] | None = None, captured: bool = False):
-        self.side_streams = _SIDE_STREAMS if side_streams is None else side_streams
+    def __init__(self, captured: bool = False):
         self.captured = captured
         self._ready: dict[torch.device, torch.cuda.Event] = {}
         self._events: dict[int, torch.cuda.Event] = {}  # by layer, recorded again each step
@@ -41,12 +47,10 @@ class LoadStreams:
         self._timed: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._layer_timing: dict[int, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
 
-    def side_stream(self, device: torch.device) -> torch.cuda.Stream:
-        """The device's side stream (made on first use)."""
-        stream = self.side_streams.get(device)
-        if stream is None:
-            stream = self.side_streams[device] = torch.cuda.Stream(device)
-        return stream
+    @staticmethod
+    def side_stream(device: torch.device) -> torch.cuda.Stream:
+        """The device's side stream (the process's, made on first use)."""
+        return dedicated_stream("loads", device)
 
     def fork(self, device: torch.device, reads: tuple[torch.Tensor, ...] = ()) -> None:
         """Start a step's loads on ``device``: they may begin once the compute stream gets here (the step's
@@ -68,7 +72,7 @@ class LoadStreams:
         if device.type != "cuda":
             run()
             return
-        stream = self.side_streams[device]
+        stream = self.side_stream(device)
         stream.wait_event(self._ready[device])
         # set_stream rather than the stream context manager: no current-stream lookups per layer.
         torch.cuda.set_stream(stream)
@@ -101,11 +105,10 @@ class LoadStreams:
     def join_all(self, device: torch.device) -> None:
         """The current stream waits for everything queued on ``device``'s side stream so far (after a step
         that failed part-way: a capture cannot end with forked work not joined back). Nothing on a CPU."""
-        stream = self.side_streams.get(device)
-        if stream is None:
+        if device.type != "cuda":
             return
         loaded = torch.cuda.Event()
-        loaded.record(stream)
+        loaded.record(self.side_stream(device))
         torch.cuda.current_stream(device).wait_event(loaded)
 
     def wait_ms(self, device: torch.device | None = None) -> float | None:
