@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from benchmarks import e2e_rows, e2e_workloads
+from benchmarks import e2e_rows, e2e_workloads, e2e_workloads_cli
 from benchmarks.results_file import write_results
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", default=BUDGET, help="budget of the specontext_80gb systems")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="pairs of generates per SpeContext row (median)")
     parser.add_argument("--out", default="e2e")
-    e2e_workloads.add_arguments(parser)
+    e2e_workloads_cli.add_arguments(parser)
     return parser
 
 
@@ -320,7 +320,7 @@ def main() -> None:
     global INDUCTOR, INDUCTOR_OPTIONS, BUDGET, GUARD, TIME_WAITS, REPEATS
     parser = build_parser()
     args = parser.parse_args()
-    if e2e_workloads.requested(args):  # the paper's workloads: benchmarks/e2e_workloads.py
+    if e2e_workloads_cli.requested(args):  # the paper's workloads: benchmarks/e2e_workloads.py
         e2e_workloads.main(args, parser)
         return
 

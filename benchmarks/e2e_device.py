@@ -68,7 +68,6 @@ def copy_bandwidth(device: torch.device, numel: int = 2**29, repeats: int = 12) 
     for _ in range(repeats):
         _, seconds = timed(device, lambda: dst.copy_(src))
         times.append(seconds)
-    del src, dst
     return 2 * numel * 4 / statistics.median(times[2:])
 
 
@@ -83,7 +82,6 @@ def pcie_bandwidth(device: torch.device, numel: int = 2**28, repeats: int = 6) -
     for _ in range(repeats):
         _, seconds = timed(device, lambda: dst.copy_(host, non_blocking=True))
         times.append(seconds)
-    del host, dst
     return numel * 4 / statistics.median(times[1:])
 
 

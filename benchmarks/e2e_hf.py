@@ -132,7 +132,7 @@ def hf_profile(model, ids: torch.Tensor, workload: Workload, lengths: list[int],
         result["peak_gpu_bytes"] = peak_bytes(device)
     finally:
         model.set_attn_implementation("sdpa")
-        del cache
+        cache = None  # the KV goes before the caller measures another batch
         free_memory(device)
     return result
 

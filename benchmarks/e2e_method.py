@@ -185,14 +185,16 @@ def largest_admitted(admits: Callable[[int], bool], limit: int = 4096) -> int | 
 
 
 class Deadline:
-    """Seconds left of a call's time limit (None: no limit); ``allows(seconds)``: whether a unit of work
-    estimated at ``seconds`` still fits, leaving ``reserve`` seconds to write the results."""
+    """Seconds left of a call's time limit (None: no limit) counted from ``started`` (default: now);
+    ``allows(seconds)``: whether a unit of work estimated at ``seconds`` still fits, leaving ``reserve``
+    seconds to write the results."""
 
-    def __init__(self, limit: float | None, reserve: float = 20.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, limit: float | None, reserve: float = 20.0, clock: Callable[[], float] = time.monotonic,
+                 started: float | None = None):
         if limit is not None and limit <= 0:
             raise ValueError(f"time limit must be positive seconds; got {limit}")
         self.clock = clock
-        self.started = clock()
+        self.started = clock() if started is None else started
         self.limit = limit
         self.reserve = reserve
         self.skipped: list[str] = []
@@ -215,7 +217,10 @@ class Costs:
         hf_rate = 3.2e14 / max(weights, 1)  # ~20K tokens/s for the 8B shape on an H200 (docs/benchmarks.md)
         self.rate = {"hf": hf_rate, "spec": 0.75 * hf_rate}
         self.step = {"hf": 0.06, "spec": 0.03}
-        self.compile = {"hf_static": 120.0, "spec": 180.0}  # first use: torch.compile / export + Inductor
+        # First use: transformers' torch.compile of the decode step; SpeContext's export (~40 s for the 8B
+        # shape, a guess) and Inductor compile (65-86 s per batch kind in a fresh process, docs/benchmarks.md).
+        scale = min(1.0, weights / 16e9)
+        self.compile = {"hf_static": 30 + 90 * scale, "spec": 30 + 100 * scale}
 
     def observe(self, kind: str, tokens: int, seconds: float, steps: int = 0, step_seconds: float = 0.0) -> None:
         if seconds > 0 and tokens:

@@ -87,7 +87,8 @@ def spec_row(profile: dict, workload: Workload, *, section: str, model: str, bud
              kv_per_token: int, token_budget: int, hbm: float, pcie: float | None) -> dict:
     """The row of an ``e2e_spec.spec_profile`` (``policy``: how its batch was chosen)."""
     row = _base(section, model, workload, "specontext", profile["batch"])
-    row.update(budget=budget, batch_policy=policy, token_budget=token_budget, lengths=profile["lengths"],
+    row.update(budget=budget, batch_policy=policy, token_budget=token_budget, dtype=profile.get("dtype"),
+               decode_mode=profile.get("decode_mode"), lengths=profile["lengths"],
                generate_tokens=[profile["short_tokens"], profile["long_tokens"]],
                replayed_step_ms=profile["replayed_step_ms"], h2d_bytes_per_step=profile["h2d_bytes_per_step"],
                pcie_gb_s=None if pcie is None else pcie / 1e9,
@@ -98,8 +99,12 @@ def spec_row(profile: dict, workload: Workload, *, section: str, model: str, bud
                warmup_compile_seconds=profile.get("warmup_compile_seconds"),
                gpu_allocated_before_gb=profile.get("allocated_before_gb"),
                peak_gpu_gb=None if profile.get("peak_gpu_bytes") is None else profile["peak_gpu_bytes"] / 1e9)
-    return _timing(row, profile["measured_at"], profile["step_ms"], profile["prefill_seconds"], workload, weights,
-                   kv_per_token, hbm, token_budget)
+    row = _timing(row, profile["measured_at"], profile["step_ms"], profile["prefill_seconds"], workload, weights,
+                  kv_per_token, hbm, token_budget)
+    differ = [length for length, (short, long) in zip(profile["lengths"], profile["graph_captures"]) if short != long]
+    if differ:  # e.g. the last layer left for host memory between the two decodes: a capture in the difference
+        row["warning"] = f"graph captures differ between the short and the long decode at lengths {differ}"
+    return row
 
 
 def steady_row(row: dict) -> dict:

@@ -134,7 +134,7 @@ def spec_profile(compiled, ids: torch.Tensor, workload: Workload, lengths: list[
     batch = ids.shape[0]
     mask = torch.ones_like(ids)
     engine.time_steps = True
-    result: dict = {"batch": batch, "short_tokens": short, "long_tokens": short + steps, "lengths": sorted(lengths),
+    result: dict = {"batch": batch, "dtype": str(compiled.dtype), "decode_mode": engine.decode_mode, "short_tokens": short, "long_tokens": short + steps, "lengths": sorted(lengths),
                     "step_ms": [], "replayed_step_ms": [], "h2d_bytes_per_step": [], "layers_on_host": [],
                     "fixed_shape_steps": [], "graph_captures": [], "attended_tokens_per_step": []}
     reset_peak(device)

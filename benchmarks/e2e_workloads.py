@@ -1,8 +1,12 @@
 """The paper's workloads on the GPU (Table 3): HF transformers and SpeContext side by side, one run.
 
-    python -m benchmarks.e2e --workloads 2k_32k --diagnose-hf --time-limit 570 --out e2e_w_2k32k
-    python -m benchmarks.e2e --workloads 2k_16k 16k_2k --full-check 120 --time-limit 570 --out e2e_w_18k
-    python -m benchmarks.e2e --workloads 32k_2k --max-batch-32k --edge --time-limit 570 --out e2e_w_34k
+    python -m benchmarks.e2e --workloads 2k_32k --spec-batches resident admitted --diagnose-hf --time-limit 560 --out e2e_w_2k32k
+    python -m benchmarks.e2e --workloads 16k_2k 2k_16k --spec-batches resident --time-limit 560 --out e2e_w_18k
+    python -m benchmarks.e2e --workloads 32k_2k --spec-batches resident --max-batch-32k --edge --full-check 90 \
+        --time-limit 560 --out e2e_w_32k2k_edge
+    python -m benchmarks.e2e --device cpu --model tiny --edge-model tiny --workloads 48_40 --spec-batches 2 \
+        --spec-budget 1GB --token-budget 16 --lengths 3 --edge --edge-budget 1GB --edge-workload 32_24 \
+        --edge-batches 1 2 --hf-max-batch 8 --out e2e_w_cpu_smoke      # the same code path on a CPU
 
 A workload is [prompt, new tokens] (``2k_32k``: 2,048 + 32,768); Llama-3.1-8B shape, random bf16
 weights, random-token prompts, greedy. Systems, each measured at the same context lengths:
@@ -27,7 +31,8 @@ decode). ``--full-check S`` also runs whole generations whose estimated time is 
 reports the integration's error against them. Edge (``--edge``): Llama-3.2-1B shape, [2K, 16K], batch 1,
 SpeContext under "4GB" (and its best batch under it) against HF eager (no budget: its peak is reported,
 and whether it fits 4 GB). ``--max-batch-32k``: SpeContext's decode tok/s with 32K prompts at the largest
-batch the planner keeps on the GPU (and, with layers offloaded, the largest it admits).
+batch the planner keeps on the GPU (``--max-batch-policies admitted``: the largest it admits with layers
+offloaded).
 ``--diagnose-hf``: HF eager's step at 32K, batch 1, three ways (``e2e_hf.hf_diagnose``).
 
 Results are written after every measurement (``--time-limit``: measurements that would not finish in
@@ -39,6 +44,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+import time
+import traceback
 
 import torch
 
@@ -46,17 +53,16 @@ from benchmarks import e2e_rows
 from benchmarks.e2e_device import (capacity_bytes, copy_bandwidth, free_memory, gpu_state, host_available_bytes,
                                    pcie_bandwidth, random_llama, random_prompts)
 from benchmarks.e2e_hf import hf_diagnose, hf_full_run, hf_profile
-from benchmarks.e2e_method import (PAPER_WORKLOADS, Costs, Deadline, Trial, Workload, measured_length_grid,
-                                   parse_workload, predicted_max_batch, search_best_batch)
+from benchmarks.e2e_method import (Costs, Deadline, Trial, Workload, measured_length_grid, predicted_max_batch,
+                                   search_best_batch)
 from benchmarks.e2e_spec import planner_batches, spec_full_run, spec_profile
 from benchmarks.results_file import write_results
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
                 rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
-SYSTEMS = ("hf_eager", "hf_static_compile", "specontext")
-POLICIES = ("resident", "admitted")
 MAX_BATCH_PROMPT = 32768
+STARTED = time.monotonic()  # --time-limit counts from here (the process's imports come before, a few seconds)
 
 
 def build_model(name: str, device: torch.device):
@@ -70,98 +76,13 @@ def build_model(name: str, device: torch.device):
     return random_llama({"llama_8b": LLAMA_8B, "llama_1b": LLAMA_1B}[name], device, torch.bfloat16)
 
 
-def _spec_batches(text: str) -> str | int:
-    if text in POLICIES:
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not 'resident', 'admitted' or a batch size") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"batch size must be >= 1; got {value}")
-    return value
-
-
-def _workload(text: str) -> Workload:
-    try:
-        return parse_workload(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("the paper's workloads (benchmarks/e2e_workloads.py)")
-    group.add_argument("--workloads", nargs="+", type=_workload, default=[], metavar="P_N",
-                       help=f"[prompt, new tokens] workloads, e.g. {' '.join(PAPER_WORKLOADS)}")
-    group.add_argument("--workload-systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
-    group.add_argument("--hf-batch", type=int, default=e2e_rows.HF_PAPER_BATCH, help="HF eager's fixed batch (paper: 4)")
-    group.add_argument("--no-hf-search", action="store_true", help="no search for HF eager's best batch")
-    group.add_argument("--hf-max-batch", type=int, default=4096, help="the largest batch HF eager's search tries")
-    group.add_argument("--hf-attn", nargs="+", choices=("sdpa", "eager"), default=["sdpa", "eager"])
-    group.add_argument("--spec-batches", nargs="+", type=_spec_batches, default=list(POLICIES),
-                       help="SpeContext's batches: 'resident', 'admitted' (from the planner) or sizes")
-    group.add_argument("--spec-budget", default="135GB", help="SpeContext's budget on the workloads")
-    group.add_argument("--token-budget", type=int, default=2048)
-    group.add_argument("--lengths", type=int, default=5, help="context lengths measured per workload (>= 2)")
-    group.add_argument("--hf-steps", type=int, default=8, help="decode steps per HF step-time difference")
-    group.add_argument("--spec-steps", type=int, default=16, help="decode steps per SpeContext step-time difference")
-    group.add_argument("--full-check", type=float, default=0.0, metavar="SECONDS",
-                       help="also run whole generations estimated under SECONDS (0: none)")
-    group.add_argument("--edge", action="store_true", help="Llama-3.2-1B shape, [2K, 16K], SpeContext under --edge-budget")
-    group.add_argument("--edge-budget", default="4GB")
-    group.add_argument("--edge-workload", type=_workload, default=parse_workload("2k_16k"))
-    group.add_argument("--edge-batches", nargs="+", type=_spec_batches, default=[1, "admitted"],
-                       help="SpeContext's edge batches: sizes or planner policies")
-    group.add_argument("--max-batch-32k", action="store_true", help="SpeContext's decode tok/s at 32K, largest batch")
-    group.add_argument("--max-batch-policies", nargs="+", choices=POLICIES, default=["resident"])
-    group.add_argument("--diagnose-hf", action="store_true", help="HF eager's 32K batch-1 step, three ways")
-    group.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                       help="stop starting measurements that would end past SECONDS after the start")
-    group.add_argument("--host-memory-fraction", type=float, default=0.5,
-                       help="share of the host's available memory SpeContext's offloaded KV may take")
-    group.add_argument("--device", default="cuda")
-    group.add_argument("--model", choices=("llama_8b", "tiny"), default="llama_8b")
-    group.add_argument("--edge-model", choices=("llama_1b", "tiny"), default="llama_1b")
-
-
-def requested(args) -> bool:
-    return bool(args.workloads or args.edge or args.max_batch_32k or args.diagnose_hf)
-
-
-def check_arguments(args, parser: argparse.ArgumentParser) -> None:
-    """Usage errors for values the options' types cannot refuse alone."""
-    for name, low in (("hf_batch", 1), ("hf_max_batch", 1), ("lengths", 2), ("hf_steps", 1), ("spec_steps", 1), ("token_budget", 1)):
-        if getattr(args, name) < low:
-            parser.error(f"--{name.replace('_', '-')} must be >= {low}; got {getattr(args, name)}")
-    if args.time_limit is not None and args.time_limit <= 0:
-        parser.error(f"--time-limit must be positive seconds; got {args.time_limit}")
-    if args.full_check < 0:
-        parser.error(f"--full-check must be >= 0 seconds; got {args.full_check}")
-    if not 0 < args.host_memory_fraction <= 1:
-        parser.error(f"--host-memory-fraction must be in (0, 1]; got {args.host_memory_fraction}")
-    for name in ("spec_budget", "edge_budget"):
-        from specontext import parse_budget
-
-        try:
-            parse_budget(getattr(args, name))
-        except ValueError as error:
-            parser.error(f"--{name.replace('_', '-')}: {error}")
-    if getattr(args, "check_only", False):
-        parser.error("--check-only does not combine with the workload options")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here (a CPU smoke run: --device cpu --model tiny --edge-model tiny)")
-    if device.type == "cpu" and (args.model != "tiny" or (args.edge and args.edge_model != "tiny")):
-        parser.error("--device cpu runs the tiny model only (--model tiny --edge-model tiny): the 8B shape needs a GPU")
-
-
 class Run:
     """One call's measurements, in priority order (``run``), written after each."""
 
     def __init__(self, args):
         self.args = args
         self.device = torch.device(args.device)
-        self.deadline = Deadline(args.time_limit)
+        self.deadline = Deadline(args.time_limit, started=STARTED)
         self.rows: list[dict] = []
         self.extra: dict = {}
         self.compiled = None
@@ -240,10 +161,9 @@ class Run:
             profile = hf_profile(self.model, self.ids(batch, max(lengths)), workload, lengths,
                                  cache_kind="static" if static else "dynamic", attn=attn, short=2, steps=steps,
                                  device=self.device)
-        except torch.OutOfMemoryError as error:
+        except Exception as error:  # out of memory, or anything else: recorded, and the call goes on
             free_memory(self.device)
-            return [self.add(e2e_rows.error_row(section, self.model_name, workload, system, batch,
-                                                f"out of memory: {str(error).splitlines()[0][:160]}"))]
+            return [self.add(e2e_rows.error_row(section, self.model_name, workload, system, batch, failure(error)))]
         if static:
             self.costs.compile.pop("hf_static", None)
         self.costs.observe("hf", batch * max(lengths), profile["prefill_seconds"] + profile.get("extend_seconds", 0.0),
@@ -301,16 +221,26 @@ class Run:
         compile_key = None if self.compiled is not None else "spec"
         if not self.deadline.allows(self.costs.compile.get("spec", 0.0) if compile_key else 0.0, f"{section} compile"):
             return []
-        compiled = self.spec_compiled(budget)
         host = None if self.host is None else int(self.args.host_memory_fraction * self.host)
         policies = [b for b in batches if isinstance(b, str)]
-        chosen = planner_batches(self.model, compiled, budget, workload, host, policies)
+        try:
+            compiled = self.spec_compiled(budget)
+            chosen = planner_batches(self.model, compiled, budget, workload, host, policies)
+        except Exception as error:  # a failed compile: recorded, and the call goes on without SpeContext here
+            free_memory(self.device)
+            return [self.add(e2e_rows.error_row(section, self.model_name, workload, "specontext", None, failure(error),
+                                                budget=budget))]
         self.extra.setdefault("planner_batches", {})[f"{section} {workload.name} {budget}"] = {
             **chosen, "host_bytes_allowed": host}
         plan = [(b, chosen[b]) if isinstance(b, str) else ("given", b) for b in batches]  # in the order asked
         rows = []
         for policy, batch in plan:
-            if batch is None or any(r.get("batch") == batch for r in rows):
+            if batch is None:
+                rows.append(self.add(e2e_rows.error_row(section, self.model_name, workload, "specontext", None,
+                                                        f"the planner places no batch under {budget} ({policy})",
+                                                        budget=budget, batch_policy=policy)))
+                continue
+            if any(r.get("batch") == batch for r in rows):
                 continue
             lengths = [workload.prompt] if lengths_count == 1 else measured_length_grid(workload, args.lengths, 3 + steps)
             estimate = self.costs.profile("spec", batch, max(lengths), len(lengths) * 3 * (3 + steps), compile_key)
@@ -319,11 +249,10 @@ class Run:
             retries = compiled.memory.retries
             try:
                 profile = spec_profile(compiled, self.ids(batch, max(lengths)), workload, lengths, steps=steps)
-            except (torch.OutOfMemoryError, ValueError) as error:
+            except Exception as error:  # out of memory, refused by the planner, or anything else
                 free_memory(self.device)
                 rows.append(self.add(e2e_rows.error_row(section, self.model_name, workload, "specontext", batch,
-                                                        f"{type(error).__name__}: {str(error).splitlines()[0][:200]}",
-                                                        budget=budget, batch_policy=policy)))
+                                                        failure(error), budget=budget, batch_policy=policy)))
                 continue
             finally:
                 # An out-of-memory re-plan doubles the memory manager's margin for the model's life: each
@@ -356,12 +285,22 @@ class Run:
             else:
                 cache = "static" if row["system"] == "hf_static_compile" else "dynamic"
                 full = hf_full_run(self.model, ids, workload, cache, row["attn_implementation"], self.device)
-        except torch.OutOfMemoryError as error:
-            row["full_run"] = {"error": f"out of memory: {str(error).splitlines()[0][:160]}"}
+        except Exception as error:
+            row["full_run"] = {"error": failure(error)}
         else:
             e2e_rows.add_full_run(row, full)
         free_memory(self.device)
         self.save()
+
+
+def failure(error: BaseException) -> str:
+    """An error as a row records it: out of memory says so; anything else with where it was raised."""
+    first = (str(error).splitlines() or [""])[0][:240]
+    if isinstance(error, torch.OutOfMemoryError):
+        return f"out of memory: {first}"
+    where = traceback.extract_tb(error.__traceback__)[-1:] if error.__traceback__ else []
+    at = f" (at {where[0].filename.split('/')[-1]}:{where[0].lineno})" if where else ""
+    return f"{type(error).__name__}: {first}{at}"
 
 
 def _arg(value) -> str:
@@ -397,8 +336,12 @@ def run(args) -> dict:
     if args.diagnose_hf:
         context = 32768 if args.model != "tiny" else 64
         if work.deadline.allows(60, "HF diagnostics"):
-            work.extra["hf_diagnostics"] = hf_diagnose(work.model, work.ids(1, context), context, 32 if args.model != "tiny" else 8,
-                                                       work.device)
+            try:
+                work.extra["hf_diagnostics"] = hf_diagnose(work.model, work.ids(1, context), context,
+                                                           32 if args.model != "tiny" else 8, work.device)
+            except Exception as error:
+                work.extra["hf_diagnostics"] = {"error": failure(error)}
+                free_memory(work.device)
             work.save()
     if "hf_eager" in systems:
         for workload in args.workloads:
@@ -457,6 +400,8 @@ def edge_run(work: Run) -> None:
 
 
 def main(args, parser: argparse.ArgumentParser) -> None:
+    from benchmarks.e2e_workloads_cli import check_arguments
+
     check_arguments(args, parser)
     if args.device == "cpu":  # a smoke run: two threads of a shared CPU time a tiny model's steps erratically
         torch.set_num_threads(1)
