@@ -329,6 +329,27 @@ def test_planner_batches_follow_the_budget_and_the_host_limit(tiny):
     assert planner_batches(tiny, compiled, budget, workload, 0, ("admitted",))["admitted"] == 4  # no host memory
 
 
+def test_spec_profile_follows_the_plans_migrations(tiny, one_thread):
+    """A batch the planner admits only by moving a layer to host memory mid-sequence: the extension's
+    chunks move it as they pass its length, as a run's decode steps would, and the steps after it load
+    that layer's selection over the (host) link."""
+    import specontext
+
+    from benchmarks.e2e_spec import spec_profile
+
+    compiled = specontext.compile(tiny, "1GB", token_budget=16, local_window=4, progress=False, guard=False)
+    budget = specontext.plan_memory(tiny, "1GB", context=4096, batch=4, prompt=64, token_budget=16,
+                                    window=compiled.window, head_key_bytes_per_token=compiled.memory.head_cache_bytes).peak_bytes
+    compiled = specontext.compile(tiny, budget, token_budget=16, local_window=4, progress=False, guard=False)
+    ids = torch.randint(3, 96, (5, 4096), generator=torch.Generator().manual_seed(3))
+    profile = spec_profile(compiled, ids, Workload("w", 64, 4032), [64, 1000, 4000], steps=4)
+    (length, layer), = profile["migrations"]
+    assert 64 < length < 1000 and profile["offloaded_from_start"] == 0
+    assert profile["layers_on_host"] == [0, 1, 1]
+    assert profile["h2d_bytes_per_step"][0] == 0 and min(profile["h2d_bytes_per_step"][1:]) > 0
+    assert all(ms > 0 for ms in profile["step_ms"]) and compiled.memory.retries == 0
+
+
 # -- one tiny run through the CLI's code path ---------------------------------------------------------------
 def test_tiny_end_to_end_run(tmp_path, monkeypatch, one_thread):
     monkeypatch.delenv("OUT", raising=False)
