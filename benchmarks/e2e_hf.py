@@ -7,8 +7,8 @@ longest length to measure. At each length L, longest first, the cache is cut bac
 decodes; the step time is the difference of a generate of ``short + steps`` tokens and one of ``short``
 tokens, over ``steps`` (the once-per-call work and the 1-token forward cancel). Each attention
 implementation asked for is measured on the same cache at each length (``model.set_attn_implementation``).
-The first generate of a profile runs once untimed (warm-up; with a static cache it is where
-``torch.compile`` compiles), and its per-step times are kept (``first_call_step_ms``).
+Each attention implementation's first generate runs once untimed (warm-up; with a static cache it is
+where ``torch.compile`` compiles), the profile's first one with its per-step times (``first_call_step_ms``).
 
 Caches: ``dynamic`` (generate's default, ``DynamicCache``: cut with ``crop``) and ``static``
 (``StaticCache`` sized for the workload; ``generate`` compiles the decode step itself, transformers'
@@ -113,16 +113,16 @@ def hf_profile(model, ids: torch.Tensor, workload: Workload, lengths: list[int],
         result["attn_prefill"]["sdpa"] = {"prefill_seconds": result["prefill_seconds"]}
         _, result["extend_seconds"] = timed(device, lambda: extend(model, ids, cache, workload.prompt, max(lengths), chunk))
         result["cache_class"] = type(cache).__name__
-        first = True
+        warmed: set[str] = set()
         for length in sorted(lengths, reverse=True):
             for impl in attn:
                 model.set_attn_implementation(impl)
-                if first:  # warm-up at the measured shapes; with a static cache, compilation happens here
+                if impl not in warmed:  # warm-up at the measured shapes; a static cache's compilation happens here
                     clock = StepClock(device)
-                    _, result["warmup_seconds"] = timed(device, lambda: generate_from(model, ids, cache, length,
-                                                                                       short + steps, clock))
-                    result["first_call_step_ms"] = clock.step_ms()
-                    first = False
+                    _, seconds = timed(device, lambda: generate_from(model, ids, cache, length, short + steps, clock))
+                    if not warmed:  # the first implementation's: the profile's first generate
+                        result["warmup_seconds"], result["first_call_step_ms"] = seconds, clock.step_ms()
+                    warmed.add(impl)
                 _, brief = timed(device, lambda: generate_from(model, ids, cache, length, short))
                 _, full = timed(device, lambda: generate_from(model, ids, cache, length, short + steps))
                 result["step_ms"].setdefault(impl, []).append(1e3 * (full - brief) / steps)
