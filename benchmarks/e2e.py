@@ -21,6 +21,11 @@ step must read) / the measured HBM bandwidth. Decode time = a generate of N+1 to
 token, over N (SpeContext: N+3 minus 3, so that its once-per-call warm-up step and graph capture
 cancel too); every system first runs the measured call once (compilation stays out of the numbers). A system that runs out of memory at a batch is recorded as such. Writes
 benchmarks/results/<out>.json (and $OUT).
+
+The paper's workloads ([prompt, new tokens], long generations integrated from step times, HF eager's
+best batch, the edge 1B shape, SpeContext's 32K max batch): ``--workloads``, ``--edge``,
+``--max-batch-32k``, ``--diagnose-hf`` (``benchmarks/e2e_workloads.py``; the GPU run plan is in
+docs/benchmarks.md, "The paper's workloads").
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import time
 
 import torch
 
+from benchmarks import e2e_rows, e2e_workloads, e2e_workloads_cli
 from benchmarks.results_file import write_results
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -271,7 +277,7 @@ def measure(model, system: str, context: int, batch: int, new_tokens: int, hbm: 
         gc.collect()
         torch.cuda.empty_cache()
     attended = min(TOKEN_BUDGET, context) if system.startswith("specontext") else context
-    step_bytes = weight_bytes(model) + batch * attended * kv_bytes_per_token(model.config, torch.bfloat16)
+    step_bytes = e2e_rows.step_bytes(weight_bytes(model), kv_bytes_per_token(model.config, torch.bfloat16), batch, attended)
     row.update(peak_gpu_gb=torch.cuda.max_memory_allocated() / 1e9,
                tokens_per_s=batch * 1e3 / row["ms_per_step"],
                roofline_ms=1e3 * step_bytes / hbm, step_bytes=step_bytes)
@@ -285,8 +291,7 @@ def measure(model, system: str, context: int, batch: int, new_tokens: int, hbm: 
     return row
 
 
-def main() -> None:
-    global INDUCTOR, INDUCTOR_OPTIONS, BUDGET, GUARD, TIME_WAITS, REPEATS
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768])
@@ -307,7 +312,17 @@ def main() -> None:
     parser.add_argument("--budget", default=BUDGET, help="budget of the specontext_80gb systems")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="pairs of generates per SpeContext row (median)")
     parser.add_argument("--out", default="e2e")
+    e2e_workloads_cli.add_arguments(parser)
+    return parser
+
+
+def main() -> None:
+    global INDUCTOR, INDUCTOR_OPTIONS, BUDGET, GUARD, TIME_WAITS, REPEATS
+    parser = build_parser()
     args = parser.parse_args()
+    if e2e_workloads_cli.requested(args):  # the paper's workloads: benchmarks/e2e_workloads.py
+        e2e_workloads.main(args, parser)
+        return
 
     INDUCTOR, BUDGET, GUARD, TIME_WAITS = args.inductor, args.budget, not args.no_guard, args.time_waits
     REPEATS, INDUCTOR_OPTIONS = args.repeats, args.inductor_options
