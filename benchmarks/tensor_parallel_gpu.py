@@ -141,6 +141,7 @@ def parity(size: int, device: torch.device) -> dict:
                     tp, one = outputs
                     results[case] = {
                         "tokens_equal": bool(torch.equal(tp.sequences.cpu(), one.sequences.cpu())),
+                        "tokens": tp.sequences.cpu().tolist(),  # compared across the ranks in the JSON
                         "max_logit_difference": max(float((a - b).abs().max()) for a, b in zip(tp.logits, one.logits)),
                         "fixed_shape_steps": sharded.stats["fixed_shape_steps"],
                     }
@@ -222,8 +223,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s rank " + os.environ.get("RANK", "?") + ": %(message)s")
     size = int(os.environ.get("WORLD_SIZE", "1"))
     tp = join_process_group(size)  # NCCL from torchrun's environment
+    found = parity(size, tp.device)
+    every_rank: list = [None] * size  # each rank's own comparison: all must hold, not rank 0's alone
+    dist.all_gather_object(every_rank, found)
     payload = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(tp.device),
-               "world_size": size, "torch": torch.__version__, "parity": parity(size, tp.device)}
+               "world_size": size, "torch": torch.__version__, "parity": every_rank}
     if not args.parity_only:
         payload["speed"] = speed(args.shape, size, args.contexts, args.batches, args.budget, args.new_tokens, tp.device, size)
         if args.baseline:

@@ -65,7 +65,9 @@ def compile(
     check_supported(model)
     check_offload_layers(config.offload, model.config.num_hidden_layers)
     size = config.tensor_parallel
-    if size > 1:
+    if size == 1:
+        check_cuda_graph(config, model.get_input_embeddings().weight.device)
+    else:
         check_divisible(model.config, size)
         if config.draft is not None:  # a draft scores for every KV group; a rank attends to its own only
             raise ValueError(f"tensor_parallel={size} works with the head derived from the target (draft=None) or a "
@@ -79,8 +81,10 @@ def compile(
             f"budget is too small: the model needs at least {format_bytes(weights)}{per} for its weights alone, "
             f"plus its KV cache; budget is {format_bytes(config.budget_bytes)}"
         )
-    tensor_parallel = join_process_group(size) if size > 1 else None
-    check_cuda_graph(config, model.get_input_embeddings().weight.device if tensor_parallel is None else tensor_parallel.device)
+    tensor_parallel = None
+    if size > 1:
+        tensor_parallel = join_process_group(size)
+        check_cuda_graph(config, tensor_parallel.device)  # the rank's device is known once the group is
     return SpeContextModel(model, config, tensor_parallel)
 
 
@@ -230,6 +234,12 @@ class SpeContextModel:
                 raise ValueError("empty prompt: a row of attention_mask has no token (all padding)")
         return input_ids.to(self.device), attention_mask.to(self.device, torch.long)
 
+    def _check_ranks_agree(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, sampling: bool) -> None:
+        """Tensor parallelism: every rank was given the same tokens (and, sampling, has the same generator state)."""
+        if self.tensor_parallel is not None:
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            check_same_inputs(self.tensor_parallel, input_ids, mask, sampling)
+
     def _check_budget(self, batch: int, prompt: int, total: int) -> None:
         """Plan where the layers' KV lives for ``batch`` sequences growing from ``prompt`` to ``total``
         tokens under the budget (raises ValueError saying what it needs if it cannot)."""
@@ -250,8 +260,7 @@ class SpeContextModel:
             logits_processor=extras.get("logits_processor"), stopping_criteria=extras.get("stopping_criteria"),
             tokenizer=extras.get("tokenizer"),
         )
-        if self.tensor_parallel is not None:
-            check_same_inputs(self.tensor_parallel, input_ids, attention_mask, settings.do_sample)
+        self._check_ranks_agree(input_ids, attention_mask, settings.do_sample)
         total = input_ids.shape[1] + settings.max_new_tokens
         if self.max_positions is not None and total > self.max_positions:
             logger.warning("prompt + max_new_tokens = %d exceeds max_position_embeddings (%d)", total, self.max_positions)
@@ -268,6 +277,7 @@ class SpeContextModel:
         continuation, _ = self._check_inputs(continuation, None)
         if continuation.shape[0] != input_ids.shape[0]:
             raise ValueError(f"continuation batch {continuation.shape[0]} differs from input_ids batch {input_ids.shape[0]}")
+        self._check_ranks_agree(torch.cat([input_ids, continuation], dim=1), None, sampling=False)
         self._check_budget(input_ids.shape[0], input_ids.shape[1], input_ids.shape[1] + continuation.shape[1])
         return self.engine.replay(input_ids, continuation)
 
@@ -279,6 +289,7 @@ class SpeContextModel:
             raise TypeError("this model was loaded from an exported artifact, which holds the step that generate and "
                             "replay run (last-position logits); the full-logits forward needs specontext.compile(model)")
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
+        self._check_ranks_agree(input_ids, attention_mask, sampling=False)
         self._check_budget(input_ids.shape[0], input_ids.shape[1], input_ids.shape[1])
         if self._step_all is None:
             self._step_all = self._capture(last_only=False)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .projection_fusion import _FUSED
+from .projection_fusion import drop_fused_groups
 from .retrieval.base import decoder_of
 from .tensor_parallel import TensorParallel, shard_config_in_place
 
@@ -147,7 +147,7 @@ def shard_model(model: torch.nn.Module, tp: TensorParallel) -> None:
     for projection in projections:
         module = projection.module
         # A fused group cached by an earlier compile of the user's model holds the whole weights: not this rank's.
-        projection.parent.__dict__.pop(_FUSED, None)
+        drop_fused_groups(projection.parent)
         if projection.column:
             weight = _block(module.weight, projection.parts, 0, tp)
             bias = None if module.bias is None else _block(module.bias, projection.parts, 0, tp)

@@ -87,6 +87,14 @@ def test_the_guard_decides_the_same_steps_on_every_rank_as_one_process(ranks, na
             expected["guard_checks"], expected["guard_triggers"], expected["guard_dense_steps"])
 
 
+def test_replay_gives_the_logits_of_one_process(ranks):
+    reference = ranks[0].get("replayed_reference")
+    reference = reference if reference is not None else ranks[1]["replayed_reference"]
+    assert reference.shape == (2, 12, 96)
+    for found in ranks:
+        torch.testing.assert_close(found["replayed"], reference, rtol=1e-4, atol=1e-4)
+
+
 def test_seeded_sampling_matches_one_process_and_needs_the_same_seed_everywhere(ranks):
     reference = ranks[0].get("sampled_reference")
     reference = reference if reference is not None else ranks[1]["sampled_reference"]
