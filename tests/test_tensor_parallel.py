@@ -189,7 +189,7 @@ def test_the_gpu_benchmark_builds_random_shards_and_rooflines_on_the_cpu():
     assert rank_step_bytes(config, 1, 100, 2, torch.float32, token_budget=16) == (
         rank_weight_bytes(model, 2) - buffers + attended_kv)
     assert roofline_ms(4e9, 4e12, 1e-5, 64) == pytest.approx(1.0 + 0.64)
-    # The compiled model of random shards generates (its rank's view of the model, here the whole of it).
+    # A model of strided random weights compiles and generates (one process here; a rank copies its shard).
     compiled = specontext.compile(model, "1GB", token_budget=16, progress=False)
     assert compiled.generate(torch.ones(1, 8, dtype=torch.long), max_new_tokens=2).shape == (1, 10)
     args = build_parser().parse_args(["--shape", "llama-3.1-70b", "--batches", "1", "16", "--parity-only"])
