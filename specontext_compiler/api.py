@@ -23,6 +23,9 @@ from .runtime.engine import GenerationEngine
 from .runtime.kv_store import KVStore
 from .runtime.memory_manager import MemoryManager, head_cache_bytes
 from .runtime.sampling import EXTRA_GENERATE_KWARGS, resolve_generation_config
+from .sharding import shard_model, sharded_projections
+from .tensor_parallel import (TensorParallel, check_divisible, check_environment, check_same_inputs,
+                              join_process_group, rank_weight_bytes)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +54,9 @@ def compile(
             graph, faster steps for a minute of compilation per process and batch kind, 1 or more; False:
             captured as exported);
             ``cuda_graph`` (default None: fixed-shape decode steps replayed from a CUDA graph on CUDA
-            devices; False: every decode step eager).
+            devices; False: every decode step eager); ``tensor_parallel`` (default 1; N > 1: run this call in
+            each of N processes, ``torchrun --nproc-per-node N``: each shards the layers' heads and MLP
+            and keeps the KV of its heads, ``budget`` is per GPU; specontext_compiler/tensor_parallel.py).
 
     Returns:
         A :class:`SpeContextModel` with ``generate`` and ``__call__`` like the HF model.
@@ -59,23 +64,40 @@ def compile(
     config = CompileConfig.from_arguments(budget, token_budget, **options)
     check_supported(model)
     check_offload_layers(config.offload, model.config.num_hidden_layers)
-    check_cuda_graph(config, model.get_input_embeddings().weight.device)
-    weights = weight_bytes(model)
+    size = config.tensor_parallel
+    if size == 1:
+        check_cuda_graph(config, model.get_input_embeddings().weight.device)
+    else:
+        check_divisible(model.config, size)
+        if config.draft is not None:  # a draft scores for every KV group; a rank attends to its own only
+            raise ValueError(f"tensor_parallel={size} works with the head derived from the target (draft=None) or a "
+                             f"baseline (selection=...); got draft={type(config.draft).__name__}")
+        sharded_projections(model)  # every projection a plain Linear of the config's size
+        check_environment(size)
+    weights = rank_weight_bytes(model, size)
     if weights > config.budget_bytes:
+        per = f" per GPU (1/{size} of the layers' projections, the embeddings and LM head whole)" if size > 1 else ""
         raise BudgetError(
-            f"budget is too small: the model needs at least {format_bytes(weights)} for its weights alone, "
+            f"budget is too small: the model needs at least {format_bytes(weights)}{per} for its weights alone, "
             f"plus its KV cache; budget is {format_bytes(config.budget_bytes)}"
         )
-    return SpeContextModel(model, config)
+    tensor_parallel = None
+    if size > 1:
+        tensor_parallel = join_process_group(size)
+        check_cuda_graph(config, tensor_parallel.device)  # the rank's device is known once the group is
+    return SpeContextModel(model, config, tensor_parallel)
 
 
 class SpeContextModel:
     """A compiled model: an exported step graph with attention as ops, and the runtime that runs it."""
 
-    def __init__(self, model: PreTrainedModel, config: CompileConfig):
+    def __init__(self, model: PreTrainedModel, config: CompileConfig, tensor_parallel: TensorParallel | None = None):
         started = time.perf_counter()
         self.config = config
+        self.tensor_parallel = tensor_parallel
         self.model = shadow_model(model)
+        if tensor_parallel is not None:  # before the head reads the layers and fusion concatenates the shards
+            shard_model(self.model, tensor_parallel)
         self.generation_config = self.model.generation_config
         embeddings = self.model.get_input_embeddings().weight
         head = None
@@ -97,6 +119,7 @@ class SpeContextModel:
         """A compiled model from an already transformed step (``specontext.load``): no HF model object."""
         self = cls.__new__(cls)
         self.config = config
+        self.tensor_parallel = None
         self.model = None
         self.generation_config = generation_config
         self._assemble(hf_config, step, head, device, dtype, vocab_size, weights)
@@ -136,6 +159,10 @@ class SpeContextModel:
         )
         if config.cuda_graph is False:
             self.engine.decode_mode = "eager"
+        if self.tensor_parallel is not None:
+            # A step retried on one rank would pair its all-reduces with the other ranks' next ones: out of
+            # memory ends the rank's generate instead (the others wait in their next all-reduce).
+            self.memory.max_retries = 0
         # Inductor's CUDA code is Triton: without it the default leaves the step as exported.
         if config.compile_decode_step or (config.compile_decode_step is None and self.device.type == "cuda"
                                           and TRITON_AVAILABLE):
@@ -149,6 +176,7 @@ class SpeContextModel:
             runtime.guard = None
             return
         runtime.guard = AccuracyGuard(settings, layer=None)
+        runtime.guard.tensor_parallel = self.tensor_parallel  # every rank judges all KV heads' coverage
         runtime.guard_preferred = guard_preference(settings, self.head, len(self.layers))
         runtime.guard_candidates = {info.layer for info in self.layers if not info.sliding_window}
 
@@ -206,6 +234,12 @@ class SpeContextModel:
                 raise ValueError("empty prompt: a row of attention_mask has no token (all padding)")
         return input_ids.to(self.device), attention_mask.to(self.device, torch.long)
 
+    def _check_ranks_agree(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, sampling: bool) -> None:
+        """Tensor parallelism: every rank was given the same tokens (and, sampling, has the same generator state)."""
+        if self.tensor_parallel is not None:
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            check_same_inputs(self.tensor_parallel, input_ids, mask, sampling)
+
     def _check_budget(self, batch: int, prompt: int, total: int) -> None:
         """Plan where the layers' KV lives for ``batch`` sequences growing from ``prompt`` to ``total``
         tokens under the budget (raises ValueError saying what it needs if it cannot)."""
@@ -226,6 +260,7 @@ class SpeContextModel:
             logits_processor=extras.get("logits_processor"), stopping_criteria=extras.get("stopping_criteria"),
             tokenizer=extras.get("tokenizer"),
         )
+        self._check_ranks_agree(input_ids, attention_mask, settings.do_sample)
         total = input_ids.shape[1] + settings.max_new_tokens
         if self.max_positions is not None and total > self.max_positions:
             logger.warning("prompt + max_new_tokens = %d exceeds max_position_embeddings (%d)", total, self.max_positions)
@@ -242,6 +277,7 @@ class SpeContextModel:
         continuation, _ = self._check_inputs(continuation, None)
         if continuation.shape[0] != input_ids.shape[0]:
             raise ValueError(f"continuation batch {continuation.shape[0]} differs from input_ids batch {input_ids.shape[0]}")
+        self._check_ranks_agree(torch.cat([input_ids, continuation], dim=1), None, sampling=False)
         self._check_budget(input_ids.shape[0], input_ids.shape[1], input_ids.shape[1] + continuation.shape[1])
         return self.engine.replay(input_ids, continuation)
 
@@ -253,6 +289,7 @@ class SpeContextModel:
             raise TypeError("this model was loaded from an exported artifact, which holds the step that generate and "
                             "replay run (last-position logits); the full-logits forward needs specontext.compile(model)")
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
+        self._check_ranks_agree(input_ids, attention_mask, sampling=False)
         self._check_budget(input_ids.shape[0], input_ids.shape[1], input_ids.shape[1])
         if self._step_all is None:
             self._step_all = self._capture(last_only=False)

@@ -114,6 +114,12 @@ def export(compiled, path: str | Path, tokenizer=None) -> Path:
 
     if not isinstance(compiled, SpeContextModel):
         raise TypeError(f"specontext.export takes a model from specontext.compile; got {type(compiled).__name__}")
+    if compiled.tensor_parallel is not None:
+        # The program holds one rank's shards and collectives bound to this run's process group.
+        raise ValueError(f"specontext.export takes a model compiled with tensor_parallel=1; this one is rank "
+                         f"{compiled.tensor_parallel.rank} of tensor_parallel={compiled.tensor_parallel.size}, whose "
+                         "program holds that rank's shard and this run's process group; export the model compiled "
+                         "with tensor_parallel=1 (specontext.load runs it on one device)")
     path = check_export_path(path)
     # refuse an unsupported head before writing anything
     head, head_tensors = head_description(compiled.head, compiled.step.program)

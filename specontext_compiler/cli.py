@@ -156,6 +156,9 @@ def _generate(args: argparse.Namespace) -> int:
     _device_and_dtype(args)
     prompt = _read_prompt(args)  # after the flags' checks: standard input is read only for a good command
     if (Path(args.model) / "manifest.json").is_file():  # an exported artifact (specontext export)
+        if args.tensor_parallel > 1:
+            raise UsageError(f"--tensor-parallel {args.tensor_parallel}: an exported artifact runs on one device; "
+                             "accepted: --tensor-parallel 1, or the model's directory with --tensor-parallel")
         try:
             fast = specontext.load(args.model, device=args.device, budget=args.budget,
                                    compile_decode_step=args.compile_step, cuda_graph=args.cuda_graph)
@@ -174,7 +177,9 @@ def _generate(args: argparse.Namespace) -> int:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if fast.max_positions is not None and ids.shape[1] > fast.max_positions:
         raise UsageError(f"the prompt is {ids.shape[1]} tokens; the model takes at most {fast.max_positions}")
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # prints each token as it comes
+    # Every rank generates the same tokens (docs/tensor_parallel.md): rank 0 alone prints them.
+    first = getattr(fast, "tensor_parallel", None) is None or fast.tensor_parallel.rank == 0
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if first else None
     if args.seed is not None:
         torch.manual_seed(args.seed)  # as for HF generate: sampling draws from torch's global generators
     try:
@@ -182,7 +187,8 @@ def _generate(args: argparse.Namespace) -> int:
             fast.generate(ids, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
     except BudgetError as error:  # the budget holds the weights but not this prompt's KV
         raise UsageError(str(error)) from None
-    print(summary_line(ids.shape[1], fast.stats), file=sys.stderr)
+    if first:
+        print(summary_line(ids.shape[1], fast.stats), file=sys.stderr)
     return 0
 
 
@@ -214,8 +220,9 @@ def _plan(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     try:
         plan = specontext.plan_memory(config, args.budget, args.context, batch=args.batch,
-                                      token_budget=args.token_budget, prompt=args.prompt)
-    except BudgetError as error:  # even every layer offloaded does not fit: how much it needs
+                                      token_budget=args.token_budget, prompt=args.prompt,
+                                      tensor_parallel=args.tensor_parallel)
+    except ValueError as error:  # even every layer offloaded does not fit (BudgetError); heads not divisible
         raise UsageError(str(error)) from None
     print(plan.table())
     if args.png:
@@ -274,6 +281,7 @@ def _compile(args: argparse.Namespace):
 
     from .capture import check_supported
     from .config import CompileConfig, check_offload_layers
+    from .tensor_parallel import check_divisible
 
     if args.model != "smollm2" and not Path(args.model).exists():
         raise UsageError(f"model path {args.model!r} does not exist (give a model directory, a .gguf file or smollm2)")
@@ -281,28 +289,60 @@ def _compile(args: argparse.Namespace):
     offload = args.offload if args.offload in ("auto", "none", "all") else _layers(args.offload)
     _device_and_dtype(args)
     options = dict(token_budget=args.token_budget, offload=offload, prefill_chunk=args.prefill_chunk,
-                   compile_decode_step=args.compile_step, cuda_graph=args.cuda_graph)
+                   compile_decode_step=args.compile_step, cuda_graph=args.cuda_graph,
+                   tensor_parallel=args.tensor_parallel)
     try:  # the library's own validation of every option, before the model loads
         config = CompileConfig.from_arguments(args.budget, **options)
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
+    if args.tensor_parallel > 1:
+        _check_tensor_parallel(args)
     path = Path(args.model)
     if path.is_dir() and not (path / "config.json").is_file():
         raise UsageError(f"model directory {args.model!r} has no config.json (give a model directory, a .gguf file, "
                          "smollm2, or for generate a directory written by specontext export)")
+    load_on = args.device
+    if args.tensor_parallel > 1:
+        load_on = _join_tensor_parallel(args)  # before the model loads: a bad environment is a usage error
     try:
-        model, tokenizer = models.load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+        model, tokenizer = models.load_model(args.model, dtype=getattr(torch, args.dtype), device=load_on)
     except (OSError, ValueError) as error:  # not a model directory or GGUF file transformers can read
         raise UsageError(f"cannot load model {args.model!r}: {type(error).__name__}: {error}") from None
     try:
         check_supported(model)
         check_offload_layers(config.offload, model.config.num_hidden_layers)
+        if args.tensor_parallel > 1:
+            check_divisible(model.config, args.tensor_parallel)
     except (TypeError, ValueError) as error:  # a family SpeContext does not compile; --offload past the last layer
         raise UsageError(str(error)) from None
     try:
         return specontext.compile(model, args.budget, **options), tokenizer
     except BudgetError as error:  # the weights alone exceed --budget
         raise UsageError(str(error)) from None
+
+
+def _check_tensor_parallel(args: argparse.Namespace) -> None:
+    """``--tensor-parallel N``: --device cpu or cuda (each rank takes the GPU of its LOCAL_RANK), and N processes
+    to run in (torchrun's environment, or a process group), before the model loads."""
+    from .tensor_parallel import check_environment
+
+    if args.device not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device!r} with --tensor-parallel {args.tensor_parallel}: each rank uses the GPU "
+                         "of its LOCAL_RANK; accepted: cuda or cpu")
+    try:
+        check_environment(args.tensor_parallel)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _join_tensor_parallel(args: argparse.Namespace) -> str:
+    """Join (or start, from torchrun's environment) the process group of ``--tensor-parallel`` ranks: NCCL for
+    --device cuda, gloo for cpu. Returns where to load the model: the CPU, from which each rank copies its
+    shard to its own GPU (the whole model need not fit one)."""
+    from .tensor_parallel import join_process_group
+
+    join_process_group(args.tensor_parallel, backend="nccl" if args.device == "cuda" else "gloo")
+    return "cpu"
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -314,6 +354,9 @@ def _export(args: argparse.Namespace) -> int:
         check_export_path(args.out)  # before the compile, not after it
     except ValueError as error:
         raise UsageError(str(error)) from None
+    if args.tensor_parallel > 1:
+        raise UsageError(f"--tensor-parallel {args.tensor_parallel}: export writes a model for one device; accepted: "
+                         "--tensor-parallel 1 (the artifact runs on one GPU)")
     compiled, tokenizer = _compile(args)
     path = specontext.export(compiled, args.out, tokenizer=tokenizer)
     print(f"exported {compiled} to {path}")
@@ -355,6 +398,9 @@ def _add_compile_arguments(parser: argparse.ArgumentParser, model_help: str) -> 
                              "steps, ~1 min to compile); --no-compile-step captures it as exported")
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                         help="replay decode steps from a CUDA graph (default: on CUDA); --no-cuda-graph runs them eagerly")
+    parser.add_argument("--tensor-parallel", type=_positive_int, default=1,
+                        help="shard the model across N GPUs of this host: run the command under torchrun "
+                             "--nproc-per-node N; --budget is per GPU (default 1)")
 
 
 def _positive_int(text: str) -> int:
@@ -395,13 +441,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     plan = sub.add_parser("plan", help="where the KV of a model lives under a budget (memory model)")
-    plan.add_argument("--model", required=True, help="llama-3.1-8b, qwen2.5-7b, qwen3-8b, mistral-7b, or a config.json / its directory")
+    plan.add_argument("--model", required=True, help="llama-3.1-8b, llama-3.1-70b, qwen2.5-7b, qwen3-8b, mistral-7b, or a config.json / its directory")
     plan.add_argument("--budget", required=True, help="GPU memory budget, e.g. 24GB")
     plan.add_argument("--context", type=_positive_int, required=True, help="tokens per sequence (prompt + generated)")
     plan.add_argument("--batch", type=_positive_int, default=1)
     plan.add_argument("--token-budget", type=_token_budget, default=DEFAULT_TOKEN_BUDGET)
     plan.add_argument("--prompt", type=_positive_int, help="also plan one sequence growing from this many tokens (which layers leave when)")
     plan.add_argument("--png", help="also plot placement and memory against the context length")
+    plan.add_argument("--tensor-parallel", type=_positive_int, default=1,
+                      help="GPUs the model is sharded across; --budget and the plan are per GPU (default 1)")
     plan.set_defaults(func=_plan)
 
     export = sub.add_parser("export", help="compile a model and write it to a directory (specontext.load reads it)")

@@ -220,6 +220,8 @@ class CompileConfig:
             False: every decode step runs eagerly, e.g. to debug or profile op by op; True needs a CUDA
             device).
         guard: the accuracy guard's settings (runtime/accuracy_guard.py; default on), None when off.
+        tensor_parallel: processes (GPUs of one host) the model is sharded across, each compiling it under
+            ``torchrun`` (specontext_compiler/tensor_parallel.py); 1: one process, no sharding.
     """
 
     budget_bytes: int
@@ -236,6 +238,7 @@ class CompileConfig:
     compile_decode_step: bool | None = None
     cuda_graph: bool | None = None
     guard: GuardSettings | None = GuardSettings()
+    tensor_parallel: int = 1
 
     @classmethod
     def from_arguments(
@@ -282,11 +285,14 @@ class CompileConfig:
         if cuda_graph is not None and not isinstance(cuda_graph, bool):
             raise TypeError(f"cuda_graph must be True, False or None (None: on CUDA); got {cuda_graph!r}")
         guard = resolve_guard(options.pop("guard", DEFAULT_GUARD))
+        from .tensor_parallel import validate_tensor_parallel
+
+        tensor_parallel = validate_tensor_parallel(options.pop("tensor_parallel", 1))
         if options:
             raise TypeError(
                 f"unknown option(s) {sorted(options)} for specontext.compile; accepted: token_budget, sink_tokens, "
                 "local_window, selection, draft, retrieval_layer, offload, elastic, prefill_chunk, progress, "
-                "compile_decode_step, cuda_graph, guard"
+                "compile_decode_step, cuda_graph, guard, tensor_parallel"
             )
         return cls(
             budget_bytes=budget_bytes,
@@ -303,4 +309,5 @@ class CompileConfig:
             compile_decode_step=compile_decode_step,
             cuda_graph=cuda_graph,
             guard=guard,
+            tensor_parallel=tensor_parallel,
         )

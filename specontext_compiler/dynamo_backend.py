@@ -120,6 +120,11 @@ def rewrite_attention(gm: torch.fx.GraphModule, options: dict) -> int:
 def _check_options(options: dict | None) -> dict:
     merged = dict(DEFAULT_OPTIONS)
     for key, value in (options or {}).items():
+        if key == "tensor_parallel":  # the backend rewrites attention in the caller's graphs; it does not shard
+            raise ValueError("option 'tensor_parallel' is not one of backend 'specontext''s: it rewrites attention in "
+                             "the graphs Dynamo hands it and shards nothing; for tensor parallelism use "
+                             "specontext.compile(model, budget, tensor_parallel=N) under torchrun; accepted: "
+                             f"{', '.join(DEFAULT_OPTIONS)}")
         if key not in DEFAULT_OPTIONS:
             raise ValueError(f"unknown option {key!r} for backend 'specontext'; accepted: {', '.join(DEFAULT_OPTIONS)}")
         minimum = 1 if key == "token_budget" else 0

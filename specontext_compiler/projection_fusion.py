@@ -99,6 +99,12 @@ def _fuse(modules: list[torch.nn.Linear]) -> FusedProjection:
     return FusedProjection(weight, bias, sizes)
 
 
+def drop_fused_groups(parent: torch.nn.Module) -> None:
+    """Forget the fused groups cached on ``parent`` (its projections are about to be replaced: tensor
+    parallelism's shards); the next export fuses what it then holds."""
+    parent.__dict__.pop(_FUSED, None)
+
+
 @contextlib.contextmanager
 def fused_projections(model: torch.nn.Module):
     """Within the block, every fusible group of ``model`` (:data:`GROUPS`) computes one matrix product."""

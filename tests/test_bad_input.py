@@ -21,6 +21,7 @@ import torch
 import specontext
 from specontext_compiler.artifact import ArtifactError
 from specontext.testing import tiny_model
+from specontext_compiler.planning.known_models import load_config
 
 DOCS = Path(__file__).parents[1] / "docs" / "bad_input.md"
 
@@ -36,6 +37,36 @@ def fast():
 
 def compile_with(*args, **kwargs):
     return lambda: specontext.compile(tiny_model("llama"), *args, **kwargs)
+
+
+TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def compile_under(environment: dict, *args, **kwargs):
+    """``compile_with`` in a process whose torchrun variables are exactly ``environment`` (the others unset)."""
+    import os
+
+    def call():
+        saved = {name: os.environ.pop(name) for name in TORCHRUN if name in os.environ}
+        os.environ.update(environment)
+        try:
+            return compile_with(*args, **kwargs)()
+        finally:
+            for name in TORCHRUN:
+                os.environ.pop(name, None)
+            os.environ.update(saved)
+    return call
+
+
+def compile_in_a_group_of_one(tmp_path: Path):
+    """``tensor_parallel=2`` where the caller initialized a process group of one process (gloo)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        return specontext.compile(tiny_model("llama"), "1GB", tensor_parallel=2)
+    finally:
+        dist.destroy_process_group()
 
 
 def generate_with(input_ids, **kwargs):
@@ -166,6 +197,28 @@ CASES = [
     ("option", '`compile_decode_step="yes"`', compile_with("1GB", compile_decode_step="yes"), TypeError, r"compile_decode_step must be True, False or None \(None: on CUDA\); got 'yes'"),
     ("option", '`cuda_graph="yes"`', compile_with("1GB", cuda_graph="yes"), TypeError, r"cuda_graph must be True, False or None \(None: on CUDA\); got 'yes'"),
     ("option", "`cuda_graph=True` on the CPU", compile_with("1GB", cuda_graph=True), ValueError, r"cuda_graph=True needs a CUDA device; the model runs on cpu"),
+    ("tensor_parallel", '`tensor_parallel="2"`', compile_with("1GB", tensor_parallel="2"), TypeError,
+     r"tensor_parallel must be an int >= 1 \(1: one process; N > 1: N processes, e.g. torchrun --nproc-per-node N\); got '2' of type str"),
+    ("tensor_parallel", "`tensor_parallel=True`", compile_with("1GB", tensor_parallel=True), TypeError, r"tensor_parallel must be an int >= 1 .*; got True of type bool"),
+    ("tensor_parallel", "`tensor_parallel=0`", compile_with("1GB", tensor_parallel=0), ValueError, r"tensor_parallel must be an int >= 1 .*; got 0"),
+    ("tensor_parallel", "`tensor_parallel=3` (4 attention heads)", compile_with("1GB", tensor_parallel=3), ValueError,
+     r"tensor_parallel=3 does not divide the model's 4 attention heads \(num_attention_heads\): .*accepted for this model: \[1, 2\]"),
+    ("tensor_parallel", "`tensor_parallel=2` (1 KV head)",
+     lambda: specontext.compile(tiny_model("llama", num_key_value_heads=1), "1GB", tensor_parallel=2), ValueError,
+     r"tensor_parallel=2 does not divide the model's 1 KV heads \(num_key_value_heads\): .*accepted for this model: \[1\]"),
+    ("tensor_parallel", "`tensor_parallel=2` with a draft model", compile_with("1GB", tensor_parallel=2, draft=tiny_model("llama", seed=1)),
+     ValueError, r"tensor_parallel=2 works with the head derived from the target \(draft=None\) or a baseline"),
+    ("tensor_parallel", "`tensor_parallel=2` in one process (no process group, no torchrun environment)", compile_under({}, "1GB", tensor_parallel=2),
+     ValueError, r"tensor_parallel=2 needs 2 processes, one per GPU, .*no process group and no torchrun environment .*torchrun --nproc-per-node 2"),
+    ("tensor_parallel", "`tensor_parallel=2` under `torchrun --nproc-per-node 4`",
+     compile_under({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+                   "1GB", tensor_parallel=2),
+     ValueError, r"tensor_parallel=2 but torchrun started WORLD_SIZE=4 processes; accepted: tensor_parallel=4"),
+    ("tensor_parallel", "`tensor_parallel=2` in a process group of 1 process", compile_in_a_group_of_one, ValueError,
+     r"tensor_parallel=2 but the process group has 1 processes; accepted: tensor_parallel=1"),
+    ("tensor_parallel", "`plan_memory(llama-3.1-8b config, ..., tensor_parallel=3)` (32 heads)",
+     lambda: specontext.plan_memory(load_config("llama-3.1-8b"), "24GB", 4096, tensor_parallel=3), ValueError,
+     r"tensor_parallel=3 does not divide the model's 32 attention heads"),
     ("model", "`compile(torch.nn.Linear(2, 2), budget)`", lambda: specontext.compile(torch.nn.Linear(2, 2), "1GB"), TypeError,
      r"needs a Hugging Face causal LM \(a transformers PreTrainedModel\), got Linear; supported families: Llama"),
     ("model", '`compile("llama", budget)`', lambda: specontext.compile("llama", "1GB"), TypeError, r"needs a Hugging Face causal LM .*got str; supported families"),
@@ -238,6 +291,9 @@ CLI_CASES = [
     ("sampling", "`--do-sample --temperature 0`", ["--do-sample", None, "--temperature", "0"], r"error: --temperature must be a positive number; got 0.0"),
     ("sampling", "`--do-sample --top-p 1.5`", ["--do-sample", None, "--top-p", "1.5"], r"error: --top-p must be in \(0, 1\]; got 1.5"),
     ("sampling", "`--do-sample --seed -1`", ["--do-sample", None, "--seed", "-1"], r"error: --seed must be an int in 0..2\*\*64-1; got -1"),
+    ("tensor parallel", "`--tensor-parallel 0`", ["--tensor-parallel", "0"], r"error: argument --tensor-parallel: must be a positive int; got 0"),
+    ("tensor parallel", "`--tensor-parallel 2` without torchrun", ["--tensor-parallel", "2"],
+     r"error: tensor_parallel=2 needs 2 processes, one per GPU, .*torchrun --nproc-per-node 2"),
     ("cuda graph", "`--cuda-graph --device cpu`", ["--cuda-graph", None, "--device", "cpu"], r"error: --cuda-graph needs a CUDA device; --device is cpu"),
 ]
 

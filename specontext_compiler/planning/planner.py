@@ -174,6 +174,7 @@ class MemoryPlan:
     prompt: int | None = None
     model: PeakModel = field(default=None, repr=False)
     staged: bool = True  # a dense step runs with a layer offloaded (the staging buffer is held)
+    tensor_parallel: int = 1  # ranks the model is sharded across: every figure is one rank's (one GPU's)
 
     @property
     def gpu_layers(self) -> list[int]:
@@ -202,8 +203,11 @@ class MemoryPlan:
 
     def table(self) -> str:
         rows = [f"memory plan: batch {self.batch} x {self.context} tokens, token budget {self.token_budget}, "
-                f"budget {format_bytes(self.budget_bytes)}",
+                f"budget {format_bytes(self.budget_bytes)}" + (" per GPU" if self.tensor_parallel > 1 else ""),
                 f"GPU-resident layers: {self.resident} of {self.num_layers}"]
+        if self.tensor_parallel > 1:
+            rows.insert(1, f"tensor parallel {self.tensor_parallel}: per rank (one GPU): 1/{self.tensor_parallel} of the "
+                           "heads, KV heads and MLP width; embeddings, norms and LM head whole")
         parts = self.breakdown()
         for term in self.terms:
             rows.append(f"  {term.name:<20} {format_bytes(parts[term.name]):>10}  {term.what}")
@@ -250,7 +254,7 @@ class MemoryPlan:
             "cpu_layers": self.cpu_layers, "thresholds": [list(t) for t in self.thresholds],
             "terms": self.breakdown(), "expressions": {t.name: str(t.expr) for t in self.terms},
             "prompt": self.prompt, "resident_until": self.resident_until,
-            "migrations": [list(m) for m in self.migrations],
+            "migrations": [list(m) for m in self.migrations], "tensor_parallel": self.tensor_parallel,
         }
 
     def to_json(self) -> str:
@@ -258,12 +262,22 @@ class MemoryPlan:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def model_shape(config_or_model, dtype=None) -> ModelShape:
-    """The memory model's view of a transformers config or model (a model's actual weight bytes)."""
+def model_shape(config_or_model, dtype=None, tensor_parallel: int = 1) -> ModelShape:
+    """The memory model's view of a transformers config or model (a model's actual weight bytes), as one of
+    ``tensor_parallel`` ranks holds it (its heads, KV heads, MLP width and weights)."""
+    from ..tensor_parallel import rank_config, rank_weight_bytes
+
     if hasattr(config_or_model, "get_input_embeddings"):
-        return ModelShape.from_model(config_or_model)
+        if tensor_parallel == 1:
+            return ModelShape.from_model(config_or_model)
+        dtype = config_or_model.get_input_embeddings().weight.dtype
+        return ModelShape.from_config(rank_config(config_or_model.config, tensor_parallel), dtype,
+                                      rank_weight_bytes(config_or_model, tensor_parallel))
     if hasattr(config_or_model, "num_hidden_layers"):
-        return ModelShape.from_config(config_or_model, dtype)
+        if tensor_parallel == 1:
+            return ModelShape.from_config(config_or_model, dtype)
+        # The estimate from a rank's counts is the rank's: its share of each layer, the embeddings whole.
+        return ModelShape.from_config(rank_config(config_or_model, tensor_parallel), dtype)
     raise TypeError(f"plan_memory takes a transformers config or model; got {type(config_or_model).__name__}")
 
 
@@ -293,21 +307,26 @@ def plan_memory(
     prompt: int | None = None,
     head_key_bytes_per_token: int | None = None,
     head_parameter_bytes: int = 0,
+    tensor_parallel: int = 1,
 ) -> MemoryPlan:
     """Plan where each layer's KV lives for ``batch`` sequences of ``context`` tokens under ``budget``.
 
     ``config_or_model``: a transformers config or model (a model's actual weight bytes are used).
     ``prompt``: also plan one sequence growing from ``prompt`` to ``context`` tokens
-    (``.resident_until``, ``.migrations``). Raises ValueError stating the minimum budget and where it
-    goes when even offloading every layer does not fit.
+    (``.resident_until``, ``.migrations``). ``tensor_parallel``: the model sharded across that many GPUs;
+    ``budget`` and every figure of the plan are per GPU (one rank). Raises ValueError stating the minimum
+    budget and where it goes when even offloading every layer does not fit.
     """
+    from ..tensor_parallel import validate_tensor_parallel
+
+    tensor_parallel = validate_tensor_parallel(tensor_parallel)
     budget_bytes = parse_budget(budget)
     for name, value in (("context", context), ("batch", batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int; got {value!r}")
     if prompt is not None and (isinstance(prompt, bool) or not isinstance(prompt, int) or not 0 < prompt <= context):
         raise ValueError(f"prompt must be an int of tokens in 1..context ({context}); got {prompt!r}")
-    shape = model_shape(config_or_model, dtype)
+    shape = model_shape(config_or_model, dtype, tensor_parallel)
     terms = memory_terms(shape, token_budget, window, prefill_chunk, workspace=workspace,
                          head_key_bytes_per_token=head_key_bytes_per_token, head_parameter_bytes=head_parameter_bytes)
     model = PeakModel(shape, terms, token_budget=token_budget)
@@ -323,4 +342,4 @@ def plan_memory(
     if resident is None:
         raise impossible_budget(model, budget_bytes, batch, context, prompt=prompt)
     return MemoryPlan(budget_bytes, batch, context, token_budget, shape.num_layers, resident, terms,
-                      model.thresholds(batch, budget_bytes, context), until, prompt, model, staged)
+                      model.thresholds(batch, budget_bytes, context), until, prompt, model, staged, tensor_parallel)

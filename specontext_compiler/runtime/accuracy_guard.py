@@ -52,6 +52,7 @@ class AccuracyGuard:
         self.dense_left = 0
         self._since_check = 0
         self._pending: PinnedCopy | None = None  # a check's coverage, read one step late
+        self.tensor_parallel = None  # a TensorParallel when the model is sharded (coverage summed over ranks)
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -103,7 +104,10 @@ class AccuracyGuard:
         best = mass.topk(min(positions.shape[-1], mass.shape[-1]), dim=-1, sorted=False).values.sum(-1)
         groups = q.shape[1] // keys.shape[1]
         missed = ((best - picked.sum(-1)) / groups).clamp_min(0.0)  # per KV group, in attention mass
-        coverage = 1.0 - missed.mean(1)
+        if self.tensor_parallel is None:
+            coverage = 1.0 - missed.mean(1)
+        else:  # over every rank's KV heads: all ranks redo (or keep) the same steps, as one process would
+            coverage = 1.0 - self.tensor_parallel.all_reduce(missed.sum(1)) / (missed.shape[1] * self.tensor_parallel.size)
         if out is None:  # eager steps: the lowest since the last check
             self.coverage = coverage if self.coverage is None else torch.minimum(self.coverage, coverage)
         else:  # fixed-shape steps: a buffer the captured step lowers in place, reset after each check
