@@ -86,6 +86,16 @@ def validate_token_budget(token_budget: int | float | None) -> int | float | Non
     return token_budget
 
 
+def check_sticky_margin(margin: float) -> float:
+    """A sticky margin must be a finite float >= 0 (0.0: off)."""
+    accepted = "a finite float >= 0.0 in the retrieval scores' units (0.0: off)"
+    if isinstance(margin, bool) or not isinstance(margin, float):
+        raise TypeError(f"sticky_margin must be {accepted}; got {margin!r} of type {type(margin).__name__}")
+    if not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"sticky_margin must be {accepted}; got {margin!r}")
+    return margin
+
+
 def check_cuda_graph(config: CompileConfig, device) -> None:
     """``cuda_graph=True`` where the model does not run on CUDA, and ``compile_decode_step=True`` on CUDA
     without Triton (Inductor's CUDA code is Triton): refused before any work (compile, load)."""
@@ -116,6 +126,8 @@ def check_offload_layers(offload: str | tuple[int, ...], layers: int) -> None:
 DEFAULT_TOKEN_BUDGET = 2048
 OFFLOAD_MODES = ("auto", "none", "all")
 SELECTIONS = ("retrieval_head", "streaming", "quest", "oracle")
+#: Sticky selection's margin (0.0: off; docs/offload.md says what it saves and costs on SmolLM2).
+DEFAULT_STICKY_MARGIN = 0.0
 
 
 def _non_negative_int(name: str, value) -> int:
@@ -206,6 +218,11 @@ class CompileConfig:
             tuple of layer indices to offload.
         elastic: offloaded layers load only the tokens each step's selection adds (False: the whole
             selection every step).
+        sticky_margin: sticky selection (retrieval/selection.py): the tokens the offloaded layers' slots
+            hold get this bonus, in the retrieval scores' units (attention mass), before the top-k, so a
+            held token is dropped only for one that beats it by more than the margin. 0.0 (default): off;
+            it applies only while some layer is offloaded and ``elastic`` is on (nothing is held
+            otherwise). Measured in docs/offload.md.
         prefill_chunk: new tokens per prefill step; bounds activation memory on long prompts.
         progress: show a progress bar on prefills longer than one chunk.
         compile_decode_step: run the fixed-shape decode step through Inductor (``torch.compile`` with
@@ -231,6 +248,7 @@ class CompileConfig:
     draft: object = None
     offload: str | tuple[int, ...] = "auto"
     elastic: bool = True
+    sticky_margin: float = DEFAULT_STICKY_MARGIN
     prefill_chunk: int = 2048
     progress: bool = True
     compile_decode_step: bool | None = None
@@ -269,6 +287,7 @@ class CompileConfig:
         elastic = options.pop("elastic", True)
         if not isinstance(elastic, bool):
             raise TypeError(f"elastic must be True or False; got {elastic!r}")
+        sticky_margin = check_sticky_margin(options.pop("sticky_margin", DEFAULT_STICKY_MARGIN))
         prefill_chunk = options.pop("prefill_chunk", 2048)
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be a positive int of tokens; got {prefill_chunk!r}")
@@ -285,7 +304,7 @@ class CompileConfig:
         if options:
             raise TypeError(
                 f"unknown option(s) {sorted(options)} for specontext.compile; accepted: token_budget, sink_tokens, "
-                "local_window, selection, draft, retrieval_layer, offload, elastic, prefill_chunk, progress, "
+                "local_window, selection, draft, retrieval_layer, offload, elastic, sticky_margin, prefill_chunk, progress, "
                 "compile_decode_step, cuda_graph, guard"
             )
         return cls(
@@ -298,6 +317,7 @@ class CompileConfig:
             draft=draft,
             offload=offload,
             elastic=elastic,
+            sticky_margin=sticky_margin,
             prefill_chunk=prefill_chunk,
             progress=progress,
             compile_decode_step=compile_decode_step,
