@@ -48,7 +48,8 @@ def compile(
             ``offload`` ("auto" (default): the memory plan, docs/memory.md: the first layers that fit stay on
             the GPU, others keep their KV in host memory or move there as the sequence grows, and a step
             that runs out of GPU memory is re-planned and retried; "none"; "all"; or a list of layer indices); ``elastic`` (default True: offloaded
-            layers load only what each step's selection adds); ``prefill_chunk`` (new tokens per prefill
+            layers load only what each step's selection adds); ``sticky_margin`` (default 0.0, off: the
+            score bonus of tokens the offloaded layers' slots hold, so near-ties load nothing); ``prefill_chunk`` (new tokens per prefill
             step, default 2048); ``progress`` (prefill bar); ``compile_decode_step`` (default None: on CUDA
             devices with Triton installed the fixed-shape decode step goes through Inductor before its CUDA
             graph, faster steps for a minute of compilation per process and batch kind, 1 or more; False:
@@ -138,7 +139,7 @@ class SpeContextModel:
         self.head = head
         sparse = None
         if config.token_budget is not None:
-            sparse = SparseSettings(config.token_budget, config.sink_tokens, config.local_window)
+            sparse = SparseSettings(config.token_budget, config.sink_tokens, config.local_window, config.sticky_margin)
         self.step = step
         self._step_all: CapturedStep | None = None
         self.layers = attention_infos(self.step.graph_module)

@@ -145,7 +145,7 @@ def export(compiled, path: str | Path, tokenizer=None) -> Path:
         "budget_bytes": config.budget_bytes, "token_budget": config.token_budget, "sink_tokens": config.sink_tokens,
         "local_window": config.local_window, "selection": config.selection,
         "offload": config.offload if isinstance(config.offload, str) else list(config.offload),
-        "elastic": config.elastic, "prefill_chunk": config.prefill_chunk,
+        "elastic": config.elastic, "sticky_margin": config.sticky_margin, "prefill_chunk": config.prefill_chunk,
         "guard": None if config.guard is None else dataclasses.asdict(config.guard),
         "last_only": compiled.step.last_only, "aux_layers": list(compiled.step.aux_layers),
         "device": str(compiled.device), "dtype": str(compiled.dtype).removeprefix("torch."),
@@ -401,6 +401,7 @@ def _load_checked(path: Path, manifest: dict, files: dict[str, BinaryIO], device
             local_window=options["local_window"], selection=options["selection"],
             offload=options["offload"] if isinstance(options["offload"], str) else tuple(options["offload"]),
             elastic=options["elastic"], prefill_chunk=options["prefill_chunk"],
+            sticky_margin=options.get("sticky_margin", 0.0),  # artifacts from before the option: off
             guard=_guard_option(options.get("guard", False)),
             compile_decode_step=compile_decode_step, cuda_graph=cuda_graph,
         )

@@ -55,3 +55,15 @@ def test_unknown_option_and_bad_prefill_chunk():
         CompileConfig.from_arguments("1GB", offload_everything=True)
     with pytest.raises(ValueError, match="prefill_chunk"):
         CompileConfig.from_arguments("1GB", prefill_chunk=0)
+
+
+@pytest.mark.parametrize("good", [0.0, 0.05, 2.5])
+def test_sticky_margin_accepted(good):
+    assert CompileConfig.from_arguments("1GB", sticky_margin=good).sticky_margin == good
+
+
+@pytest.mark.parametrize("bad, error", [(-0.5, ValueError), (float("inf"), ValueError), (float("nan"), ValueError),
+                                        (-0.0 - 1e-9, ValueError), (0, TypeError), (True, TypeError), (None, TypeError)])
+def test_sticky_margin_refused(bad, error):
+    with pytest.raises(error, match="sticky_margin must be a finite float >= 0.0"):
+        CompileConfig.from_arguments("1GB", sticky_margin=bad)

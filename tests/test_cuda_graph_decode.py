@@ -86,12 +86,17 @@ def test_fixed_shape_decode_streaming_head_and_no_padding(poisoned):
     assert compiled.stats["fixed_shape_steps"] == 23
 
 
-@pytest.mark.parametrize("family, offload", [("llama", "all"), ("llama", [1]), ("qwen3", "all"), ("gemma2", [1])])
-def test_fixed_shape_decode_of_offloaded_layers_gives_the_eager_tokens(family, offload, poisoned):
+@pytest.mark.parametrize("family, offload, sticky_margin", [
+    ("llama", "all", 0.0), ("llama", [1], 0.0), ("qwen3", "all", 0.0), ("gemma2", [1], 0.0),
+    ("llama", "all", 0.01), ("qwen3", [0], 0.01),
+])
+def test_fixed_shape_decode_of_offloaded_layers_gives_the_eager_tokens(family, offload, sticky_margin, poisoned):
     """Offloaded layers: in-place slot map, elastic loads from host memory and the ring, ring rows moved
-    to host memory between steps; a window of 4 (the ring is flushed every 2 steps) over 40 steps."""
+    to host memory between steps; a window of 4 (the ring is flushed every 2 steps) over 40 steps. With a
+    sticky margin, the held mask comes from the in-place slot map (a buffer the step rewrites)."""
     model = tiny_model(family)
-    compiled = specontext.compile(model, "1GB", token_budget=16, offload=offload, local_window=4, progress=False)
+    compiled = specontext.compile(model, "1GB", token_budget=16, offload=offload, local_window=4, progress=False,
+                                  sticky_margin=sticky_margin)
     ids, mask = padded_batch(96, [40, 27], seed=4)
     settings = dict(GENERATE, max_new_tokens=40, min_new_tokens=40)
     expected = compiled.generate(ids, attention_mask=mask, **settings)

@@ -20,9 +20,11 @@ GENERATE = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny Llama compiled sparse (budget 16, every layer offloaded), its tokens, and its artifact."""
+    """A tiny Llama compiled sparse (budget 16, every layer offloaded, sticky selection), its tokens, and its
+    artifact."""
     model = tiny_model("llama")
-    compiled = specontext.compile(model, "1GB", token_budget=16, offload="all", local_window=4, progress=False)
+    compiled = specontext.compile(model, "1GB", token_budget=16, offload="all", local_window=4, progress=False,
+                                  sticky_margin=0.01)
     ids, mask = padded_batch(96, [40, 29], seed=3)
     tokens = compiled.generate(ids, attention_mask=mask, **GENERATE)
     path = tmp_path_factory.mktemp("artifact") / "tiny-llama"
@@ -53,9 +55,19 @@ def test_round_trip_gives_identical_tokens(exported):
     loaded = specontext.load(path)
     assert loaded.model is None  # no HF model object
     assert loaded.runtime.store.num_layers == 2 and loaded.config.offload == "all" and loaded.config.local_window == 4
+    assert loaded.config.sticky_margin == 0.01 and loaded.runtime.sparse.sticky_margin == 0.01
     assert torch.equal(loaded.generate(ids, attention_mask=mask, **GENERATE), tokens)
     assert loaded.stats["attended_tokens_per_step"] <= 17  # sparse steps ran: the budget, not the 40+ tokens
     assert loaded.stats["h2d_bytes"] > 0  # and the offloaded layers loaded their selections from host memory
+
+
+def test_an_artifact_from_before_sticky_selection_loads_with_it_off(exported, tmp_path):
+    path = copy_of(exported[0], tmp_path)
+    options = json.loads((path / "options.json").read_text())
+    del options["sticky_margin"]
+    (path / "options.json").write_text(json.dumps(options))
+    rewrite_manifest(path)
+    assert specontext.load(path).config.sticky_margin == 0.0
 
 
 def test_round_trip_in_a_fresh_process_without_the_model(exported, tmp_path):

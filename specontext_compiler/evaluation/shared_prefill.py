@@ -114,7 +114,8 @@ def _select(compiled, choice: HeadChoice, method: Method, guard) -> None:
         runtime.sparse = None
         return
     choice.use(method.head)
-    runtime.sparse = SparseSettings(method.token_budget, compiled.config.sink_tokens, compiled.config.local_window)
+    runtime.sparse = SparseSettings(method.token_budget, compiled.config.sink_tokens, compiled.config.local_window,
+                                    compiled.config.sticky_margin)
 
 
 def _each(compiled, choice: HeadChoice, input_ids: torch.Tensor, reserve: int, methods, run) -> dict:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..kernels import on_triton_path
 from ..kernels import sparse_decode_attention as triton_sparse_decode_attention
 from ..retrieval.base import RetrievalHead, group_probabilities
-from ..retrieval.selection import resolve_token_budget, select_tokens
+from ..retrieval.selection import held_positions, resolve_token_budget, select_tokens
 from .accuracy_guard import AccuracyGuard, guard_layer
 from .kv_store import KVStore
 from .prefetcher import Prefetcher
@@ -155,11 +155,27 @@ def attend_slots(store, layer: int, q, k, v, slot_valid, scale: float, softcap: 
 
 @dataclass(frozen=True)
 class SparseSettings:
-    """How a sparse step selects: ``token_budget`` tokens = sinks + window + top-k (+ the new token)."""
+    """How a sparse step selects: ``token_budget`` tokens = sinks + window + top-k (+ the new token);
+    ``sticky_margin``: the score bonus of the tokens the offloaded layers' slots hold (0.0: off;
+    retrieval/selection.py)."""
 
     token_budget: int | float
     sink_tokens: int = 4
     local_window: int = 64
+    sticky_margin: float = 0.0
+
+
+def sticky_held(sparse: SparseSettings, store: KVStore, shape: tuple[int, int], positions: int,
+                out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """What sticky selection favours at a step over ``positions`` past positions: the tokens the slots of the
+    offloaded layers hold (bool [B, Hkv, positions], written into ``out`` where given), or None where there
+    is nothing to keep: the margin is 0, no layer is offloaded, loading is not elastic (every step reloads
+    the whole selection), or the slots hold no selection of this batch. Both runtimes' one call."""
+    slot_map = store.slot_map
+    if not (sparse.sticky_margin and store.offloaded and slot_map.elastic and slot_map.token is not None
+            and tuple(slot_map.token.shape[:2]) == tuple(shape)):
+        return None
+    return held_positions(slot_map.token, positions, out)
 
 
 class AttentionRuntime:
@@ -263,8 +279,9 @@ class AttentionRuntime:
         if self.head.per_layer:
             return empty
         scores = self.head.score(input_ids, attention_mask, past)
+        held = sticky_held(self.sparse, self.store, (batch, num_kv_heads), past)
         self._indices = select_tokens(scores, self._key_valid, self._budget, self.sparse.sink_tokens,
-                                      self.sparse.local_window)
+                                      self.sparse.local_window, held=held, margin=self.sparse.sticky_margin)
         return self._indices
 
     def _selection(self, indices: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ import torch
 from ..kernels import TRITON_AVAILABLE, in_cuda_graph_decode, on_triton_path
 from ..kernels import sparse_decode_attention as triton_sparse_decode_attention
 from ..retrieval.selection import resolve_token_budget, select_tokens, sink_positions
-from .attention_runtime import AttentionRuntime, attend_positions, attend_slots
+from .attention_runtime import AttentionRuntime, attend_positions, attend_slots, sticky_held
 from . import step_transaction
 from .load_streams import LoadStreams, dedicated_stream
 from .prefetcher import load_rows, row_sources, slot_validity
@@ -74,6 +74,7 @@ class StaticDecodeRuntime:
         self.at = torch.arange(capacity, device=device)
         self.key_valid: torch.Tensor | None = None
         self.sinks: torch.Tensor | None = None  # fixed from the first step on, or found at each step
+        self.held: torch.Tensor | None = None  # sticky selection's mask of held tokens, rewritten each step
         self.h2d_bytes = torch.zeros((), dtype=torch.long, device=device)
         self.full_reload_bytes = torch.zeros((), dtype=torch.long, device=device)
         self.kept = torch.zeros((), dtype=torch.long, device=device)
@@ -108,6 +109,8 @@ class StaticDecodeRuntime:
         shape = (batch, kv_heads, self.budget)
         self.started_empty = store.slot_map.token is None or tuple(store.slot_map.token.shape) != shape
         store.slot_map.begin_in_place(shape, self.position.device)
+        if self.sparse.sticky_margin and store.slot_map.elastic:
+            self.held = torch.zeros(batch, kv_heads, self.capacity + 1, dtype=torch.bool, device=self.position.device)
         for layer in store.offloaded:
             store.ensure_slots(layer, self.budget)
         if self.position.device.type == "cuda":
@@ -120,8 +123,12 @@ class StaticDecodeRuntime:
         self.key_valid = self._stored(attention_mask)
         self.with_new = self.key_valid | (self.at == self.position)
         scores = self.head.score_static(self.key_valid, input_ids)
+        # The slot map's buffer keeps its address (update_in_place), so a replay reads the previous step's.
+        held = None if self.held is None else sticky_held(self.sparse, self.store, self.held.shape[:2], self.capacity,
+                                                           out=self.held)
         indices = select_tokens(scores, self.key_valid, self.budget, self.sparse.sink_tokens,
-                                self.sparse.local_window, past=self.position, sinks=self.sinks)
+                                self.sparse.local_window, past=self.position, sinks=self.sinks, held=held,
+                                margin=self.sparse.sticky_margin)
         self.indices = indices  # the step's selection: the graph passes it to prefetch and attention
         # Whether each selected position is a stored token (None: no padding), once per step, not per layer. A
         # row with fewer tokens than the budget also picks padding (select_tokens ranks it above positions
