@@ -228,6 +228,12 @@ class MemoryPlan:
         return sorted(((until, layer) for layer, until in enumerate(self.resident_until)
                        if self.prompt <= until < self.context), reverse=True)
 
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the offloaded layers' full K/V take at ``context`` tokens (pinned on a GPU machine; not
+        planned: the budget is the GPU's)."""
+        return (self.num_layers - self.resident) * self.batch * self.context * self.model.shape.kv_layer_token_bytes
+
     def breakdown(self) -> dict[str, int]:
         """Each term's bytes at ``context`` tokens (prefill activations at the prompt's length, if given)."""
         return self.model.parts(self.batch, self.context, self.resident, prompt=self.prompt, staged=self.staged)
@@ -247,6 +253,8 @@ class MemoryPlan:
         for term in self.terms:
             rows.append(f"  {term.name:<20} {format_bytes(parts[term.name]):>10}  {term.what}")
         rows.append(f"  {'peak':<20} {format_bytes(self.peak_bytes):>10}  held terms + the larger activation term")
+        if self.host_bytes:
+            rows.append(f"  {'host memory':<20} {format_bytes(self.host_bytes):>10}  offloaded layers' K/V (not in the budget)")
         for length, resident in self.thresholds:
             rows.append(f"  past {length} tokens: {resident} resident layers")
         if self.prompt is not None:
@@ -289,7 +297,8 @@ class MemoryPlan:
             "cpu_layers": self.cpu_layers, "thresholds": [list(t) for t in self.thresholds],
             "terms": self.breakdown(), "expressions": {t.name: str(t.expr) for t in self.terms},
             "prompt": self.prompt, "resident_until": self.resident_until,
-            "migrations": [list(m) for m in self.migrations], "largest_batch": self.next_batch_peak is not None,
+            "migrations": [list(m) for m in self.migrations], "host_bytes": self.host_bytes,
+            "largest_batch": self.next_batch_peak is not None, "next_batch_peak": self.next_batch_peak,
         }
 
     def to_json(self) -> str:
