@@ -349,7 +349,8 @@ def _add_compile_arguments(parser: argparse.ArgumentParser, model_help: str) -> 
     parser.add_argument("--offload", default="auto", help="auto (default), none, all, or comma-separated layer indices")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if there is one, else cpu)")
     parser.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: bfloat16 on a GPU, float32 on the CPU)")
-    parser.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill step (default 2048)")
+    parser.add_argument("--prefill-chunk", type=int, default=2048,
+                        help="prompt tokens per prefill step over the batch, at least 16 (default 2048)")
     parser.add_argument("--compile-step", action=argparse.BooleanOptionalAction, default=None,
                         help="compile the decode step with Inductor before its CUDA graph (default: on CUDA with Triton; faster "
                              "steps, ~1 min to compile); --no-compile-step captures it as exported")
