@@ -49,8 +49,8 @@ def padded_prompts(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("batch, one_row", [(1, False), (8, False), (32, False), (32, True)],
                          ids=["batch1", "batch8", "batch32", "batch32-one-row-expanded"])
 def test_activation_terms_bound_the_measured_peaks(compiled, batch, one_row):
-    """``one_row``: dense attention expands K/V one row at a time (the limit is one row's expansion), as an
-    8B model's at 32K is at the default 256 MiB; the model's bound follows the runtime's limit."""
+    """``one_row``: dense attention expands K/V one row at a time (the limit is one row's expansion; the 8B
+    shape at 32K and the default 256 MiB takes half a row at a time); the model's bound follows the limit."""
     ids, mask = padded_prompts(batch)
     if one_row:
         config = compiled.hf_config

@@ -142,7 +142,7 @@ def default_head_cost(shape: ModelShape, layer_types=None) -> HeadCost:
     return target_layer_head_cost(shape, len(default_layers(shape.num_layers, layer_types)))
 
 
-def prefill_step_tokens(batch, prefill_chunk: int, length):
+def prefill_step_tokens(batch: sympy.Expr | int, prefill_chunk: int, length: sympy.Expr | int) -> sympy.Expr:
     """Tokens one prefill step feeds over the batch (``runtime.engine.prefill_row_chunk``: ``prefill_chunk``
     over the rows, a multiple of 16 per row, at least 16), as a bound that never falls as the batch grows:
     at most ``max(prefill_chunk, 16 B)`` and the whole prompt ``B L``; exact where ``prefill_chunk / B`` is
@@ -150,7 +150,7 @@ def prefill_step_tokens(batch, prefill_chunk: int, length):
     return sympy.Min(batch * length, sympy.Max(prefill_chunk, MIN_PREFILL_CHUNK * batch))
 
 
-def expansion_bound(shape: ModelShape, batch, length, limit: int | None):
+def expansion_bound(shape: ModelShape, batch: sympy.Expr | int, length: sympy.Expr | int, limit: int | None) -> sympy.Expr:
     """Bytes of K/V that dense attention with a mask expands to the query heads at once
     (``runtime.attention_runtime.expansion_groups``): at most ``limit`` (or one KV head of one row where
     that is larger) and the whole batch's; none without query groups."""
@@ -181,7 +181,7 @@ def memory_terms(
     q/k, the output and a rotation temporary; the head's scoring of the layer, or SDPA's additive mask
     and the expanded K/V), with the step's boolean mask held throughout; a decode step's head scoring or
     its sparse gather or a dense step's expansion (within the budget, or the guard's). The RMSNorm's float32
-    temporaries stay below the MLP's for every supported shape (intermediate >= 1.5 x hidden).
+    temporaries stay below the MLP's for every supported shape (intermediate >= hidden).
     """
     N = shape.num_layers
     kv = shape.kv_layer_token_bytes

@@ -118,7 +118,7 @@ class MemoryManager:
                               staged=model.staged(until, prompt, end))
         else:
             check_offload_layers(self.offload, layers)
-            offloaded = {"none": (), "all": tuple(range(layers))}.get(self.offload, self.offload)
+            offloaded = self._fixed_offloaded()
             later = {}
             peak = model.peak(batch, end, layers - len(offloaded), end, prompt=prompt)
             if peak > self.budget_bytes:
@@ -139,8 +139,11 @@ class MemoryManager:
         model = self.model(end)
         if self.offload == "auto":
             return model.max_batch(end, self.budget_bytes, prompt)
-        offloaded = {"none": (), "all": tuple(range(self.shape.num_layers))}.get(self.offload, self.offload)
-        return model.max_batch(end, self.budget_bytes, prompt, resident=self.shape.num_layers - len(offloaded))
+        return model.max_batch(end, self.budget_bytes, prompt, resident=self.shape.num_layers - len(self._fixed_offloaded()))
+
+    def _fixed_offloaded(self) -> tuple[int, ...]:
+        """The layers a fixed placement (``offload`` "none", "all" or a list) keeps in host memory."""
+        return {"none": (), "all": tuple(range(self.shape.num_layers))}.get(self.offload, self.offload)
 
     # -- during a sequence -----------------------------------------------------------------------------
     def before_step(self, total: int) -> None:
