@@ -57,8 +57,7 @@ def planner_admits(model, compiled, budget, workload: Workload, host_bytes: int 
             plan = specontext.plan_memory(
                 model, budget, context=workload.end, batch=batch, prompt=workload.prompt,
                 token_budget=compiled.config.token_budget, window=compiled.window,
-                prefill_chunk=compiled.config.prefill_chunk, head_key_bytes_per_token=compiled.memory.head_cache_bytes,
-                head_parameter_bytes=compiled.memory.head_parameter_bytes)
+                prefill_chunk=compiled.config.prefill_chunk, head=compiled.memory.head)
         except ValueError:  # BudgetError: not even with every layer offloaded
             return False
         leaving = sum(1 for tokens in plan.resident_until if tokens < workload.end)

@@ -2,6 +2,20 @@
 
     python -m benchmarks.memory_plan_gpu --out memory_plan_h100
 
+Large batches under the allocator's two settings (issue 20; ``benchmarks/memory_batches.py``), alone:
+
+    python -m benchmarks.memory_plan_gpu --both-allocators 540 --out memory_plan_batches_h200
+
+runs the ``batches`` part twice, each in a fresh process, with the default caching allocator and with
+``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``, sharing 540 s: 8B shape, budget "135GB", 32K
+prompts at batches 16, 24, 32 and the largest batch admitted with every layer's KV on the GPU, and
+[2K in, 16K out] at batch 48 and at its largest all-resident batch. Per row: the plan's peak,
+``max_memory_allocated`` and ``max_memory_reserved``, the allocator's retries, the manager's
+out-of-memory retries (0 for an admitted batch), the prefill's seconds. Expected, not yet run: about
+4.5 minutes a setting (model and two compiles ~1 min; prefill of 0.5-1M tokens a row at an estimated
+12K tokens/s); a row expected to end past its half of the time is skipped and says so. With
+``--expandable-segments`` a whole run (any parts) uses expandable segments, set before CUDA initializes.
+
 1. Predicted vs measured peak: Llama-3.1-8B shape with random bf16 weights; for each (budget, context,
    batch) compile with offload="auto" (the runtime asks the planner), generate 8 tokens after a prompt of
    context - 8, and compare the plan's peak with torch.cuda.max_memory_allocated (and report
@@ -31,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import time
 import traceback
@@ -390,14 +405,34 @@ def which_layers_stay(model, context: int = 32768, new: int = 33, repeats: int =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="memory_plan_gpu")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["peaks", "migration", "oom", "placement", "oom_decode"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["peaks", "migration", "oom", "placement", "oom_decode", "batches"])
+    parser.add_argument("--expandable-segments", action="store_true",
+                        help="run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (set before CUDA initializes)")
+    parser.add_argument("--both-allocators", type=float, metavar="SECONDS",
+                        help="only the batches part, once per allocator setting in fresh processes, in SECONDS")
+    parser.add_argument("--batches-child", type=float, metavar="DEADLINE", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from benchmarks import memory_batches
+
+    if args.expandable_segments:  # before anything initializes CUDA: the allocator reads it once
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = memory_batches.EXPANDABLE
+    if args.batches_child is not None:
+        memory_batches.child(args.batches_child)
+        return
+    if args.both_allocators is not None:  # this process leaves CUDA alone: each setting gets a fresh one
+        payload = {"command": f"python -m benchmarks.memory_plan_gpu --both-allocators {args.both_allocators:g}",
+                   "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                   "batches": memory_batches.both_allocators(args.both_allocators)}
+        write_results(payload, args.out)
+        return
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/memory_plan_gpu.py needs a CUDA GPU")
     from benchmarks.offload import llama_8b_random
 
     payload = {"command": "python -m benchmarks.memory_plan_gpu", "date": datetime.date.today().isoformat(),
-               "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+               "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     if "oom_decode" not in args.skip:
         payload["out_of_memory_in_capture"] = out_of_memory_in_capture_with_offloaded_layers()
         payload["out_of_memory_in_decode"] = out_of_memory_in_decode()
@@ -414,6 +449,10 @@ def main() -> None:
         payload["out_of_memory"] = out_of_memory_recovery(model)
     if "placement" not in args.skip:
         payload["placement"] = which_layers_stay(model)
+    if "batches" not in args.skip:
+        del model
+        torch.cuda.empty_cache()
+        payload["batches"] = memory_batches.run_rows(deadline=float("inf"))
     write_results(payload, args.out)
 
 

@@ -6,10 +6,12 @@ from specontext_compiler.testing import (
     TINY_FAMILIES,
     TOPICS,
     code_word_document,
+    cpu_peak_bytes,
     padded_batch,
     peaked_llama,
     tiny_model,
     write_eagle3_checkpoint,
 )
 
-__all__ = ["CODE_WORDS", "TINY_FAMILIES", "TOPICS", "code_word_document", "padded_batch", "peaked_llama", "tiny_model", "write_eagle3_checkpoint"]
+__all__ = ["CODE_WORDS", "TINY_FAMILIES", "TOPICS", "code_word_document", "cpu_peak_bytes", "padded_batch", "peaked_llama",
+           "tiny_model", "write_eagle3_checkpoint"]

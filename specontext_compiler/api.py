@@ -21,7 +21,7 @@ from .runtime.accuracy_guard import AccuracyGuard, guard_preference
 from .runtime.attention_runtime import AttentionRuntime, SparseSettings
 from .runtime.engine import GenerationEngine
 from .runtime.kv_store import KVStore
-from .runtime.memory_manager import MemoryManager, head_cache_bytes
+from .runtime.memory_manager import MemoryManager, head_cost
 from .runtime.sampling import EXTRA_GENERATE_KWARGS, resolve_generation_config
 from .sharding import shard_model, sharded_projections
 from .tensor_parallel import (TensorParallel, check_divisible, check_environment, check_same_inputs,
@@ -151,8 +151,7 @@ class SpeContextModel:
         shape = ModelShape.from_config(hf_config, dtype, weights)
         self.memory = MemoryManager(
             self.runtime, shape, config.budget_bytes, config.offload, config.token_budget, self.window,
-            config.prefill_chunk, head_cache_bytes(self.head, shape),
-            0 if self.head is None else self.head.parameter_count() * torch.empty((), dtype=dtype).element_size(),
+            config.prefill_chunk, head_cost(self.head, shape),
         )
         self.engine = GenerationEngine(
             self.step.program.module(), self.runtime, self.device, config.prefill_chunk, config.progress,

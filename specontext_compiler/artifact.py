@@ -44,7 +44,7 @@ from .artifact_json import ArtifactError, parse_json, parse_json_value
 from .artifact_safety import UnsafeProgram, scan_program_archive
 from .artifact_tokenizer import load_tokenizer
 from .capture import CapturedStep
-from .config import BudgetError, CompileConfig, check_cuda_graph, format_bytes, parse_budget
+from .config import MIN_PREFILL_CHUNK, BudgetError, CompileConfig, check_cuda_graph, format_bytes, parse_budget
 
 logger = logging.getLogger(__name__)
 
@@ -329,7 +329,8 @@ OPTIONS = {  # options.json: key -> (check, what is accepted)
     "offload": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(is_int(i) for i in v)),
                 "a mode or a list of layer indices"),
     "elastic": (lambda v: isinstance(v, bool), "true or false"),
-    "prefill_chunk": (lambda v: v is None or (is_int(v) and v > 0), "a positive integer or null"),
+    "prefill_chunk": (lambda v: v is None or (is_int(v) and v >= MIN_PREFILL_CHUNK),
+                      f"an integer of at least {MIN_PREFILL_CHUNK} or null"),
     "last_only": (lambda v: isinstance(v, bool), "true or false"),
     "aux_layers": (lambda v: isinstance(v, list) and all(is_int(i) and i >= 0 for i in v), "a list of layer indices"),
     "device": (lambda v: isinstance(v, str), "a device name"),

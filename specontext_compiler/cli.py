@@ -219,7 +219,7 @@ def _plan(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError) as error:
         raise UsageError(str(error)) from None
     try:
-        plan = specontext.plan_memory(config, args.budget, args.context, batch=args.batch,
+        plan = specontext.plan_memory(config, args.budget, args.context, batch="max" if args.max_batch else args.batch,
                                       token_budget=args.token_budget, prompt=args.prompt,
                                       tensor_parallel=args.tensor_parallel)
     except ValueError as error:  # even every layer offloaded does not fit (BudgetError); heads not divisible
@@ -392,7 +392,8 @@ def _add_compile_arguments(parser: argparse.ArgumentParser, model_help: str) -> 
     parser.add_argument("--offload", default="auto", help="auto (default), none, all, or comma-separated layer indices")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if there is one, else cpu)")
     parser.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: bfloat16 on a GPU, float32 on the CPU)")
-    parser.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill step (default 2048)")
+    parser.add_argument("--prefill-chunk", type=int, default=2048,
+                        help="prompt tokens per prefill step over the batch, at least 16 (default 2048)")
     parser.add_argument("--compile-step", action=argparse.BooleanOptionalAction, default=None,
                         help="compile the decode step with Inductor before its CUDA graph (default: on CUDA with Triton; faster "
                              "steps, ~1 min to compile); --no-compile-step captures it as exported")
@@ -444,7 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--model", required=True, help="llama-3.1-8b, llama-3.1-70b, qwen2.5-7b, qwen3-8b, mistral-7b, or a config.json / its directory")
     plan.add_argument("--budget", required=True, help="GPU memory budget, e.g. 24GB")
     plan.add_argument("--context", type=_positive_int, required=True, help="tokens per sequence (prompt + generated)")
-    plan.add_argument("--batch", type=_positive_int, default=1)
+    batch = plan.add_mutually_exclusive_group()
+    batch.add_argument("--batch", type=_positive_int, default=1, help="sequences planned together (default 1)")
+    batch.add_argument("--max-batch", action="store_true",
+                       help="plan the largest batch the budget admits for --context (and --prompt) instead")
     plan.add_argument("--token-budget", type=_token_budget, default=DEFAULT_TOKEN_BUDGET)
     plan.add_argument("--prompt", type=_positive_int, help="also plan one sequence growing from this many tokens (which layers leave when)")
     plan.add_argument("--png", help="also plot placement and memory against the context length")

@@ -121,6 +121,17 @@ def check_offload_layers(offload: str | tuple[int, ...], layers: int) -> None:
         raise ValueError(f"offload lists layers {bad}; the model has layers 0..{layers - 1}")
 
 
+#: Prompt tokens per prefill step over the whole batch (``CompileConfig.prefill_chunk``).
+DEFAULT_PREFILL_CHUNK = 2048
+#: A prefill step feeds each row a multiple of this many tokens, and at least this many
+#: (``runtime.engine.prefill_row_chunk``).
+MIN_PREFILL_CHUNK = 16
+#: Dense attention with a mask expands K/V to the query heads in groups of rows (or KV heads) of at most
+#: this many bytes (``runtime.attention_runtime.dense_attention``). 256 MiB is about one default prefill
+#: step's MLP activations at the Llama-3.1-8B shape (2048 tokens x 4 x 14336 x 2 bytes = 224 MiB): the
+#: expansion no longer dominates a step, and at 32K tokens a row takes two SDPA calls per layer.
+DENSE_EXPANSION_BYTES = 256 * 2**20
+
 # How sparse steps pick tokens: the retrieval head (the method) or a baseline measured against it.
 #: Sparse by default: measured on SmolLM2 at 2K tokens with 256 (docs/accuracy.md), 2048 is far inside it.
 DEFAULT_TOKEN_BUDGET = 2048
@@ -224,7 +235,11 @@ class CompileConfig:
             held token is dropped only for one that beats it by more than the margin. 0.0 (default): off;
             it applies only while some layer is offloaded and ``elastic`` is on (nothing is held
             otherwise). Measured in docs/offload.md.
-        prefill_chunk: new tokens per prefill step; bounds activation memory on long prompts.
+        prefill_chunk: prompt tokens per prefill step, summed over the batch (default 2048): each step feeds
+            every row ``prefill_chunk // batch`` tokens rounded down to a multiple of 16, at least 16 (a
+            batch of more than ``prefill_chunk / 16`` rows feeds 16 tokens per row). It bounds a step's
+            activation memory at any batch size, and steps of one size let the caching allocator reuse the
+            same blocks (docs/memory.md). At least 16.
         progress: show a progress bar on prefills longer than one chunk.
         compile_decode_step: run the fixed-shape decode step through Inductor (``torch.compile`` with
             coordinate-descent tuning) before it is captured in a CUDA graph: Inductor fuses the step's
@@ -252,7 +267,7 @@ class CompileConfig:
     offload: str | tuple[int, ...] = "auto"
     elastic: bool = True
     sticky_margin: float = DEFAULT_STICKY_MARGIN
-    prefill_chunk: int = 2048
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     progress: bool = True
     compile_decode_step: bool | None = None
     cuda_graph: bool | None = None
@@ -292,9 +307,10 @@ class CompileConfig:
         if not isinstance(elastic, bool):
             raise TypeError(f"elastic must be True or False; got {elastic!r}")
         sticky_margin = check_sticky_margin(options.pop("sticky_margin", DEFAULT_STICKY_MARGIN))
-        prefill_chunk = options.pop("prefill_chunk", 2048)
-        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk <= 0:
-            raise ValueError(f"prefill_chunk must be a positive int of tokens; got {prefill_chunk!r}")
+        prefill_chunk = options.pop("prefill_chunk", DEFAULT_PREFILL_CHUNK)
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < MIN_PREFILL_CHUNK:
+            raise ValueError(f"prefill_chunk must be an int of at least {MIN_PREFILL_CHUNK} tokens (a prefill step's "
+                             f"tokens over the batch, at least {MIN_PREFILL_CHUNK} per row); got {prefill_chunk!r}")
         progress = options.pop("progress", True)
         if not isinstance(progress, bool):
             raise TypeError(f"progress must be True or False; got {progress!r}")

@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 import transformers
+
+T = TypeVar("T")
 
 COMMON = dict(
     vocab_size=96,
@@ -62,6 +65,33 @@ def padded_batch(vocab: int, lengths: list[int], seed: int = 0, pad_id: int = 0,
         ids[row, width - n:] = torch.randint(low, vocab, (n,), generator=g)
         mask[row, width - n:] = 1
     return ids, mask
+
+
+def cpu_peak_bytes(fn: Callable[[], T]) -> tuple[T, int, int]:
+    """Run ``fn`` and measure the CPU memory it allocates: (its result, the peak of bytes allocated and
+    not yet freed since it started, those still allocated when it returned). Measured, not modelled:
+    every allocation of torch's CPU allocator on the calling thread, a kernel's own workspaces included,
+    as the profiler's memory events report them (``torch.cuda.max_memory_allocated`` on the CPU)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    allocations = []
+    nodes = list(prof.profiler.kineto_results.experimental_event_tree())
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.children)
+        if node.typed[0] == _EventType.Allocation:  # an allocation, or a free (a negative size)
+            allocations.append((node.start_time_ns, node.typed[1].total_allocated, node.typed[1].alloc_size))
+    if not allocations:
+        return result, 0, 0
+    allocations.sort()
+    # total_allocated: the allocator's running count of what it allocated while a profiler recorded
+    # memory (this one or an earlier one) and has not freed; counted from what it was before fn
+    _, first_total, first_size = allocations[0]
+    start = first_total - first_size
+    return result, max(total for _, total, _ in allocations) - start, allocations[-1][1] - start
 
 
 def peaked_llama() -> transformers.PreTrainedModel:

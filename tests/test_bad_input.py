@@ -77,6 +77,15 @@ def ids(*shape, low=3, high=96):
     return torch.randint(low, high, shape, generator=torch.Generator().manual_seed(0))
 
 
+def batch_past_the_largest():
+    """A budget with room for 2 x (20 + 10) tokens with every layer's KV on the GPU; ``generate`` at batch 3."""
+    model = tiny_model("llama")
+    probe = specontext.compile(model, "1GB", offload="none", progress=False)
+    budget = probe.memory.model(30).peak(2, 30, 2, 30, prompt=20)
+    compiled = specontext.compile(model, budget, offload="none", progress=False)
+    return compiled.generate(ids(3, 20), max_new_tokens=10, min_new_tokens=10)
+
+
 def with_token(token: int):
     prompt = ids(1, 5)
     prompt[0, 2] = token
@@ -179,7 +188,14 @@ CASES = [
     ("budget", '`compile(model, "1KB")` (smaller than the weights)', compile_with("1KB"), specontext.BudgetError,
      r"budget is too small: the model needs at least .* for its weights alone, plus its KV cache; budget is 1.0 KB"),
     ("budget", "a budget with room for the weights but not for 4 x 200 tokens of KV, at `generate`", too_small_for_kv,
-     specontext.BudgetError, r"needs at least .* for batch 4 x 200 tokens with every layer offloaded.*budget is"),
+     specontext.BudgetError, r"needs at least .* for batch 4 x 200 tokens with every layer offloaded.*budget is .*; it "
+     r"admits no batch of a 100-token prompt growing to 200 tokens"),
+    ("batch", "a batch past the largest the budget admits (2, every layer's KV on the GPU), at `generate`",
+     batch_past_the_largest, specontext.BudgetError, r"needs at least .* for batch 3 x 30 tokens with 2 of 2 layers' KV on "
+     r"the GPU.*; the largest batch it admits for a 20-token prompt growing to 30 tokens is 2"),
+    ("batch", '`plan_memory(config, "24GB", 8192, batch="many")`',
+     lambda: specontext.plan_memory(tiny_model("llama").config, "24GB", 8192, batch="many"), ValueError,
+     r"batch must be a positive int or 'max'; got 'many'"),
     ("token_budget", "`token_budget=0`", compile_with("1GB", token_budget=0), ValueError, r"token_budget must be None \(dense attention\), a positive int"),
     ("token_budget", "`token_budget=-1`", compile_with("1GB", token_budget=-1), ValueError, r"token_budget must be .*; got -1"),
     ("token_budget", "`token_budget=1.5`", compile_with("1GB", token_budget=1.5), ValueError, r"token_budget must be .*; got the float 1.5"),
@@ -198,7 +214,8 @@ CASES = [
      r"sticky_margin must be a finite float >= 0.0 .*; got 1 of type int"),
     ("sticky_margin", '`sticky_margin="0.1"`', compile_with("1GB", sticky_margin="0.1"), TypeError,
      r"sticky_margin must be a finite float >= 0.0 .*; got '0.1' of type str"),
-    ("prefill_chunk", "`prefill_chunk=0`", compile_with("1GB", prefill_chunk=0), ValueError, r"prefill_chunk must be a positive int of tokens; got 0"),
+    ("prefill_chunk", "`prefill_chunk=0`", compile_with("1GB", prefill_chunk=0), ValueError, r"prefill_chunk must be an int of at least 16 tokens .*; got 0"),
+    ("prefill_chunk", "`prefill_chunk=8`", compile_with("1GB", prefill_chunk=8), ValueError, r"prefill_chunk must be an int of at least 16 tokens \(a prefill step's tokens over the batch, at least 16 per row\); got 8"),
     ("offload", '`offload="some"`', compile_with("1GB", offload="some"), ValueError, r"offload='some' is not one of 'auto', 'none', 'all'"),
     ("offload", "`offload=[7]` (2 layers)", compile_with("1GB", offload=[7]), ValueError, r"offload lists layers \[7\]; the model has layers 0..1"),
     ("option", "`compile(model, budget, windw=4)`", compile_with("1GB", windw=4), TypeError, r"unknown option\(s\) \['windw'\] for specontext.compile; accepted:"),

@@ -44,11 +44,11 @@ def test_generate_streams_tokens_with_a_prefill_bar_and_reports(tiny_model_dir, 
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Tell me about the river valley and its orchards, and the roads between the towns. " * 2)
     assert main(["generate", "--model", str(tiny_model_dir), "--prompt-file", str(prompt), "--max-new-tokens", "12",
-                 "--offload", "0", "--token-budget", "8", "--prefill-chunk", "8"]) == 0
+                 "--offload", "0", "--token-budget", "8", "--prefill-chunk", "16"]) == 0
     captured = capsys.readouterr()
     assert sum(1 for piece in pieces if piece) >= 2  # printed as the tokens came, not once at the end
     assert captured.out.strip()
-    assert "prefill" in captured.err and "tok/s" in captured.err  # the tqdm bar over the 8-token chunks
+    assert "prefill" in captured.err and "tok/s" in captured.err  # the tqdm bar over the 16-token chunks
     last = captured.err.strip().splitlines()[-1]
     assert "12 new" in last and "decode" in last and "tok/s" in last
     moved = re.search(r"KV moved host->GPU ([0-9.]+ [KMG]?B) \(full reloads would move ([0-9.]+ [KMG]?B)\)", last)

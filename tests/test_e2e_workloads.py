@@ -321,7 +321,7 @@ def test_planner_batches_follow_the_budget_and_the_host_limit(tiny):
     compiled = specontext.compile(tiny, "1GB", token_budget=16, local_window=4, progress=False, guard=False)
     plan = lambda batch: specontext.plan_memory(  # noqa: E731
         tiny, "1GB", context=4096, batch=batch, prompt=64, token_budget=16, window=compiled.window,
-        head_key_bytes_per_token=compiled.memory.head_cache_bytes)
+        head=compiled.memory.head)
     budget = plan(4).peak_bytes  # four sequences fit exactly with every layer's KV on the GPU
     compiled = specontext.compile(tiny, budget, token_budget=16, local_window=4, progress=False, guard=False)
     found = planner_batches(tiny, compiled, budget, workload, host_bytes=None, policies=("resident", "admitted"))
@@ -339,7 +339,7 @@ def test_spec_profile_follows_the_plans_migrations(tiny, one_thread):
 
     compiled = specontext.compile(tiny, "1GB", token_budget=16, local_window=4, progress=False, guard=False)
     budget = specontext.plan_memory(tiny, "1GB", context=4096, batch=4, prompt=64, token_budget=16,
-                                    window=compiled.window, head_key_bytes_per_token=compiled.memory.head_cache_bytes).peak_bytes
+                                    window=compiled.window, head=compiled.memory.head).peak_bytes
     compiled = specontext.compile(tiny, budget, token_budget=16, local_window=4, progress=False, guard=False)
     ids = torch.randint(3, 96, (5, 4096), generator=torch.Generator().manual_seed(3))
     profile = spec_profile(compiled, ids, Workload("w", 64, 4032), [64, 1000, 4000], steps=4)

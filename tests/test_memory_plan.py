@@ -29,13 +29,46 @@ def test_terms_match_hand_computed_values():
     assert terms["ring"].bytes(b, length, resident) == (32 - resident) * b * 65 * kv
     assert terms["staging"].bytes(b, length, resident) == b * length * kv
     assert terms["staging"].bytes(b, length, 32) == 0  # nothing offloaded, nothing staged
-    assert terms["retrieval_head"].bytes(b, length, resident) == b * length * kv // 2  # one layer's keys
+    # the draft-free head: its 3 scoring layers' keys, each layer's float32 prior [Hkv] and their mean
+    prior = 32 * 8 * 4
+    assert terms["retrieval_head"].bytes(b, length, resident) == b * length * (3 * kv // 2 + prior + 8 * 4)
     assert terms["logits"].bytes(b, length, resident) == b * 128256 * (2 + 4)
     assert terms["workspace"].bytes(b, length, resident) == 1000
-    chunk_activations = b * 2048 * (4 * 4096 + 3 * 14336 + 2 * 4096) * 2 + b * 2048 * length * (1 + 2) + 2 * b * 32 * length * 128 * 2
-    assert terms["prefill_activations"].bytes(b, length, resident) == chunk_activations
+    for batch in (2, 16, 200):
+        tokens = max(2048, 16 * batch)  # a prefill step: 2048 tokens over the batch, at least 16 per row
+        held = tokens * length + batch * length * (8 + prior)  # mask, position ids, the head's replaced prior
+        mlp = tokens * (4096 + 4 * 14336) * 2
+        expanded = min(batch * 8 * (2 * 4 * length * 128 * 2), max(256 * 2**20, 2 * 4 * length * 128 * 2))
+        attention = tokens * (4096 + 4 * 4096 + 3 * 1024) * 2 + max(batch * length * (32 * 8 + 2 * 8 * 4),
+                                                                      tokens * length * 3 + expanded)
+        assert terms["prefill_activations"].bytes(batch, length, resident) == held + max(mlp, attention), batch
+        # a decode step: the loop's token ids and mask, one token, and the largest of a dense step (expanded
+        # K/V, the mask's copies), the sparse gather and the head's scoring (the prior's stacked mean)
+        expanded = min(batch * 8 * (2 * 4 * (length + 1) * 128 * 2), max(256 * 2**20, 2 * 4 * (length + 1) * 128 * 2))
+        gather = 2 * batch * 8 * 2049 * 128 * 2
+        scoring = batch * length * max(prior + 8 * 4, 32 * 8 + 3 * 8 * 4)
+        decode = 32 * batch * length + batch * (4096 + 4 * 14336) * 2 + max(
+            expanded + batch * length * 4, gather, scoring)
+        assert terms["decode_activations"].bytes(batch, length, resident) == decode, batch
     assert terms["slots"].bytes(b, 1000, resident) == (32 - resident) * b * (1000 + 2) * kv  # selection <= context
     assert str(terms["kv_resident"]).startswith("kv_resident = 4096*B*L*n")  # printable, named expressions
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(16, 65536), st.integers(1, 4096), st.integers(1, 200_000))
+def test_prefill_step_tokens_bound_what_the_engine_feeds(prefill_chunk, batch, prompt):
+    """The model's tokens per prefill step never fall as the batch grows, bound every step the engine
+    feeds (``prefill_row_chunk`` per row), by less than 16 tokens a row, exactly where the chunk splits
+    into rows of a multiple of 16."""
+    from specontext_compiler.planning.memory_model import prefill_step_tokens
+    from specontext_compiler.runtime.engine import prefill_row_chunk
+
+    bound = int(prefill_step_tokens(batch, prefill_chunk, prompt))
+    fed = batch * min(prompt, prefill_row_chunk(prefill_chunk, batch))
+    assert fed <= bound < fed + 16 * batch
+    assert bound <= int(prefill_step_tokens(batch + 1, prefill_chunk, prompt))
+    if prefill_chunk % (16 * batch) == 0 and prompt >= prefill_chunk // batch:
+        assert fed == bound
 
 
 def test_weights_of_a_loaded_model_are_its_actual_bytes():
@@ -122,6 +155,43 @@ def test_impossible_budget_says_what_it_needs_and_where_it_goes():
         specontext.plan_memory("llama", "24GB", 8192)
 
 
+@pytest.mark.parametrize("prompt", [None, 32760])
+def test_the_largest_batch_fits_and_one_more_does_not(prompt):
+    config = LlamaConfig(**LLAMA_8B)
+    plan = specontext.plan_memory(config, "135GB", 32768, batch="max", prompt=prompt, dtype=torch.bfloat16)
+    largest = plan.batch
+    assert largest > 1 and plan.peak_bytes <= plan.budget_bytes
+    assert f"largest batch the budget admits: {largest} (batch {largest + 1} needs" in plan.table()
+    assert plan.next_batch_peak > plan.budget_bytes and json.loads(plan.to_json())["largest_batch"]
+    assert specontext.plan_memory(config, "135GB", 32768, batch=largest, prompt=prompt, dtype=torch.bfloat16).peak_bytes \
+        == plan.peak_bytes
+    shape = "32768 tokens" if prompt is None else "a 32760-token prompt growing to 32768 tokens"
+    with pytest.raises(specontext.BudgetError, match=f"the largest batch it admits for {shape} is {largest}$"):
+        specontext.plan_memory(config, "135GB", 32768, batch=largest + 1, prompt=prompt, dtype=torch.bfloat16)
+    # what a batch leaves in host memory: the offloaded layers' K/V
+    assert plan.host_bytes == (32 - plan.resident) * largest * 32768 * 4096
+
+
+def test_largest_batch_with_every_layer_on_the_gpu_matches_the_plan():
+    """A fixed placement (every layer resident): the largest batch whose peak fits, checked one by one."""
+    config = LlamaConfig(**LLAMA_8B)
+    plan = specontext.plan_memory(config, "135GB", 32768, prompt=32760, dtype=torch.bfloat16)
+    model, budget = plan.model, plan.budget_bytes
+    largest = model.max_batch(32768, budget, 32760, resident=32)
+    fits = [model.peak(batch, 32768, 32, 32768, prompt=32760) <= budget for batch in range(1, largest + 30)]
+    assert fits == [True] * largest + [False] * 29
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 5000))
+def test_largest_batch_search_is_exact_for_a_threshold(threshold):
+    from specontext_compiler.planning.planner import largest_batch
+
+    calls = []
+    assert largest_batch(lambda batch: calls.append(batch) or batch <= threshold) == threshold
+    assert len(calls) <= 2 * max(1, threshold).bit_length() + 2  # doubling, then bisection
+
+
 def test_plan_outputs(tmp_path):
     plan = specontext.plan_memory(LlamaConfig(**LLAMA_8B), "24GB", 131072, dtype=torch.bfloat16)
     assert 0 < plan.resident < 32 and plan.thresholds
@@ -156,3 +226,12 @@ def test_cli_plan(tmp_path, capsys):
     assert "growing from a 65536-token prompt" in capsys.readouterr().out
     assert main(["plan", "--model", "llama-3.1-8b", "--budget", "10GB", "--context", "8192"]) == 2
     assert "needs at least" in capsys.readouterr().err
+    assert main(["plan", "--model", "llama-3.1-8b", "--budget", "135GB", "--context", "18432", "--prompt", "2048",
+                 "--max-batch"]) == 0
+    out = capsys.readouterr().out
+    largest = specontext.plan_memory(LlamaConfig(**LLAMA_8B), "135GB", 18432, batch="max", prompt=2048,
+                                     dtype=torch.bfloat16).batch
+    assert f"largest batch the budget admits: {largest} " in out and f"memory plan: batch {largest} x 18432" in out
+    with pytest.raises(SystemExit):  # argparse: one or the other
+        main(["plan", "--model", "llama-3.1-8b", "--budget", "24GB", "--context", "8192", "--batch", "2", "--max-batch"])
+    assert "not allowed with argument" in capsys.readouterr().err

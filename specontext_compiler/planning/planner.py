@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from ..config import BudgetError, format_bytes, parse_budget
-from .memory_model import B, DEFAULT_WORKSPACE, MIGRATION_CHUNK, L, MemoryTerm, ModelShape, memory_terms, n
+from typing import Callable
+
+from ..config import DEFAULT_PREFILL_CHUNK, BudgetError, format_bytes, parse_budget
+from .memory_model import (B, DEFAULT_WORKSPACE, MIGRATION_CHUNK, HeadCost, L, MemoryTerm, ModelShape,
+                           default_head_cost, memory_terms, n)
 
 #: Terms sized once for the whole sequence (the head's key copy, the staging buffer): in a schedule
 #: they are evaluated at the final length, whatever the current one.
@@ -156,6 +159,37 @@ class PeakModel:
         dense_until = max(start, end + 1 if self.token_budget is None else self.token_budget)
         return not all(tokens == end or tokens >= dense_until for tokens in until)
 
+    def max_batch(self, end: int, budget: int, prompt: int | None = None, resident: int | None = None) -> int:
+        """The largest batch that fits sequences of ``end`` tokens under ``budget`` (0: not even one):
+        growing from ``prompt`` with layers leaving as planned (:meth:`schedule`), or at ``end`` tokens
+        with the most layers that fit (:meth:`resident_layers`); with ``resident``, a fixed placement of
+        that many GPU-resident layers instead."""
+        if resident is not None:
+            return largest_batch(lambda batch: self.peak(batch, end, resident, end, prompt=prompt) <= budget)
+        if prompt is not None:
+            return largest_batch(lambda batch: self.schedule(batch, prompt, end, budget) is not None)
+        return largest_batch(lambda batch: self.resident_layers(batch, end, budget) is not None)
+
+
+#: Batches past this are not searched (a plan's batch sizes buffers; no GPU holds a batch this large).
+MAX_BATCH_SEARCHED = 2**20
+
+
+def largest_batch(fits: Callable[[int], bool]) -> int:
+    """The largest batch for which ``fits`` holds, up to :data:`MAX_BATCH_SEARCHED` (0: not even 1), by
+    doubling then bisection: every term's bound never falls as the batch grows (memory_model.py), so once
+    a batch does not fit no larger one does."""
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= MAX_BATCH_SEARCHED and fits(high):
+        low, high = high, 2 * high
+    high = min(high, MAX_BATCH_SEARCHED + 1)  # fits(low); high does not fit, or is past the search
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
 
 @dataclass
 class MemoryPlan:
@@ -166,7 +200,7 @@ class MemoryPlan:
     context: int
     token_budget: int | None
     num_layers: int
-    resident: int
+    resident: int  # GPU-resident layers at ``context`` tokens
     terms: list[MemoryTerm] = field(repr=False)
     thresholds: list[tuple[int, int | None]]  # (length, resident layers for longer contexts; None: none fit)
     #: With ``prompt``: per layer, the most tokens it holds on the GPU (0: offloaded from the start).
@@ -175,6 +209,8 @@ class MemoryPlan:
     model: PeakModel = field(default=None, repr=False)
     staged: bool = True  # a dense step runs with a layer offloaded (the staging buffer is held)
     tensor_parallel: int = 1  # ranks the model is sharded across: every figure is one rank's (one GPU's)
+    #: ``plan_memory(batch="max")``: ``batch`` is the largest the budget admits, and this the peak of one more.
+    next_batch_peak: int | None = None
 
     @property
     def gpu_layers(self) -> list[int]:
@@ -193,6 +229,12 @@ class MemoryPlan:
         return sorted(((until, layer) for layer, until in enumerate(self.resident_until)
                        if self.prompt <= until < self.context), reverse=True)
 
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the offloaded layers' full K/V take at ``context`` tokens (pinned on a GPU machine; not
+        planned: the budget is the GPU's)."""
+        return (self.num_layers - self.resident) * self.batch * self.context * self.model.shape.kv_layer_token_bytes
+
     def breakdown(self) -> dict[str, int]:
         """Each term's bytes at ``context`` tokens (prefill activations at the prompt's length, if given)."""
         return self.model.parts(self.batch, self.context, self.resident, prompt=self.prompt, staged=self.staged)
@@ -203,15 +245,20 @@ class MemoryPlan:
 
     def table(self) -> str:
         rows = [f"memory plan: batch {self.batch} x {self.context} tokens, token budget {self.token_budget}, "
-                f"budget {format_bytes(self.budget_bytes)}" + (" per GPU" if self.tensor_parallel > 1 else ""),
-                f"GPU-resident layers: {self.resident} of {self.num_layers}"]
+                f"budget {format_bytes(self.budget_bytes)}" + (" per GPU" if self.tensor_parallel > 1 else "")]
         if self.tensor_parallel > 1:
-            rows.insert(1, f"tensor parallel {self.tensor_parallel}: per rank (one GPU): 1/{self.tensor_parallel} of the "
-                           "heads, KV heads and MLP width; embeddings, norms and LM head whole")
+            rows.append(f"tensor parallel {self.tensor_parallel}: per rank (one GPU): 1/{self.tensor_parallel} of the "
+                        "heads, KV heads and MLP width; embeddings, norms and LM head whole")
+        if self.next_batch_peak is not None:
+            rows.append(f"largest batch the budget admits: {self.batch} (batch {self.batch + 1} needs "
+                        f"{format_bytes(self.next_batch_peak)})")
+        rows.append(f"GPU-resident layers: {self.resident} of {self.num_layers}")
         parts = self.breakdown()
         for term in self.terms:
             rows.append(f"  {term.name:<20} {format_bytes(parts[term.name]):>10}  {term.what}")
         rows.append(f"  {'peak':<20} {format_bytes(self.peak_bytes):>10}  held terms + the larger activation term")
+        if self.host_bytes:
+            rows.append(f"  {'host memory':<20} {format_bytes(self.host_bytes):>10}  offloaded layers' K/V (not in the budget)")
         for length, resident in self.thresholds:
             rows.append(f"  past {length} tokens: {resident} resident layers")
         if self.prompt is not None:
@@ -255,6 +302,8 @@ class MemoryPlan:
             "terms": self.breakdown(), "expressions": {t.name: str(t.expr) for t in self.terms},
             "prompt": self.prompt, "resident_until": self.resident_until,
             "migrations": [list(m) for m in self.migrations], "tensor_parallel": self.tensor_parallel,
+            "host_bytes": self.host_bytes,
+            "largest_batch": self.next_batch_peak is not None, "next_batch_peak": self.next_batch_peak,
         }
 
     def to_json(self) -> str:
@@ -282,14 +331,19 @@ def model_shape(config_or_model, dtype=None, tensor_parallel: int = 1) -> ModelS
 
 
 def impossible_budget(model: PeakModel, budget: int, batch: int, length: int, resident: int = 0,
-                      prompt: int | None = None) -> BudgetError:
-    """The error for a budget that cannot hold ``batch`` x ``length`` tokens with ``resident`` layers on the GPU."""
+                      prompt: int | None = None, largest: int | None = None) -> BudgetError:
+    """The error for a budget that cannot hold ``batch`` x ``length`` tokens with ``resident`` layers on the
+    GPU; ``largest``: the largest batch it admits for these lengths, named in the message."""
     parts = model.parts(batch, length, resident, prompt=prompt)
     needed = model.peak(batch, length, resident, prompt=prompt)
     listed = ", ".join(f"{name} {format_bytes(value)}" for name, value in parts.items() if value)
     layers = model.shape.num_layers
     where = "with every layer offloaded" if resident == 0 else f"with {resident} of {layers} layers' KV on the GPU"
     hint = "" if resident == 0 else "; offload='auto' or 'all' keeps less KV on the GPU"
+    if largest is not None:
+        shape = f"{length} tokens" if prompt is None else f"a {prompt}-token prompt growing to {length} tokens"
+        hint += (f"; the largest batch it admits for {shape} is {largest}" if largest else
+                 f"; it admits no batch of {shape}")
     return BudgetError(f"needs at least {format_bytes(needed)} for batch {batch} x {length} tokens {where}: "
                       f"{listed}; budget is {format_bytes(budget)}{hint}")
 
@@ -298,38 +352,49 @@ def plan_memory(
     config_or_model,
     budget: int | str,
     context: int,
-    batch: int = 1,
+    batch: int | str = 1,
     token_budget: int | None = 2048,
     dtype=None,
     window: int = 65,
-    prefill_chunk: int = 2048,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     workspace: int = DEFAULT_WORKSPACE,
     prompt: int | None = None,
-    head_key_bytes_per_token: int | None = None,
-    head_parameter_bytes: int = 0,
+    head: HeadCost | None = None,
     tensor_parallel: int = 1,
 ) -> MemoryPlan:
     """Plan where each layer's KV lives for ``batch`` sequences of ``context`` tokens under ``budget``.
 
     ``config_or_model``: a transformers config or model (a model's actual weight bytes are used).
+    ``batch``: a number of sequences, or ``"max"``: the largest batch the budget admits for these
+    lengths (the plan's ``batch``; ``next_batch_peak``: what one more would need).
     ``prompt``: also plan one sequence growing from ``prompt`` to ``context`` tokens
-    (``.resident_until``, ``.migrations``). ``tensor_parallel``: the model sharded across that many GPUs;
-    ``budget`` and every figure of the plan are per GPU (one rank). Raises ValueError stating the minimum
-    budget and where it goes when even offloading every layer does not fit.
+    (``.resident_until``, ``.migrations``). ``head``: the retrieval head's cost (default: the draft-free
+    head ``compile`` builds). ``tensor_parallel``: the model sharded across that many GPUs; ``budget`` and
+    every figure of the plan are per GPU (one rank). Raises :class:`~specontext_compiler.config.BudgetError`
+    (a ValueError) stating the minimum budget and where it goes when even offloading every layer does not fit.
     """
     from ..tensor_parallel import validate_tensor_parallel
 
     tensor_parallel = validate_tensor_parallel(tensor_parallel)
     budget_bytes = parse_budget(budget)
-    for name, value in (("context", context), ("batch", batch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int; got {value!r}")
+    if not (batch == "max" or isinstance(batch, int) and not isinstance(batch, bool) and batch > 0):
+        raise ValueError(f"batch must be a positive int or 'max'; got {batch!r}")
+    if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
+        raise ValueError(f"context must be a positive int; got {context!r}")
     if prompt is not None and (isinstance(prompt, bool) or not isinstance(prompt, int) or not 0 < prompt <= context):
         raise ValueError(f"prompt must be an int of tokens in 1..context ({context}); got {prompt!r}")
     shape = model_shape(config_or_model, dtype, tensor_parallel)
-    terms = memory_terms(shape, token_budget, window, prefill_chunk, workspace=workspace,
-                         head_key_bytes_per_token=head_key_bytes_per_token, head_parameter_bytes=head_parameter_bytes)
+    if head is None and token_budget is not None:
+        config = getattr(config_or_model, "config", config_or_model)
+        head = default_head_cost(shape, getattr(config, "layer_types", None))
+    terms = memory_terms(shape, token_budget, window, prefill_chunk, workspace=workspace, head=head)
     model = PeakModel(shape, terms, token_budget=token_budget)
+    next_batch_peak = None
+    if batch == "max":
+        batch = model.max_batch(context, budget_bytes, prompt)
+        if batch == 0:
+            raise impossible_budget(model, budget_bytes, 1, context, prompt=prompt)
+        next_batch_peak = model.peak(batch + 1, context, 0, prompt=prompt)
     if prompt is None:
         until, staged = None, True
         resident = model.resident_layers(batch, context, budget_bytes)
@@ -340,6 +405,8 @@ def plan_memory(
         staged = until is None or model.staged(until, prompt, context)
         resident = None if until is None else sum(1 for tokens in until if tokens == context)
     if resident is None:
-        raise impossible_budget(model, budget_bytes, batch, context, prompt=prompt)
+        raise impossible_budget(model, budget_bytes, batch, context, prompt=prompt,
+                                largest=model.max_batch(context, budget_bytes, prompt))
     return MemoryPlan(budget_bytes, batch, context, token_budget, shape.num_layers, resident, terms,
-                      model.thresholds(batch, budget_bytes, context), until, prompt, model, staged, tensor_parallel)
+                      model.thresholds(batch, budget_bytes, context), until, prompt, model, staged,
+                      tensor_parallel=tensor_parallel, next_batch_peak=next_batch_peak)

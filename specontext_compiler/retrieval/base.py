@@ -120,7 +120,8 @@ class KeyCache:
         needed = self.length + new
         buffer = self.keys
         if buffer is None or buffer.shape[:2] != (batch, heads) or buffer.shape[3] != dim or buffer.shape[2] < needed:
-            capacity = self.grow_chunk * -(-max(needed, self.reserve) // self.grow_chunk)
+            # The reservation exactly (as the KV store reserves: what the memory plan counts); whole chunks past it.
+            capacity = self.reserve if needed <= self.reserve else self.grow_chunk * -(-needed // self.grow_chunk)
             grown = keys.new_empty(batch, heads, capacity, dim)
             if buffer is not None and self.length and buffer.shape[:2] == (batch, heads):
                 grown[:, :, : self.length] = buffer[:, :, : self.length]

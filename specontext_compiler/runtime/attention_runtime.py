@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import DENSE_EXPANSION_BYTES
 from ..kernels import on_triton_path
 from ..kernels import sparse_decode_attention as triton_sparse_decode_attention
 from ..retrieval.base import RetrievalHead, group_probabilities
@@ -64,11 +65,16 @@ def dense_attention(
     mask: torch.Tensor | None,
     scale: float,
     softcap: float = 0.0,
+    max_expanded_bytes: int | None = DENSE_EXPANSION_BYTES,
 ) -> torch.Tensor:
     """Reference dense attention, numerically the same as transformers' sdpa/eager paths.
 
     q [B, Hq, Tq, D], keys/values [B, Hkv, Tk, D], mask boolean [B, 1, Tq, Tk] (True = attend) or an
     additive float mask, or None for causal attention aligned to the last key. Returns [B, Hq, Tq, Dv].
+
+    Where K/V must be expanded to the query heads (a mask, soft-capping), that is done in groups of rows,
+    or of one row's KV heads, whose expanded K/V take at most ``max_expanded_bytes`` (one KV head of one
+    row where that alone is larger; None: the whole batch at once): :func:`expansion_groups`.
     """
     groups = q.shape[1] // keys.shape[1]
     q_len, kv_len = q.shape[2], keys.shape[2]
@@ -77,14 +83,47 @@ def dense_attention(
         return F.scaled_dot_product_attention(q, keys, values, scale=scale, is_causal=q_len > 1, enable_gqa=groups > 1)
     if mask is None and q_len > 1:
         mask = causal_mask(q_len, kv_len, q.device)
-    if softcap:
-        return _softcapped_attention(q, expand_kv_heads(keys, groups), expand_kv_heads(values, groups), mask, scale, softcap)
-    if mask is None:
+    if mask is None and not softcap:
         # One query over all keys: transformers' SDPA path uses grouped-query SDPA here.
         return F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=groups > 1)
-    return F.scaled_dot_product_attention(
-        q, expand_kv_heads(keys, groups), expand_kv_heads(values, groups), attn_mask=mask, scale=scale
-    )
+    # With a mask, SDPA's enable_gqa falls back to its math kernel on CUDA (transformers' use_gqa_in_sdpa),
+    # which holds every score: K/V are expanded instead, as transformers does, a bounded group at a time.
+    rows, heads = expansion_groups(keys, values, groups, max_expanded_bytes)
+    batch, kv_heads = keys.shape[:2]
+    if rows >= batch and heads >= kv_heads:
+        return _expanded_attention(q, keys, values, mask, scale, softcap, groups)
+    out = q.new_empty(batch, q.shape[1], q_len, values.shape[-1])
+    for row in range(0, batch, rows):
+        batch_rows = slice(row, row + rows)
+        for head in range(0, kv_heads, heads):
+            kv = slice(head, head + heads)
+            query_heads = slice(head * groups, (head + heads) * groups)
+            part = mask if mask is None or mask.shape[0] == 1 else mask[batch_rows]
+            if part is not None and part.shape[1] > 1:  # a per-head mask
+                part = part[:, query_heads]
+            out[batch_rows, query_heads] = _expanded_attention(
+                q[batch_rows, query_heads], keys[batch_rows, kv], values[batch_rows, kv], part, scale, softcap, groups)
+    return out
+
+
+def expansion_groups(keys: torch.Tensor, values: torch.Tensor, groups: int, max_bytes: int | None) -> tuple[int, int]:
+    """(rows, KV heads) per call of :func:`dense_attention`'s expanded path: whole rows while one row's K/V
+    expanded to its ``groups`` query heads each fit in ``max_bytes``, else KV heads of one row (at least
+    one). Without query groups nothing is expanded: the whole batch."""
+    batch, kv_heads, kv_len = keys.shape[:3]
+    if max_bytes is None or groups == 1:
+        return batch, kv_heads
+    head = groups * kv_len * (keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size())
+    if kv_heads * head <= max_bytes:
+        return max(1, max_bytes // (kv_heads * head)), kv_heads
+    return 1, max(1, max_bytes // head)
+
+
+def _expanded_attention(q, keys, values, mask, scale, softcap, groups):
+    keys, values = expand_kv_heads(keys, groups), expand_kv_heads(values, groups)
+    if softcap:
+        return _softcapped_attention(q, keys, values, mask, scale, softcap)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
 
 def sparse_decode_attention(
@@ -197,6 +236,8 @@ class AttentionRuntime:
         # Set per sequence by the engine: with no padding token, the mask transformers built is plain
         # causal (bar sliding windows shorter than the context), and SDPA's mask-free paths compute it faster.
         self.padding_free = False
+        # Dense attention with a mask expands K/V to the query heads in groups of at most this many bytes.
+        self.expansion_bytes: int | None = DENSE_EXPANSION_BYTES
         self._sparse_step = False
         # Calibration switches selection off for a step to compute the dense reference in place.
         self.selection_enabled = True
@@ -369,7 +410,7 @@ class AttentionRuntime:
                                 scale, softcap)
         if self.padding_free and (not sliding_window or total <= sliding_window):
             mask = None
-        return dense_attention(q, keys, values, mask, scale, softcap)
+        return dense_attention(q, keys, values, mask, scale, softcap, self.expansion_bytes)
 
     def _sparse_offloaded(self, layer, q, k, v, keys, scale, softcap):
         """Attention over the layer's slots (its selection, loaded by the prefetcher) + the new token."""

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from ..config import MIN_PREFILL_CHUNK
 from . import step_transaction
 from .attention_runtime import AttentionRuntime
 from .context import activate
@@ -50,6 +51,15 @@ class Prefilled:
 CAPACITY_ALIGNMENT = 16
 
 
+def prefill_row_chunk(prefill_chunk: int, batch: int) -> int:
+    """Prompt tokens of each row that one prefill step feeds: ``prefill_chunk`` tokens over the batch,
+    rounded down to a multiple of 16, at least 16. Steps of one size whatever the batch let the caching
+    allocator reuse the same blocks, and keep a step's activations (its mask: tokens x context) from
+    growing with the batch; a multiple of 16 keeps every step's key length but the last aligned, as
+    CUDA's memory-efficient attention wants a mask (it pads an unaligned one with a copy)."""
+    return max(MIN_PREFILL_CHUNK, prefill_chunk // batch // MIN_PREFILL_CHUNK * MIN_PREFILL_CHUNK)
+
+
 def reserved_tokens(total: int) -> int:
     """Tokens a ``generate`` reserves for sequences of ``total``: rounded up to a multiple of 16. The
     reservation is the fixed-shape step's capacity (its mask's width, the rows of its KV buffers), and
@@ -70,7 +80,7 @@ class GenerationEngine:
         step: the captured step returning the last position's logits, [B, 1, V].
         runtime: the attention runtime whose KV store the step's attention ops use.
         device: where inputs go.
-        prefill_chunk: new tokens per prefill step.
+        prefill_chunk: prompt tokens per prefill step over the batch (:func:`prefill_row_chunk`).
         progress: show a progress bar when the prompt takes more than one chunk.
         kv_bytes_per_token: K+V bytes of one token over all layers (for the bytes-read counter).
         memory: the :class:`~.memory_manager.MemoryManager` (None: fixed placement, no retries).
@@ -122,22 +132,22 @@ class GenerationEngine:
 
     # -- prefill --------------------------------------------------------------------------------------
     def run_chunks(self, step: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_all: bool) -> torch.Tensor:
-        """Feed the prompt through ``step`` chunk by chunk; each chunk's KV lands in the store.
+        """Feed the prompt through ``step`` chunk by chunk (:func:`prefill_row_chunk` tokens of every row
+        per step); each chunk's KV lands in the store.
 
         Returns the logits of every position (``keep_all``) or of the last one.
         """
         total = input_ids.shape[1]
+        chunk = prefill_row_chunk(self.prefill_chunk, input_ids.shape[0])
         position_ids = prompt_position_ids(attention_mask)
-        starts = range(0, total, self.prefill_chunk)
-        bar = tqdm(
-            total=total, desc="prefill", unit="tok", disable=not self.progress or total <= self.prefill_chunk, leave=False
-        )
+        starts = range(0, total, chunk)
+        bar = tqdm(total=total, desc="prefill", unit="tok", disable=not self.progress or total <= chunk, leave=False)
         outputs = []
         self.runtime.prefilling = True
         try:
             with bar:
                 for start in starts:
-                    end = min(start + self.prefill_chunk, total)
+                    end = min(start + chunk, total)
                     logits = self.run_step(step, input_ids[:, start:end], attention_mask[:, :end], position_ids[:, start:end])
                     if keep_all:
                         outputs.append(logits)

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..config import check_offload_layers
-from ..planning.memory_model import DEFAULT_WORKSPACE, ModelShape, memory_terms
+from ..planning.memory_model import DEFAULT_WORKSPACE, HeadCost, ModelShape, memory_terms, target_layer_head_cost
 from ..planning.planner import PeakModel, impossible_budget
 from ..retrieval.selection import resolve_token_budget
 from . import step_transaction
@@ -52,9 +52,8 @@ class MemoryManager:
         offload: "auto" (plan; migrate as the sequence grows), "none", "all" or layer indices (fixed).
         token_budget: the sparse token budget (int, fraction, or None for dense).
         window: recent tokens an offloaded layer keeps on the GPU.
-        prefill_chunk: tokens per prefill step.
-        head_cache_bytes: per context token and sequence, what the retrieval head keeps on the GPU.
-        head_parameter_bytes: the retrieval head's own weights.
+        prefill_chunk: prompt tokens per prefill step over the batch.
+        head: what the retrieval head costs on the GPU (:func:`head_cost`; None: no head).
         workspace: the initial margin for allocator fragmentation and library workspaces.
         max_retries: out-of-memory retries of one step before giving up.
     """
@@ -68,8 +67,7 @@ class MemoryManager:
         token_budget,
         window: int,
         prefill_chunk: int,
-        head_cache_bytes: int | None = None,
-        head_parameter_bytes: int = 0,
+        head: HeadCost | None = None,
         workspace: int = DEFAULT_WORKSPACE,
         max_retries: int = 3,
     ):
@@ -80,8 +78,7 @@ class MemoryManager:
         self.token_budget = token_budget
         self.window = window
         self.prefill_chunk = prefill_chunk
-        self.head_cache_bytes = head_cache_bytes
-        self.head_parameter_bytes = head_parameter_bytes
+        self.head = HeadCost(held=0) if head is None else head
         self.workspace = workspace
         self.max_retries = max_retries
         self.placement: Placement | None = None
@@ -94,11 +91,10 @@ class MemoryManager:
         """The memory model for sequences of ``end`` tokens (the selection size depends on it)."""
         selected = None if self.token_budget is None else min(end, resolve_token_budget(self.token_budget, end))
         chunk = self.runtime.store.migration.chunk
-        key = (selected, self.workspace, chunk)
+        key = (selected, self.workspace, chunk, self.runtime.expansion_bytes)
         if key not in self._models:
             terms = memory_terms(self.shape, selected, self.window, self.prefill_chunk, workspace=self.workspace,
-                                 head_key_bytes_per_token=self.head_cache_bytes,
-                                 head_parameter_bytes=self.head_parameter_bytes)
+                                 head=self.head, expansion_bytes=self.runtime.expansion_bytes)
             self._models[key] = PeakModel(self.shape, terms, chunk, selected)
         return self._models[key]
 
@@ -106,25 +102,28 @@ class MemoryManager:
     def plan(self, batch: int, prompt: int, end: int) -> Placement:
         """Place ``batch`` sequences growing from ``prompt`` to ``end`` tokens and apply it to the runtime.
 
-        Raises ValueError, saying what is needed, when the placement cannot fit the budget.
+        Raises :class:`~specontext_compiler.config.BudgetError` (a ValueError), saying what is needed and
+        the largest batch the budget admits for these lengths, when the placement cannot fit the budget.
         """
         layers = self.shape.num_layers
         model = self.model(end)
         if self.offload == "auto":
             until = model.schedule(batch, prompt, end, self.budget_bytes)
             if until is None:
-                raise impossible_budget(model, self.budget_bytes, batch, end, prompt=prompt)
+                raise impossible_budget(model, self.budget_bytes, batch, end, prompt=prompt,
+                                        largest=self.max_batch(prompt, end))
             offloaded = tuple(layer for layer, tokens in enumerate(until) if tokens < prompt)
             later = {layer: tokens for layer, tokens in enumerate(until) if prompt <= tokens < end}
             peak = model.peak(batch, end, layers - len(offloaded) - len(later), end, prompt=prompt,
                               staged=model.staged(until, prompt, end))
         else:
             check_offload_layers(self.offload, layers)
-            offloaded = {"none": (), "all": tuple(range(layers))}.get(self.offload, self.offload)
+            offloaded = self._fixed_offloaded()
             later = {}
             peak = model.peak(batch, end, layers - len(offloaded), end, prompt=prompt)
             if peak > self.budget_bytes:
-                raise impossible_budget(model, self.budget_bytes, batch, end, layers - len(offloaded), prompt=prompt)
+                raise impossible_budget(model, self.budget_bytes, batch, end, layers - len(offloaded), prompt=prompt,
+                                        largest=self.max_batch(prompt, end))
         self.placement = Placement(tuple(offloaded), later, peak)
         self.migrated = []
         self._batch, self._prompt, self._end = batch, prompt, end
@@ -133,6 +132,18 @@ class MemoryManager:
             logger.info("memory plan: %d layers offloaded from the start, %d move out as the sequence grows (%s)",
                         len(offloaded), len(later), ", ".join(f"layer {k} past {v}" for k, v in sorted(later.items())))
         return self.placement
+
+    def max_batch(self, prompt: int, end: int) -> int:
+        """The largest batch of sequences growing from ``prompt`` to ``end`` tokens that :meth:`plan`
+        admits under the budget and this placement (0: none)."""
+        model = self.model(end)
+        if self.offload == "auto":
+            return model.max_batch(end, self.budget_bytes, prompt)
+        return model.max_batch(end, self.budget_bytes, prompt, resident=self.shape.num_layers - len(self._fixed_offloaded()))
+
+    def _fixed_offloaded(self) -> tuple[int, ...]:
+        """The layers a fixed placement (``offload`` "none", "all" or a list) keeps in host memory."""
+        return {"none": (), "all": tuple(range(self.shape.num_layers))}.get(self.offload, self.offload)
 
     # -- during a sequence -----------------------------------------------------------------------------
     def before_step(self, total: int) -> None:
@@ -213,12 +224,15 @@ class MemoryManager:
                        length, self.workspace / 2**20, sum(1 for tokens in exits.values() if tokens <= length))
 
 
-def head_cache_bytes(head, shape: ModelShape) -> int:
-    """What a retrieval head keeps on the GPU per context token and sequence."""
+def head_cost(head, shape: ModelShape) -> HeadCost:
+    """What a retrieval head costs on the GPU (None: no head). The draft-free head's is counted from its
+    layers (memory_model.target_layer_head_cost); another head's caches are what it reports, its scoring
+    is counted as one layer's float32 attention over the context (the memory model's bound for every
+    sparse step), and a draft model's forward during prefill is not counted (unmeasured: docs/memory.md)."""
     if head is None:
-        return 0
+        return HeadCost(held=0)
     from ..retrieval.target_layer_head import TargetLayerHead
 
     if isinstance(head, TargetLayerHead):
-        return len(head.layers) * shape.kv_layer_token_bytes // 2  # its scoring layers' keys
-    return head.cache_bytes_per_token()
+        return target_layer_head_cost(shape, len(head.layers), head.prefill_prior)
+    return HeadCost(held=head.cache_bytes_per_token(), parameters=head.parameter_count() * shape.dtype_bytes)
