@@ -258,6 +258,27 @@ def test_layers_move_to_host_memory_as_the_sequence_grows_without_losing_a_token
     assert torch.equal(out, expected)
 
 
+def test_fixed_shape_decode_engages_once_the_planned_moves_are_done():
+    """The plan moves layers out mid-decode: the steps after the last move run at fixed shape (they did
+    not: the runtime kept its own copy of the moves to come, never emptied), with the tokens of the
+    all-resident run."""
+    model = tiny_model("llama", num_hidden_layers=4)
+    ids, mask = padded_batch(model.config.vocab_size, [90], seed=2)
+    new = 80
+    expected = specontext.compile(model, "1GB", offload="none", **SPARSE).generate(
+        ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    budget, planned = budget_with_migrations(model, 90, 90 + new)
+    compiled = specontext.compile(model, budget, offload="auto", **SPARSE)
+    compiled.engine.decode_mode = "fixed"
+    compiled.runtime.store.fill_value = POISON
+    compiled.runtime.store.migration.chunk = CHUNK
+    out = compiled.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    last_move = max(tokens for tokens in planned if 90 <= tokens < 90 + new)
+    assert compiled.memory.migrated and compiled.runtime.resident_until == {}
+    assert 0 < compiled.stats["fixed_shape_steps"] < 90 + new - last_move
+    assert torch.equal(out, expected)
+
+
 def test_out_of_memory_mid_step_rolls_back_replans_and_retries():
     """An out-of-memory error inside a decode step (after the retrieval head's layer stored its key):
     the step is undone, the margin doubles, layers leave the GPU at once, and the step runs again."""

@@ -128,6 +128,8 @@ class MemoryManager:
         self.migrated = []
         self._batch, self._prompt, self._end = batch, prompt, end
         self.runtime.place(self.placement.offloaded, later)
+        # One record of the moves still to come: the runtime's (fixed-shape decode engages once it is empty).
+        self.placement.resident_until = self.runtime.resident_until
         if later:
             logger.info("memory plan: %d layers offloaded from the start, %d move out as the sequence grows (%s)",
                         len(offloaded), len(later), ", ".join(f"layer {k} past {v}" for k, v in sorted(later.items())))
@@ -214,7 +216,8 @@ class MemoryManager:
                 exit_at = min(self.placement.resident_until.get(layer, self._end), tokens)
                 if exit_at < self._end:
                     exits[layer] = exit_at
-        self.placement.resident_until = exits
+        self.placement.resident_until.clear()  # the runtime's record too (one dict)
+        self.placement.resident_until.update(exits)
         # The plan's peak, for the sequence's placement as it now stands (the doubled margin included).
         until_now = [0 if store.is_offloaded(layer) else exits.get(layer, self._end) for layer in range(len(until))]
         self.placement.peak_bytes = model.peak(
