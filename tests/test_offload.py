@@ -238,10 +238,13 @@ def test_auto_offloads_when_the_budget_is_tight_and_still_matches():
             ids, attention_mask=mask, max_new_tokens=10)
 
 
-def test_layers_move_to_host_memory_as_the_sequence_grows_without_losing_a_token():
-    """A budget whose plan keeps some layers on the GPU for only part of a 90 + 30 token sequence: the
+@pytest.mark.parametrize("decode_mode", ["eager", "fixed"])
+def test_layers_move_to_host_memory_as_the_sequence_grows_without_losing_a_token(decode_mode):
+    """A budget whose plan keeps some layers on the GPU for only part of a 90 + 80 token sequence: the
     manager copies each to host memory in the background and switches it over mid-decode (ring from its
-    GPU buffer, slots reloaded from host memory; slots poisoned); tokens equal the all-resident run."""
+    GPU buffer, slots reloaded from host memory; slots poisoned); tokens equal the all-resident run. In
+    "fixed" mode the steps after the last move run at fixed shape (they did not: the runtime kept its own
+    copy of the moves to come, never emptied)."""
     model = tiny_model("llama", num_hidden_layers=4)
     ids, mask = padded_batch(model.config.vocab_size, [90], seed=2)
     new = 80
@@ -249,33 +252,16 @@ def test_layers_move_to_host_memory_as_the_sequence_grows_without_losing_a_token
         ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
     budget, planned = budget_with_migrations(model, 90, 90 + new)
     compiled = specontext.compile(model, budget, offload="auto", **SPARSE)
+    compiled.engine.decode_mode = decode_mode
     compiled.runtime.store.fill_value = POISON
     compiled.runtime.store.migration.chunk = CHUNK
     out = compiled.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
     moves = sorted((tokens, layer) for layer, tokens in enumerate(planned) if 90 <= tokens < 90 + new)
     assert moves and sorted(compiled.memory.migrated) == moves  # each moved when the sequence passed its length
     assert compiled.runtime.store.offloaded == frozenset(layer for layer, tokens in enumerate(planned) if tokens < 90 + new)
-    assert torch.equal(out, expected)
-
-
-def test_fixed_shape_decode_engages_once_the_planned_moves_are_done():
-    """The plan moves layers out mid-decode: the steps after the last move run at fixed shape (they did
-    not: the runtime kept its own copy of the moves to come, never emptied), with the tokens of the
-    all-resident run."""
-    model = tiny_model("llama", num_hidden_layers=4)
-    ids, mask = padded_batch(model.config.vocab_size, [90], seed=2)
-    new = 80
-    expected = specontext.compile(model, "1GB", offload="none", **SPARSE).generate(
-        ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
-    budget, planned = budget_with_migrations(model, 90, 90 + new)
-    compiled = specontext.compile(model, budget, offload="auto", **SPARSE)
-    compiled.engine.decode_mode = "fixed"
-    compiled.runtime.store.fill_value = POISON
-    compiled.runtime.store.migration.chunk = CHUNK
-    out = compiled.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
-    last_move = max(tokens for tokens in planned if 90 <= tokens < 90 + new)
-    assert compiled.memory.migrated and compiled.runtime.resident_until == {}
-    assert 0 < compiled.stats["fixed_shape_steps"] < 90 + new - last_move
+    assert compiled.runtime.resident_until == {}
+    if decode_mode == "fixed":
+        assert 0 < compiled.stats["fixed_shape_steps"] < 90 + new - moves[-1][0]
     assert torch.equal(out, expected)
 
 
