@@ -221,7 +221,7 @@ def _plan(args: argparse.Namespace) -> int:
     try:
         plan = specontext.plan_memory(config, args.budget, args.context, batch="max" if args.max_batch else args.batch,
                                       token_budget=args.token_budget, prompt=args.prompt,
-                                      tensor_parallel=args.tensor_parallel)
+                                      tensor_parallel=args.tensor_parallel, host_budget=args.host_budget)
     except ValueError as error:  # even every layer offloaded does not fit (BudgetError); heads not divisible
         raise UsageError(str(error)) from None
     print(plan.table())
@@ -449,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--batch", type=_positive_int, default=1, help="sequences planned together (default 1)")
     batch.add_argument("--max-batch", action="store_true",
                        help="plan the largest batch the budget admits for --context (and --prompt) instead")
+    plan.add_argument("--host-budget", help="host memory for the offloaded layers' KV, e.g. 120GB (default: not "
+                      "bounded; --max-batch then stays within it too)")
     plan.add_argument("--token-budget", type=_token_budget, default=DEFAULT_TOKEN_BUDGET)
     plan.add_argument("--prompt", type=_positive_int, help="also plan one sequence growing from this many tokens (which layers leave when)")
     plan.add_argument("--png", help="also plot placement and memory against the context length")

@@ -172,6 +172,41 @@ def test_the_largest_batch_fits_and_one_more_does_not(prompt):
     assert plan.host_bytes == (32 - plan.resident) * largest * 32768 * 4096
 
 
+@pytest.mark.parametrize("prompt", [None, 2048])
+def test_a_host_budget_bounds_the_largest_batch_and_refuses_past_it(prompt):
+    """Offloading lets the GPU budget admit batches whose KV the host cannot hold: with ``host_budget`` the
+    largest batch keeps the offloaded layers' K/V within it, and a batch past it is refused, named."""
+    config = LlamaConfig(**LLAMA_8B)
+    plan = lambda batch, **kw: specontext.plan_memory(config, "135GB", 34816, batch=batch, prompt=prompt,  # noqa: E731
+                                                      dtype=torch.bfloat16, **kw)
+    unbounded = plan("max")
+    assert unbounded.host_bytes > 120e9  # the GPU budget alone admits more than a 128 GiB host holds
+    host = plan("max", host_budget="120GB")
+    largest = host.batch
+    assert 1 < largest < unbounded.batch and host.host_bytes <= 120e9 < plan(largest + 1).host_bytes
+    assert host.host_budget == 120 * 10**9 and json.loads(host.to_json())["host_budget"] == 120 * 10**9
+    assert f"largest batch the GPU and host budgets admit: {largest}" in host.table()
+    assert plan(largest, host_budget="120GB").host_bytes == host.host_bytes
+    with pytest.raises(specontext.BudgetError, match=rf"batch {largest + 1} x 34816 tokens needs .* of host memory .*"
+                                                     rf"host budget is 120\.0 GB: the largest batch both admit .* is {largest}$"):
+        plan(largest + 1, host_budget="120GB")
+    with pytest.raises(ValueError, match="budget"):
+        plan(2, host_budget="lots")
+
+
+def test_cli_plan_host_budget(capsys):
+    from specontext_compiler.cli import main
+
+    assert main(["plan", "--model", "llama-3.1-8b", "--budget", "135GB", "--context", "34816", "--prompt", "2048",
+                 "--max-batch", "--host-budget", "120GB"]) == 0
+    largest = specontext.plan_memory(LlamaConfig(**LLAMA_8B), "135GB", 34816, batch="max", prompt=2048,
+                                     dtype=torch.bfloat16, host_budget="120GB").batch
+    assert f"largest batch the GPU and host budgets admit: {largest}" in capsys.readouterr().out
+    assert main(["plan", "--model", "llama-3.1-8b", "--budget", "135GB", "--context", "34816", "--prompt", "2048",
+                 "--batch", str(largest + 1), "--host-budget", "120GB"]) == 2
+    assert "of host memory" in capsys.readouterr().err
+
+
 def test_largest_batch_with_every_layer_on_the_gpu_matches_the_plan():
     """A fixed placement (every layer resident): the largest batch whose peak fits, checked one by one."""
     config = LlamaConfig(**LLAMA_8B)

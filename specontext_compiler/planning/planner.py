@@ -211,6 +211,8 @@ class MemoryPlan:
     tensor_parallel: int = 1  # ranks the model is sharded across: every figure is one rank's (one GPU's)
     #: ``plan_memory(batch="max")``: ``batch`` is the largest the budget admits, and this the peak of one more.
     next_batch_peak: int | None = None
+    #: ``plan_memory(host_budget=)``: host memory for the offloaded layers' K/V (None: not bounded).
+    host_budget: int | None = None
 
     @property
     def gpu_layers(self) -> list[int]:
@@ -249,16 +251,21 @@ class MemoryPlan:
         if self.tensor_parallel > 1:
             rows.append(f"tensor parallel {self.tensor_parallel}: per rank (one GPU): 1/{self.tensor_parallel} of the "
                         "heads, KV heads and MLP width; embeddings, norms and LM head whole")
-        if self.next_batch_peak is not None:
+        if self.host_budget is not None:
+            rows.append(f"host budget {format_bytes(self.host_budget)} for the offloaded layers' K/V")
+        if self.next_batch_peak is not None and self.host_budget is None:
             rows.append(f"largest batch the budget admits: {self.batch} (batch {self.batch + 1} needs "
                         f"{format_bytes(self.next_batch_peak)})")
+        elif self.next_batch_peak is not None:
+            rows.append(f"largest batch the GPU and host budgets admit: {self.batch}")
         rows.append(f"GPU-resident layers: {self.resident} of {self.num_layers}")
         parts = self.breakdown()
         for term in self.terms:
             rows.append(f"  {term.name:<20} {format_bytes(parts[term.name]):>10}  {term.what}")
         rows.append(f"  {'peak':<20} {format_bytes(self.peak_bytes):>10}  held terms + the larger activation term")
         if self.host_bytes:
-            rows.append(f"  {'host memory':<20} {format_bytes(self.host_bytes):>10}  offloaded layers' K/V (not in the budget)")
+            within = "not in the budget" if self.host_budget is None else "within the host budget"
+            rows.append(f"  {'host memory':<20} {format_bytes(self.host_bytes):>10}  offloaded layers' K/V ({within})")
         for length, resident in self.thresholds:
             rows.append(f"  past {length} tokens: {resident} resident layers")
         if self.prompt is not None:
@@ -302,7 +309,7 @@ class MemoryPlan:
             "terms": self.breakdown(), "expressions": {t.name: str(t.expr) for t in self.terms},
             "prompt": self.prompt, "resident_until": self.resident_until,
             "migrations": [list(m) for m in self.migrations], "tensor_parallel": self.tensor_parallel,
-            "host_bytes": self.host_bytes,
+            "host_bytes": self.host_bytes, "host_budget": self.host_budget,
             "largest_batch": self.next_batch_peak is not None, "next_batch_peak": self.next_batch_peak,
         }
 
@@ -348,6 +355,28 @@ def impossible_budget(model: PeakModel, budget: int, batch: int, length: int, re
                       f"{listed}; budget is {format_bytes(budget)}{hint}")
 
 
+def host_bytes_at_end(model: PeakModel, batch: int, context: int, budget: int, prompt: int | None) -> int:
+    """Host memory the offloaded layers' K/V take once ``batch`` sequences reach ``context`` tokens under
+    ``budget`` (the layers the plan leaves off the GPU by then); the batch must fit the budget."""
+    if prompt is None:
+        offloaded = model.shape.num_layers - model.resident_layers(batch, context, budget)
+    else:
+        offloaded = sum(1 for tokens in model.schedule(batch, prompt, context, budget) if tokens < context)
+    return offloaded * batch * context * model.shape.kv_layer_token_bytes
+
+
+def impossible_host_budget(model: PeakModel, host_budget: int, batch: int, length: int, budget: int,
+                           prompt: int | None, largest: int) -> BudgetError:
+    """The error for a batch whose offloaded K/V does not fit ``host_budget``; ``largest``: the largest
+    batch that fits both budgets."""
+    needed = host_bytes_at_end(model, batch, length, budget, prompt)
+    shape = f"{length} tokens" if prompt is None else f"a {prompt}-token prompt growing to {length} tokens"
+    which = f"the largest batch both admit for {shape} is {largest}" if largest else f"no batch of {shape} fits both"
+    return BudgetError(f"batch {batch} x {length} tokens needs {format_bytes(needed)} of host memory for the KV "
+                       f"of the layers the GPU budget ({format_bytes(budget)}) leaves off the GPU; host budget is "
+                       f"{format_bytes(host_budget)}: {which}")
+
+
 def plan_memory(
     config_or_model,
     budget: int | str,
@@ -361,6 +390,7 @@ def plan_memory(
     prompt: int | None = None,
     head: HeadCost | None = None,
     tensor_parallel: int = 1,
+    host_budget: int | str | None = None,
 ) -> MemoryPlan:
     """Plan where each layer's KV lives for ``batch`` sequences of ``context`` tokens under ``budget``.
 
@@ -370,13 +400,16 @@ def plan_memory(
     ``prompt``: also plan one sequence growing from ``prompt`` to ``context`` tokens
     (``.resident_until``, ``.migrations``). ``head``: the retrieval head's cost (default: the draft-free
     head ``compile`` builds). ``tensor_parallel``: the model sharded across that many GPUs; ``budget`` and
-    every figure of the plan are per GPU (one rank). Raises :class:`~specontext_compiler.config.BudgetError`
+    every figure of the plan are per GPU (one rank). ``host_budget``: host memory for the offloaded layers'
+    K/V at ``context`` tokens (``host_bytes``; None: not bounded, the plan may be for another machine):
+    ``batch="max"`` stays within it too, and a batch past it is refused. Raises :class:`~specontext_compiler.config.BudgetError`
     (a ValueError) stating the minimum budget and where it goes when even offloading every layer does not fit.
     """
     from ..tensor_parallel import validate_tensor_parallel
 
     tensor_parallel = validate_tensor_parallel(tensor_parallel)
     budget_bytes = parse_budget(budget)
+    host_budget_bytes = None if host_budget is None else parse_budget(host_budget)
     if not (batch == "max" or isinstance(batch, int) and not isinstance(batch, bool) and batch > 0):
         raise ValueError(f"batch must be a positive int or 'max'; got {batch!r}")
     if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
@@ -394,7 +427,19 @@ def plan_memory(
         batch = model.max_batch(context, budget_bytes, prompt)
         if batch == 0:
             raise impossible_budget(model, budget_bytes, 1, context, prompt=prompt)
+        if host_budget_bytes is not None:
+            # Host bytes only grow with the batch (more rows, no more layers on the GPU): bisect below it.
+            batch = largest_batch(lambda rows: rows <= batch and host_bytes_at_end(
+                model, rows, context, budget_bytes, prompt) <= host_budget_bytes)
+            if batch == 0:
+                raise impossible_host_budget(model, host_budget_bytes, 1, context, budget_bytes, prompt, largest=0)
         next_batch_peak = model.peak(batch + 1, context, 0, prompt=prompt)
+    elif host_budget_bytes is not None and model.max_batch(context, budget_bytes, prompt) >= batch:
+        needed = host_bytes_at_end(model, batch, context, budget_bytes, prompt)
+        if needed > host_budget_bytes:
+            largest = largest_batch(lambda rows: rows <= batch and host_bytes_at_end(
+                model, rows, context, budget_bytes, prompt) <= host_budget_bytes)
+            raise impossible_host_budget(model, host_budget_bytes, batch, context, budget_bytes, prompt, largest)
     if prompt is None:
         until, staged = None, True
         resident = model.resident_layers(batch, context, budget_bytes)
@@ -409,4 +454,4 @@ def plan_memory(
                                 largest=model.max_batch(context, budget_bytes, prompt))
     return MemoryPlan(budget_bytes, batch, context, token_budget, shape.num_layers, resident, terms,
                       model.thresholds(batch, budget_bytes, context), until, prompt, model, staged,
-                      tensor_parallel=tensor_parallel, next_batch_peak=next_batch_peak)
+                      tensor_parallel=tensor_parallel, next_batch_peak=next_batch_peak, host_budget=host_budget_bytes)
