@@ -49,8 +49,9 @@ def compile(
             the GPU, others keep their KV in host memory or move there as the sequence grows, and a step
             that runs out of GPU memory is re-planned and retried; "none"; "all"; or a list of layer indices); ``elastic`` (default True: offloaded
             layers load only what each step's selection adds); ``sticky_margin`` (default 0.0, off: the
-            score bonus of tokens the offloaded layers' slots hold, so near-ties load nothing); ``prefill_chunk`` (new tokens per prefill
-            step, default 2048); ``progress`` (prefill bar); ``compile_decode_step`` (default None: on CUDA
+            score bonus of tokens the offloaded layers' slots hold, so near-ties load nothing); ``host_budget`` (default None: not
+            bounded; host memory for the offloaded layers' KV, refused before any work past it); ``prefill_chunk``
+            (prompt tokens per prefill step summed over the batch, default 2048); ``progress`` (prefill bar); ``compile_decode_step`` (default None: on CUDA
             devices with Triton installed the fixed-shape decode step goes through Inductor before its CUDA
             graph, faster steps for a minute of compilation per process and batch kind, 1 or more; False:
             captured as exported);
@@ -151,7 +152,7 @@ class SpeContextModel:
         shape = ModelShape.from_config(hf_config, dtype, weights)
         self.memory = MemoryManager(
             self.runtime, shape, config.budget_bytes, config.offload, config.token_budget, self.window,
-            config.prefill_chunk, head_cost(self.head, shape),
+            config.prefill_chunk, head_cost(self.head, shape), host_budget_bytes=config.host_budget_bytes,
         )
         self.engine = GenerationEngine(
             self.step.program.module(), self.runtime, self.device, config.prefill_chunk, config.progress,

@@ -253,6 +253,8 @@ class CompileConfig:
             False: every decode step runs eagerly, e.g. to debug or profile op by op; True needs a CUDA
             device).
         guard: the accuracy guard's settings (runtime/accuracy_guard.py; default on), None when off.
+        host_budget_bytes: host memory for the offloaded layers' K/V (``host_budget``, parsed like the budget;
+            None, the default: not bounded). ``generate`` refuses a batch whose plan exceeds it, before any work.
         tensor_parallel: processes (GPUs of one host) the model is sharded across, each compiling it under
             ``torchrun`` (specontext_compiler/tensor_parallel.py); 1: one process, no sharding.
     """
@@ -273,6 +275,7 @@ class CompileConfig:
     cuda_graph: bool | None = None
     guard: GuardSettings | None = GuardSettings()
     tensor_parallel: int = 1
+    host_budget_bytes: int | None = None
 
     @classmethod
     def from_arguments(
@@ -324,11 +327,16 @@ class CompileConfig:
         from .tensor_parallel import validate_tensor_parallel
 
         tensor_parallel = validate_tensor_parallel(options.pop("tensor_parallel", 1))
+        host_budget = options.pop("host_budget", None)
+        try:
+            host_budget_bytes = None if host_budget is None else parse_budget(host_budget)
+        except ValueError as error:  # name the option: the message is the budget parser's
+            raise ValueError(f"host_budget: {error}") from None
         if options:
             raise TypeError(
                 f"unknown option(s) {sorted(options)} for specontext.compile; accepted: token_budget, sink_tokens, "
                 "local_window, selection, draft, retrieval_layer, offload, elastic, sticky_margin, prefill_chunk, progress, "
-                "compile_decode_step, cuda_graph, guard, tensor_parallel"
+                "compile_decode_step, cuda_graph, guard, tensor_parallel, host_budget"
             )
         return cls(
             budget_bytes=budget_bytes,
@@ -347,4 +355,5 @@ class CompileConfig:
             cuda_graph=cuda_graph,
             guard=guard,
             tensor_parallel=tensor_parallel,
+            host_budget_bytes=host_budget_bytes,
         )

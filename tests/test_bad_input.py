@@ -206,6 +206,8 @@ CASES = [
     ("sink_tokens", "`sink_tokens=2.5`", compile_with("1GB", sink_tokens=2.5), ValueError, r"sink_tokens must be a non-negative int; got 2.5"),
     ("local_window", "`local_window=-8`", compile_with("1GB", local_window=-8), ValueError, r"local_window must be a non-negative int; got -8"),
     ("local_window", '`local_window="64"`', compile_with("1GB", local_window="64"), ValueError, r"local_window must be a non-negative int; got '64'"),
+    ("host_budget", '`host_budget="plenty"`', compile_with("1GB", host_budget="plenty"), ValueError,
+     r"host_budget: budget 'plenty' is not understood; expected a positive number of bytes"),
     ("sticky_margin", "`sticky_margin=-0.1`", compile_with("1GB", sticky_margin=-0.1), ValueError,
      r"sticky_margin must be a finite float >= 0.0 in the retrieval scores' units \(0.0: off\); got -0.1"),
     ("sticky_margin", '`sticky_margin=float("nan")`', compile_with("1GB", sticky_margin=float("nan")), ValueError,

@@ -78,3 +78,30 @@ def test_a_batch_past_the_largest_is_refused_before_prefill_naming_the_largest()
     with pytest.raises(specontext.BudgetError, match=f"the largest batch it admits for a 40-token prompt growing to "
                                                      f"48 tokens is {largest}$"):
         auto.generate(torch.randint(3, 96, (largest + 1, prompt)), max_new_tokens=new, min_new_tokens=new)
+
+
+def test_a_batch_past_the_host_budget_is_refused_before_prefill():
+    """``host_budget``: the offloaded layers' K/V must fit host memory too; a batch past it is refused before
+    any work, naming the host bytes and the largest batch both budgets admit, which then runs."""
+    model = tiny_model("llama")
+    prompt, new = 40, 8
+    end = prompt + new
+    layer_token = specontext.compile(model, "1GB", progress=False).kv_bytes_per_token // 2
+    host = 3 * end * layer_token  # one layer of three sequences in host memory
+    compiled = specontext.compile(model, "1GB", offload=[1], host_budget=host, progress=False)
+    assert compiled.memory.max_batch(prompt, end) == 3
+    prefilled = []
+    prefill = compiled.engine.prefill
+    compiled.engine.prefill = lambda *args: prefilled.append(args) or prefill(*args)
+    ids = torch.randint(3, 96, (4, prompt), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(specontext.BudgetError, match=r"batch 4 x 48 tokens needs .* of host memory for the KV of the 1 "
+                                                     r"layers .*; host_budget is .*: the largest batch both admit for a "
+                                                     r"40-token prompt growing to 48 tokens is 3$"):
+        compiled.generate(ids, max_new_tokens=new, min_new_tokens=new)
+    assert not prefilled
+    out = compiled.generate(ids[:3], max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    assert out.shape == (3, end) and len(prefilled) == 1
+    # without host_budget nothing bounds host memory
+    assert specontext.compile(model, "1GB", progress=False).memory.host_budget_bytes is None
+    with pytest.raises(ValueError, match="budget"):
+        specontext.compile(model, "1GB", host_budget="plenty")

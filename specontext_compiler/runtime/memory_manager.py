@@ -20,9 +20,9 @@ from typing import Callable
 
 import torch
 
-from ..config import check_offload_layers
+from ..config import BudgetError, check_offload_layers, format_bytes
 from ..planning.memory_model import DEFAULT_WORKSPACE, HeadCost, ModelShape, memory_terms, target_layer_head_cost
-from ..planning.planner import PeakModel, impossible_budget
+from ..planning.planner import PeakModel, impossible_budget, largest_batch
 from ..retrieval.selection import resolve_token_budget
 from . import step_transaction
 from .attention_runtime import AttentionRuntime
@@ -70,6 +70,7 @@ class MemoryManager:
         head: HeadCost | None = None,
         workspace: int = DEFAULT_WORKSPACE,
         max_retries: int = 3,
+        host_budget_bytes: int | None = None,
     ):
         self.runtime = runtime
         self.shape = shape
@@ -81,6 +82,7 @@ class MemoryManager:
         self.head = HeadCost(held=0) if head is None else head
         self.workspace = workspace
         self.max_retries = max_retries
+        self.host_budget_bytes = host_budget_bytes  # the offloaded layers' K/V in host memory (None: not bounded)
         self.placement: Placement | None = None
         self.retries = 0  # out-of-memory retries over this manager's life
         self.migrated: list[tuple[int, int]] = []  # (length, layer) of the current sequence
@@ -124,6 +126,7 @@ class MemoryManager:
             if peak > self.budget_bytes:
                 raise impossible_budget(model, self.budget_bytes, batch, end, layers - len(offloaded), prompt=prompt,
                                         largest=self.max_batch(prompt, end))
+        self._check_host_budget(batch, prompt, end, len(offloaded) + len(later))
         self.placement = Placement(tuple(offloaded), later, peak)
         self.migrated = []
         self._batch, self._prompt, self._end = batch, prompt, end
@@ -140,8 +143,34 @@ class MemoryManager:
         admits under the budget and this placement (0: none)."""
         model = self.model(end)
         if self.offload == "auto":
-            return model.max_batch(end, self.budget_bytes, prompt)
-        return model.max_batch(end, self.budget_bytes, prompt, resident=self.shape.num_layers - len(self._fixed_offloaded()))
+            largest = model.max_batch(end, self.budget_bytes, prompt)
+        else:
+            largest = model.max_batch(end, self.budget_bytes, prompt, resident=self.shape.num_layers - len(self._fixed_offloaded()))
+        if self.host_budget_bytes is None:
+            return largest
+        # Host bytes only grow with the batch (more rows, no more layers on the GPU).
+        return largest_batch(lambda batch: batch <= largest and self._host_bytes(model, batch, prompt, end)
+                             <= self.host_budget_bytes)
+
+    def _host_bytes(self, model: PeakModel, batch: int, prompt: int, end: int) -> int:
+        """The offloaded layers' K/V in host memory at ``end`` tokens for a batch the GPU budget admits."""
+        if self.offload == "auto":
+            leaving = sum(1 for tokens in model.schedule(batch, prompt, end, self.budget_bytes) if tokens < end)
+        else:
+            leaving = len(self._fixed_offloaded())
+        return leaving * batch * end * self.shape.kv_layer_token_bytes
+
+    def _check_host_budget(self, batch: int, prompt: int, end: int, leaving: int) -> None:
+        """Refuse a placement whose offloaded K/V at ``end`` tokens exceeds the host budget, before any work."""
+        needed = leaving * batch * end * self.shape.kv_layer_token_bytes
+        if self.host_budget_bytes is None or needed <= self.host_budget_bytes:
+            return
+        largest = self.max_batch(prompt, end)
+        shape = f"a {prompt}-token prompt growing to {end} tokens"
+        which = f"the largest batch both admit for {shape} is {largest}" if largest else f"no batch of {shape} fits both"
+        raise BudgetError(f"batch {batch} x {end} tokens needs {format_bytes(needed)} of host memory for the KV of the "
+                          f"{leaving} layers the plan keeps off the GPU; host_budget is "
+                          f"{format_bytes(self.host_budget_bytes)}: {which}")
 
     def _fixed_offloaded(self) -> tuple[int, ...]:
         """The layers a fixed placement (``offload`` "none", "all" or a list) keeps in host memory."""
