@@ -185,7 +185,8 @@ def test_a_host_budget_bounds_the_largest_batch_and_refuses_past_it(prompt):
     largest = host.batch
     assert 1 < largest < unbounded.batch and host.host_bytes <= 120e9 < plan(largest + 1).host_bytes
     assert host.host_budget == 120 * 10**9 and json.loads(host.to_json())["host_budget"] == 120 * 10**9
-    assert f"largest batch the GPU and host budgets admit: {largest}" in host.table()
+    assert f"largest batch the GPU and host budgets admit: {largest} (limited by the host budget)" in host.table()
+    assert host.next_batch_peak is None and json.loads(host.to_json())["largest_batch"]
     assert plan(largest, host_budget="120GB").host_bytes == host.host_bytes
     with pytest.raises(specontext.BudgetError, match=rf"batch {largest + 1} x 34816 tokens needs .* of host memory .*"
                                                      rf"host budget is 120\.0 GB: the largest batch both admit .* is {largest}$"):

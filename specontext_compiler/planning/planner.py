@@ -213,6 +213,9 @@ class MemoryPlan:
     next_batch_peak: int | None = None
     #: ``plan_memory(host_budget=)``: host memory for the offloaded layers' K/V (None: not bounded).
     host_budget: int | None = None
+    #: ``plan_memory(batch="max")``: ``batch`` is the largest admitted (``next_batch_peak`` None where the
+    #: host budget, not the GPU's, set it).
+    largest_batch: bool = False
 
     @property
     def gpu_layers(self) -> list[int]:
@@ -253,11 +256,12 @@ class MemoryPlan:
                         "heads, KV heads and MLP width; embeddings, norms and LM head whole")
         if self.host_budget is not None:
             rows.append(f"host budget {format_bytes(self.host_budget)} for the offloaded layers' K/V")
-        if self.next_batch_peak is not None and self.host_budget is None:
+        if self.largest_batch and self.host_budget is None:
             rows.append(f"largest batch the budget admits: {self.batch} (batch {self.batch + 1} needs "
                         f"{format_bytes(self.next_batch_peak)})")
-        elif self.next_batch_peak is not None:
-            rows.append(f"largest batch the GPU and host budgets admit: {self.batch}")
+        elif self.largest_batch:
+            limit = "the host budget" if self.next_batch_peak is None else f"the GPU budget: batch {self.batch + 1} needs {format_bytes(self.next_batch_peak)}"
+            rows.append(f"largest batch the GPU and host budgets admit: {self.batch} (limited by {limit})")
         rows.append(f"GPU-resident layers: {self.resident} of {self.num_layers}")
         parts = self.breakdown()
         for term in self.terms:
@@ -310,7 +314,7 @@ class MemoryPlan:
             "prompt": self.prompt, "resident_until": self.resident_until,
             "migrations": [list(m) for m in self.migrations], "tensor_parallel": self.tensor_parallel,
             "host_bytes": self.host_bytes, "host_budget": self.host_budget,
-            "largest_batch": self.next_batch_peak is not None, "next_batch_peak": self.next_batch_peak,
+            "largest_batch": self.largest_batch, "next_batch_peak": self.next_batch_peak,
         }
 
     def to_json(self) -> str:
@@ -423,17 +427,20 @@ def plan_memory(
     terms = memory_terms(shape, token_budget, window, prefill_chunk, workspace=workspace, head=head)
     model = PeakModel(shape, terms, token_budget=token_budget)
     next_batch_peak = None
-    if batch == "max":
+    largest = batch == "max"
+    if largest:
         batch = model.max_batch(context, budget_bytes, prompt)
         if batch == 0:
             raise impossible_budget(model, budget_bytes, 1, context, prompt=prompt)
+        gpu_largest = batch
         if host_budget_bytes is not None:
             # Host bytes only grow with the batch (more rows, no more layers on the GPU): bisect below it.
-            batch = largest_batch(lambda rows: rows <= batch and host_bytes_at_end(
+            batch = largest_batch(lambda rows: rows <= gpu_largest and host_bytes_at_end(
                 model, rows, context, budget_bytes, prompt) <= host_budget_bytes)
             if batch == 0:
                 raise impossible_host_budget(model, host_budget_bytes, 1, context, budget_bytes, prompt, largest=0)
-        next_batch_peak = model.peak(batch + 1, context, 0, prompt=prompt)
+        if batch == gpu_largest:  # the GPU budget set it: what one more would need there
+            next_batch_peak = model.peak(batch + 1, context, 0, prompt=prompt)
     elif host_budget_bytes is not None and model.max_batch(context, budget_bytes, prompt) >= batch:
         needed = host_bytes_at_end(model, batch, context, budget_bytes, prompt)
         if needed > host_budget_bytes:
@@ -454,4 +461,5 @@ def plan_memory(
                                 largest=model.max_batch(context, budget_bytes, prompt))
     return MemoryPlan(budget_bytes, batch, context, token_budget, shape.num_layers, resident, terms,
                       model.thresholds(batch, budget_bytes, context), until, prompt, model, staged,
-                      tensor_parallel=tensor_parallel, next_batch_peak=next_batch_peak, host_budget=host_budget_bytes)
+                      tensor_parallel=tensor_parallel, next_batch_peak=next_batch_peak, host_budget=host_budget_bytes,
+                      largest_batch=largest)
