@@ -96,7 +96,10 @@ def test_grouped_expansion_equals_the_whole_batch_exactly(batch, kv_heads, group
         grouped = dense_attention(q, k, v, mask, d**-0.5, softcap, max_expanded_bytes=limit)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(grouped, whole)
+    if softcap:  # eager matmuls: BLAS blocks a batched product differently from a row's, even on one thread
+        torch.testing.assert_close(grouped, whole, rtol=1e-5, atol=1e-6 if dtype == torch.float32 else 1e-2)
+    else:  # SDPA computes each (row, head) on its own: bit for bit on one thread
+        assert torch.equal(grouped, whole)
     rows, heads = expansion_groups(k, v, groups, limit)
     if groups > 1:  # what one call expands: within the limit, or one KV head of one row
         assert min(rows, batch) * min(heads, kv_heads) * head_bytes <= max(limit, head_bytes)
